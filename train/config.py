@@ -49,7 +49,8 @@ def load_json(path: str | Path) -> dict[str, Any]:
     """Read a JSON config, naming the file, line and column of a syntax error."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (expected a DeepSpeed JSON file, e.g. ds_configs/8k.json)")
+        raise ConfigError(f"config file {path} does not exist (expected a DeepSpeed JSON file, e.g. "
+                          f"ds_configs/8k.json)")
     text = path.read_text()
     try:
         cfg = json.loads(text)

@@ -94,19 +94,22 @@ def single_process_env() -> None:
 
 def build_optimizer_and_schedule(resolved: Resolved, model: torch.nn.Module) -> tuple[Any, Any, dict[str, Any]]:
     """Our optimizers and schedules are built here; DeepSpeed's own names stay in the config for DeepSpeed."""
-    import optimizers
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
     from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
 
+    import optimizers
     from train.schedules import SCHEDULES
 
     ds_config = dict(resolved.ds_config)
     opt_name = str(resolved.optimizer["type"])
     optimizer = None
     if opt_name.lower() in optimizers.KNOWN_OPTIMIZERS:
-        optimizer = optimizers.build_optimizer(
-            opt_name, model, resolved.optimizer["params"],
-            exclude_norm_and_bias=resolved.training["exclude_norm_and_bias"])
+        try:
+            optimizer = optimizers.build_optimizer(
+                opt_name, model, resolved.optimizer["params"],
+                exclude_norm_and_bias=resolved.training["exclude_norm_and_bias"])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"optimizer {opt_name}: {e}") from None
         ds_config.pop("optimizer")
         if resolved.zero_stage > 0:
             ds_config["zero_allow_untested_optimizer"] = True
@@ -122,7 +125,10 @@ def build_optimizer_and_schedule(resolved: Resolved, model: torch.nn.Module) -> 
             if optimizer is None:
                 raise ConfigError(f"scheduler {sched_name} needs one of our optimizers "
                                   f"({', '.join(optimizers.KNOWN_OPTIMIZERS)}); got {opt_name}")
-            schedule = SCHEDULES[sched_name](optimizer, **resolved.scheduler["params"])
+            try:
+                schedule = SCHEDULES[sched_name](optimizer, **resolved.scheduler["params"])
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"scheduler {sched_name}: {e}") from None
             ds_config.pop("scheduler")
         elif sched_name not in VALID_LR_SCHEDULES and not hasattr(torch.optim.lr_scheduler, sched_name):
             raise ConfigError(f"unknown scheduler type {sched_name!r}; known: "
@@ -216,7 +222,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     supported = ("fp32",) + (("fp16",) if accel.is_fp16_supported() else ()) + (
         ("bf16",) if accel.is_bf16_supported() else ())
     # bf16 on a CPU without native bf16 instructions is emulated and about 10x slower than fp32.
-    fast = tuple(p for p in supported if not (on_cpu and p == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    slow_bf16 = on_cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    fast = tuple(p for p in supported if not (p == "bf16" and slow_bf16))
     resolved = resolve(cfg, world_size=world, num_train=num_train, epochs=args.epochs, micro_batch=args.micro_batch,
                        precision=args.precision, supported_precisions=supported, fast_precisions=fast)
     for note in resolved.notes:
@@ -240,9 +247,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
         model_parameters=None if optimizer is not None else model.parameters())
-    bind = getattr(__import__("optimizers"), "bind_deepspeed", None)
-    if bind is not None:
-        bind(engine)  # layer-wise optimizers learn the real layers behind DeepSpeed's flat partitions
+    if optimizer is not None:
+        from optimizers import bind_deepspeed
+
+        bind_deepspeed(engine)  # layer-wise optimizers learn the real layers behind DeepSpeed's flat partitions
     assert engine.train_micro_batch_size_per_gpu() == resolved.micro_batch
     assert engine.gradient_accumulation_steps() == resolved.grad_accum
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.half if engine.fp16_enabled() else torch.float32
@@ -291,6 +299,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     while epoch < resolved.epochs and not stop:
         sampler.set_epoch(epoch, start["step_in_epoch"] if epoch == start["epoch"] else 0)
         step_in_epoch = sampler.start_step
+        lr = engine.get_lr()[0]
+        data.skipped = 0  # unreadable images met in this epoch (ImageNet folders)
         engine.train()
         t_epoch = t_log = time.perf_counter()
         # Device-side sums, read only at logging intervals: no host synchronisation per micro-step.
@@ -305,6 +315,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                lr = engine.get_lr()[0]  # the lr this optimizer step runs at (the schedule moves on in step())
             engine.step()
             loss_interval += loss.detach()
             correct += (logits.argmax(1) == y).sum()
@@ -321,8 +333,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 bar.update(1)
             if step % args.log_interval == 0 or step >= max_steps or step_in_epoch == resolved.steps_per_epoch:
                 now = time.perf_counter()
+                mean_loss = torch.stack([loss_interval.double(), torch.tensor(
+                    float(micro_interval), dtype=torch.float64, device=engine.device)])
+                dist.all_reduce(mean_loss)  # the loss of the global batch, not of rank 0's share
                 rec = {"kind": "step", "step": step, "epoch": epoch + step_in_epoch / resolved.steps_per_epoch,
-                       "samples": samples, "loss": loss_interval.item() / micro_interval, "lr": engine.get_lr()[0],
+                       "samples": samples, "loss": (mean_loss[0] / mean_loss[1]).item(), "lr": lr,
                        "images_per_sec": log_steps * resolved.global_batch / (now - t_log),
                        "loss_scale": getattr(engine.optimizer, "cur_scale", None),
                        "skipped_steps": engine.skipped_steps}
@@ -342,16 +357,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if bar is not None:
             bar.close()
         epoch_time = time.perf_counter() - t_epoch
-        stats = torch.stack([(loss_epoch + loss_interval).double(), correct.double(),
-                             torch.tensor(float(seen), dtype=torch.float64, device=engine.device),
-                             torch.tensor(float(micro), dtype=torch.float64, device=engine.device)])
+        counts = torch.tensor([seen, micro, getattr(data, "skipped", 0)], dtype=torch.float64, device=engine.device)
+        stats = torch.cat([torch.stack([(loss_epoch + loss_interval).double(), correct.double()]), counts])
         dist.all_reduce(stats)
         val = evaluate(engine, data, val_indices, args.eval_batch, dtype)
         record = {"kind": "epoch", "epoch": epoch + step_in_epoch / resolved.steps_per_epoch, "step": step,
                   "samples": samples, "train_loss": stats[0].item() / max(1.0, stats[3].item()),
                   "train_error": 100 * (1 - stats[1].item() / max(1.0, stats[2].item())), **val,
-                  "epoch_time": epoch_time, "images_per_sec": seen * world / max(epoch_time, 1e-9),
-                  "lr": engine.get_lr()[0]}
+                  "skipped_images": int(stats[4].item()), "epoch_time": epoch_time,
+                  "images_per_sec": seen * world / max(epoch_time, 1e-9), "lr": lr}
         history.append(record)
         if log:
             log.log(record)

@@ -1,0 +1,75 @@
+"""The lr schedules against the papers' formulas, step by step, on a real torch optimizer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train.schedules import WarmupMultiStepLR, WarmupPolyLR
+
+
+def lrs_seen(schedule_cls, steps: int, **params) -> list[float]:
+    """The lr each optimizer step runs at, stepping the schedule after each step as DeepSpeed's engine does."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=123.0)
+    sched = schedule_cls(opt, **params)
+    seen = []
+    for _ in range(steps):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return seen
+
+
+def test_goyal_gradual_warmup_and_step_decay():
+    """Goyal et al. sec. 2.2: start at 0.1, add a constant amount every iteration, reach 0.1k after 5 epochs;
+    sec. 5.1: divide by 10 at epochs 30, 60, 80. Here k = 32 (8k), 10 steps per epoch."""
+    k, spe = 32, 10
+    seen = lrs_seen(WarmupMultiStepLR, 90 * spe, warmup_min_lr=0.1, warmup_max_lr=0.1 * k,
+                    warmup_num_steps=5 * spe, milestones_steps=[30 * spe, 60 * spe, 80 * spe], gamma=0.1)
+    increment = (0.1 * k - 0.1) / (5 * spe)
+    for t in range(5 * spe):
+        assert math.isclose(seen[t], 0.1 + increment * t), t
+    assert math.isclose(seen[5 * spe], 3.2)
+    assert math.isclose(seen[30 * spe - 1], 3.2) and math.isclose(seen[30 * spe], 0.32)
+    assert math.isclose(seen[60 * spe], 0.032) and math.isclose(seen[80 * spe], 0.0032)
+    assert math.isclose(seen[-1], 0.0032)
+    # constant increments: no two equal consecutive warmup lrs (DeepSpeed's WarmupLR repeats its first lr)
+    assert all(b > a for a, b in zip(seen[:5 * spe], seen[1:5 * spe + 1], strict=True))
+
+
+def test_mlcommons_poly_schedule():
+    """MLCommons LARS: linear warmup from 0 over W steps, then (lr - end) * (1 - (t - W) / (T - W))^2 + end."""
+    W, T, lr, end = 25, 200, 31.2, 1e-4
+    seen = lrs_seen(WarmupPolyLR, T, warmup_min_lr=0.0, warmup_max_lr=lr, warmup_num_steps=W, total_num_steps=T,
+                    end_lr=end, power=2.0)
+    for t in range(T):
+        want = lr * t / W if t < W else end + (lr - end) * (1 - (t - W) / (T - W)) ** 2
+        assert math.isclose(seen[t], want, rel_tol=1e-12, abs_tol=1e-12), t
+    assert seen[0] == 0.0 and math.isclose(seen[W], lr)
+
+
+def test_state_dict_resumes_the_schedule():
+    params = dict(warmup_min_lr=0.1, warmup_max_lr=1.6, warmup_num_steps=7, milestones_steps=[12], gamma=0.1)
+    full = lrs_seen(WarmupMultiStepLR, 20, **params)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    s = WarmupMultiStepLR(opt, **params)
+    for _ in range(9):
+        s.step()
+    state = s.state_dict()
+    opt2 = torch.optim.SGD([p], lr=1.0)
+    s2 = WarmupMultiStepLR(opt2, **params)
+    s2.load_state_dict(state)
+    s2.step(s2.last_batch_iteration)  # re-apply the lr of the restored position, as DeepSpeed's load does not
+    assert math.isclose(opt2.param_groups[0]["lr"], full[9])
+
+
+def test_rejects_log_warmup_and_bad_gamma():
+    p = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="warmup_type 'linear' only"):
+        WarmupMultiStepLR(torch.optim.SGD([p], lr=1.0), warmup_type="log")
+    with pytest.raises(ValueError, match="gamma must be in"):
+        WarmupMultiStepLR(torch.optim.SGD([p], lr=1.0), gamma=2.0)

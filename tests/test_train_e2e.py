@@ -1,0 +1,164 @@
+"""train/imagenet.py end to end: 2 CPU ranks through the real deepspeed launcher (gloo), real data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torchvision
+from conftest import launch, read_metrics, run_single, write_config
+from test_data import make_imagefolder
+
+from train.models import SmallResNet
+
+pytestmark = pytest.mark.launcher
+
+
+def sgd_config(batch: int, micro: int, lr: float = 0.1, stage: int = 0, scheduler: bool = True, **training):
+    cfg = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": micro, "zero_optimization": {"stage": stage},
+           "optimizer": {"type": "SGD", "params": {"lr": lr, "momentum": 0.9, "nesterov": True,
+                                                   "weight_decay": 1e-4}},
+           "training": {"epochs": 1, **training}}
+    if scheduler:
+        cfg["scheduler"] = {"type": "WarmupMultiStepLR", "params": {
+            "warmup_min_lr": lr / 4, "warmup_max_lr": lr, "warmup_num_epochs": 0.25, "warmup_type": "linear",
+            "milestones_epochs": [1.5], "gamma": 0.1}}
+    return cfg
+
+
+def test_fashion_mnist_two_ranks_learns_writes_outputs_and_resumes(tmp_path, fashion_mnist_dir):
+    """ZeRO-1, 2 ranks x micro 32 x accumulation 2 = 128; 3,840 images = 30 steps per epoch; then resume."""
+    cfg = write_config(tmp_path / "fm.json", sgd_config(128, 32, lr=0.1, stage=1, epochs=2))
+    run = tmp_path / "run"
+    common = ["--deepspeed_config", str(cfg), "--dataset", "fashion-mnist", "--data-dir", str(fashion_mnist_dir),
+              "--arch", "resnet_small", "--train-subset", "3840", "--val-subset", "1000", "--output-dir", str(run),
+              "--log-interval", "5", "--no-wandb"]
+    first = launch([*common, "--epochs", "1"])
+    assert "batch: 32 micro x 2 accumulation x 2 ranks = 128 global" in first.stdout
+    assert "30 steps/epoch" in first.stdout
+    recs = read_metrics(run)
+    steps = [r for r in recs if r["kind"] == "step"]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    assert [r["step"] for r in steps] == [5, 10, 15, 20, 25, 30]
+    assert len(epochs) == 1 and epochs[0]["step"] == 30 and epochs[0]["samples"] == 30 * 128
+    assert steps[0]["loss"] < math.log(10) + 0.3 and steps[-1]["loss"] < 0.75 * steps[0]["loss"]
+    assert epochs[0]["val_samples"] == 1000
+    assert epochs[0]["val_top1_error"] < 80  # chance is 90%
+    cfg_out = json.loads((run / "config.json").read_text())
+    assert cfg_out["derived"]["grad_accum"] == 2 and cfg_out["derived"]["world_size"] == 2
+    assert cfg_out["derived"]["warmup_steps"] == round(0.25 * 30)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step30"
+
+    state = torch.load(run / "model.pt", weights_only=True)
+    model = SmallResNet(1, 10)
+    model.load_state_dict(state)
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+    # A second run into the same folder is refused without --resume (it would overwrite the first).
+    refused = launch([*common, "--epochs", "2"], check=False)
+    assert refused.returncode != 0 and "already holds a run" in refused.stdout + refused.stderr
+
+    second = launch([*common, "--epochs", "2", "--resume"])
+    assert "resumed from" in second.stdout and "epoch 1, step 30" in second.stdout
+    recs = read_metrics(run)
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    assert [e["step"] for e in epochs] == [30, 60]
+    assert [r["step"] for r in recs if r["kind"] == "step"][-1] == 60
+    lrs = [r["lr"] for r in recs if r["kind"] == "step" and r["step"] > 45]
+    assert all(math.isclose(lr, 0.01) for lr in lrs)  # decayed by 10 at epoch 1.5 (step 45)
+    assert epochs[1]["val_top1_error"] < epochs[0]["val_top1_error"]
+
+
+def test_gradient_aggregation_is_normalised_by_the_global_batch(tmp_path, fashion_mnist_dir):
+    """Goyal et al. sec. 2.2: the loss is normalised by the total minibatch kn. 2 ranks x 2 accumulation steps
+    x micro batch 4 must give the same weights as 1 rank x micro batch 16, step for step (model without BN)."""
+    common = ["--dataset", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--arch", "mlp",
+              "--train-subset", "96", "--val-subset", "64", "--no-wandb", "--max-steps", "6", "--log-interval", "1"]
+    one = run_single(["--deepspeed_config", str(write_config(tmp_path / "one.json", sgd_config(16, 16))),
+                      "--output-dir", str(tmp_path / "one"), *common])
+    two = launch(["--deepspeed_config", str(write_config(tmp_path / "two.json", sgd_config(16, 4))),
+                  "--output-dir", str(tmp_path / "two"), *common])
+    assert "16 micro x 1 accumulation x 1 ranks" in one.stdout
+    assert "4 micro x 2 accumulation x 2 ranks" in two.stdout
+    a = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+    torch.manual_seed(0)  # the run's --seed: the same initial weights as the runs
+    init = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 128), torch.nn.ReLU(),
+                               torch.nn.Linear(128, 10)).state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+        assert (a[k] - init[k]).abs().max() > 1e-3, f"{k} did not train"
+    la = [r["loss"] for r in read_metrics(tmp_path / "one") if r["kind"] == "step"]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "two") if r["kind"] == "step"]
+    assert len(la) == len(lb) == 6 and all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(la, lb, strict=True))
+
+
+def test_imagenet_path_on_generated_jpegs(tmp_path):
+    """ImageFolder train/ and val/ of JPEGs, one corrupt file; the final model.pt loads into torchvision."""
+    root = make_imagefolder(tmp_path / "imnet", classes=("n01", "n02"), per_class=8, size=(64, 48))
+    (root / "train" / "n01" / "3.JPEG").write_bytes(b"\xff\xd8\xff broken")
+    cfg = write_config(tmp_path / "im.json", sgd_config(8, 4, lr=0.05))
+    run = tmp_path / "run"
+    out = launch(["--deepspeed_config", str(cfg), "--dataset", "imagenet", "--data-dir", str(root), "--arch",
+                  "resnet18", "--image-size", "32", "--output-dir", str(run), "--no-wandb", "--workers", "1"])
+    assert "2 steps/epoch" in out.stdout
+    epoch = [r for r in read_metrics(run) if r["kind"] == "epoch"][0]
+    assert epoch["val_samples"] == 16 and epoch["skipped_images"] == 1
+    model = torchvision.models.resnet18(num_classes=2)
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    # gamma = 0 for the last BN of each residual block (Goyal et al. 5.1) survives one small step only as ~0
+    assert model.layer1[0].bn2.weight.abs().max() < 0.1
+
+
+def test_8k_config_runs_on_cpu_in_bf16(tmp_path, fashion_mnist_dir):
+    """The shipped 8k config, unchanged, on 2 CPU ranks: 2 x 32 x 128 accumulation, fp16 replaced by bf16."""
+    run = tmp_path / "run"
+    out = launch(["--deepspeed_config", "ds_configs/8k.json", "--dataset", "fashion-mnist", "--data-dir",
+                  str(fashion_mnist_dir), "--arch", "mlp", "--precision", "bf16", "--train-subset", "8192",
+                  "--val-subset", "256", "--max-steps", "2", "--output-dir", str(run), "--no-wandb"])
+    assert "batch: 32 micro x 128 accumulation x 2 ranks = 8,192 global" in out.stdout
+    assert "precision: bf16 (config: fp16); ZeRO stage 1" in out.stdout
+    derived = json.loads((run / "config.json").read_text())["derived"]
+    assert derived["lr"] == pytest.approx(0.1 * 8192 / 256) and derived["warmup_steps"] == 5
+    steps = [r for r in read_metrics(run) if r["kind"] == "step"]
+    assert [s["step"] for s in steps] == [1, 2]  # 8,192 images: every step ends an epoch
+    # Goyal's gradual warmup from 0.1 to 3.2 over 5 epochs (= 5 steps here): step t runs at 0.1 + 3.1 t / 5
+    assert [s["lr"] for s in steps] == pytest.approx([0.1, 0.1 + 3.1 / 5])
+
+
+def test_cpu_auto_precision_prints_one_warning_line(tmp_path, fashion_mnist_dir):
+    out = run_single(["--deepspeed_config", "ds_configs/demo.json", "--dataset", "fashion-mnist", "--data-dir",
+                      str(fashion_mnist_dir), "--arch", "mlp", "--train-subset", "256", "--val-subset", "64",
+                      "--max-steps", "1", "--output-dir", str(tmp_path / "r"), "--no-wandb"])
+    warnings = [line for line in out.stdout.splitlines() if line.startswith("WARNING: fp16")]
+    assert len(warnings) == 1 and "running in" in warnings[0]
+
+
+@pytest.mark.parametrize("case", ["bad_json", "no_data", "batch", "optimizer", "scheduler"])
+def test_bad_input_fails_fast_with_a_clear_message(tmp_path, fashion_mnist_dir, case):
+    cfg = sgd_config(256, 32)
+    data = ["--dataset", "fashion-mnist", "--data-dir", str(fashion_mnist_dir)]
+    if case == "bad_json":
+        (tmp_path / "c.json").write_text('{"train_batch_size": 256,\n "optimizer": }')
+        want = "c.json:2:15: not valid JSON"
+    else:
+        if case == "no_data":
+            data = ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "missing")]
+            want = "does not exist"
+        elif case == "batch":
+            cfg["train_batch_size"] = 100
+            want = "train_batch_size 100 does not divide by train_micro_batch_size_per_gpu 32 x world size 1"
+        elif case == "optimizer":
+            cfg["optimizer"]["type"] = "Adamm"
+            want = "unknown optimizer type 'Adamm'; known: "
+        else:
+            cfg["scheduler"]["type"] = "Cosine"
+            want = "unknown scheduler type 'Cosine'; known: "
+        write_config(tmp_path / "c.json", cfg)
+    proc = run_single(["--deepspeed_config", str(tmp_path / "c.json"), *data, "--arch", "mlp", "--no-wandb",
+                       "--output-dir", str(tmp_path / "r")], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert want in proc.stderr
+    assert "Traceback" not in proc.stderr
