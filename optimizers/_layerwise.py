@@ -1,0 +1,250 @@
+"""Per-layer norms that stay exact when a wrapper flattens and shards the parameters.
+
+A layer-wise optimizer (LARS, LAMB) needs ``||w||`` and ``||g||`` (or ``||u||``) of each real layer. Plain
+PyTorch hands it one tensor per layer, and the norm of the tensor is the norm of the layer. DeepSpeed's ZeRO-1/2
+and bf16 wrappers instead hand it ONE flat fp32 partition per param group and rank: a slice of the concatenation
+of many layers, cut wherever the partition boundary falls, with alignment padding. The norm of that slice is not
+the norm of any layer.
+
+A ``FlatLayout`` says, for one stepped tensor, which element ranges (``Segment``) belong to which layer and which
+process group holds the other pieces. Each step computes one partial squared norm per segment, sums them per
+layer with ``index_add_``, sums across ranks with one ``all_reduce`` for all layers of the param group, and reads
+each segment's layer norm back with ``index_select``. Elements outside every segment are padding: they enter no
+norm and the optimizers never write them.
+
+``optimizers.deepspeed_layout.bind_deepspeed`` builds the layouts from a DeepSpeed engine. Without a layout, each
+stepped tensor is taken to be one whole layer. As a guard against a forgotten binding, a layer-wise optimizer
+refuses to step a tensor that it was not constructed with and whose shape is not the shape of any parameter it was
+constructed with (the signature of a wrapper having swapped in flat partitions), unless ``allow_unbound`` is set.
+Per-parameter copies (DeepSpeed's fp16/bf16 wrapper without ZeRO) keep their shapes and pass: they are exact.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Elements ``[start, start + numel)`` of a flat tensor, all belonging to layer ``layer``."""
+
+    start: int
+    numel: int
+    layer: int
+
+
+@dataclass(eq=False)
+class FlatLayout:
+    """Which elements of one stepped tensor belong to which layer of the model.
+
+    ``num_layers`` is the number of layers the segment ids index (the model's parameter count), the same on every
+    rank. ``process_group`` is the group whose ranks hold the other pieces of the same layers; ``None`` means
+    every layer is complete on this rank and nothing is summed across ranks.
+    """
+
+    numel: int
+    segments: tuple[Segment, ...]
+    num_layers: int
+    process_group: Any = None
+    _index_cache: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        end = 0
+        for seg in self.segments:
+            if seg.numel <= 0 or seg.start < end or seg.start + seg.numel > self.numel:
+                raise ValueError(f"segments must be non-empty, sorted, disjoint and inside {self.numel} elements; "
+                                 f"got {seg} after element {end}")
+            if not 0 <= seg.layer < self.num_layers:
+                raise ValueError(f"segment layer {seg.layer} outside [0, {self.num_layers})")
+            end = seg.start + seg.numel
+
+    def layer_index(self, device: torch.device) -> Tensor:
+        """Layer id of each segment, cached on ``device`` so that step() copies nothing host-to-device."""
+        if device not in self._index_cache:
+            ids = [seg.layer for seg in self.segments]
+            self._index_cache[device] = torch.tensor(ids, dtype=torch.long, device=device)
+        return self._index_cache[device]
+
+    @property
+    def padding(self) -> int:
+        return self.numel - sum(seg.numel for seg in self.segments)
+
+
+@dataclass
+class NormPlan:
+    """How the per-segment norms of one param group combine into per-layer norms.
+
+    ``layer_index is None``: each segment is a whole layer (plain per-parameter tensors) and nothing is summed.
+    """
+
+    layer_index: Tensor | None = None
+    num_layers: int = 0
+    process_group: Any = None
+
+
+def layer_norms(xs: Sequence[Tensor], ys: Sequence[Tensor], plan: NormPlan, foreach: bool) -> tuple[Tensor, Tensor]:
+    """Norms of the layers that segments ``xs[i]``/``ys[i]`` belong to, as two fp32 vectors of ``len(xs)``.
+
+    One norm kernel per segment, one ``index_add_`` and at most one ``all_reduce`` for all layers; no host sync.
+    """
+    tensors = list(xs) + list(ys)
+    if foreach:
+        norms = torch._foreach_norm(tensors)
+    else:
+        norms = [torch.linalg.vector_norm(t) for t in tensors]
+    stacked = torch.stack(norms).float()
+    n = len(xs)
+    if plan.layer_index is None:
+        return stacked[:n], stacked[n:]
+    squares = (stacked * stacked).view(2, n)
+    per_layer = squares.new_zeros(2, plan.num_layers).index_add_(1, plan.layer_index, squares)
+    if plan.process_group is not None:
+        dist.all_reduce(per_layer, op=dist.ReduceOp.SUM, group=plan.process_group)
+    per_segment = per_layer.sqrt_().index_select(1, plan.layer_index)
+    return per_segment[0], per_segment[1]
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ValueError naming ``name`` and ``value`` unless ``value`` is a real number inside the interval."""
+    if isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a Python number (a tensor would force host syncs); got a tensor: {value}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ValueError(f"{name} must be a real number; got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+        lo = lo or "(-inf"
+        hi = hi or "inf)"
+        raise ValueError(f"invalid {name}: {value!r}; expected a value in {lo}, {hi}")
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Base class: tracks the constructed parameters and the flat layouts bound by ``bind_deepspeed``.
+
+    Subclasses call ``_gather(group, *state_keys)`` in ``step()`` to get segment views and the norm plan.
+    """
+
+    #: Step tensors without a layout that the optimizer was not constructed with, each as one layer. Only for
+    #: demonstrating the naive (wrong) behaviour under a flattening wrapper; leave False in real runs.
+    allow_unbound: bool = False
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self._constructed: dict[int, weakref.ref[Tensor]] = {}
+        self._constructed_shapes: set[torch.Size] = set()
+        self._layouts: dict[int, tuple[weakref.ref[Tensor], FlatLayout]] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        for p in group["params"]:
+            self._constructed[id(p)] = weakref.ref(p)
+            self._constructed_shapes.add(p.shape)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:  # overridden by subclasses
+        pass
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_constructed", {})
+        self.__dict__.setdefault("_layouts", {})
+        self.__dict__.setdefault("_constructed_shapes", set())
+
+    # -- layouts ---------------------------------------------------------------------------------------------------
+    def set_layout(self, tensor: Tensor, layout: FlatLayout) -> None:
+        """Declare how the elements of ``tensor`` (a tensor this optimizer steps) map onto the model's layers."""
+        if tensor.numel() != layout.numel:
+            raise ValueError(f"layout describes {layout.numel} elements, tensor has {tensor.numel()}")
+        if not tensor.is_contiguous():
+            raise ValueError("a flat layout needs a contiguous tensor")
+        self._layouts[id(tensor)] = (weakref.ref(tensor), layout)
+
+    def declare_whole_layer(self, tensor: Tensor) -> None:
+        """Declare that ``tensor`` (e.g. a wrapper's fp32 copy of one parameter) holds exactly one whole layer."""
+        self._constructed[id(tensor)] = weakref.ref(tensor)
+
+    def layout_of(self, tensor: Tensor) -> FlatLayout | None:
+        entry = self._layouts.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        return None
+
+    def _is_whole_layer(self, tensor: Tensor) -> bool:
+        """Constructed with it or declared, or shaped like a constructed parameter (a per-parameter copy)."""
+        ref = self._constructed.get(id(tensor))
+        return (ref is not None and ref() is tensor) or tensor.shape in self._constructed_shapes
+
+    def _gather(self, group: dict[str, Any], state_keys: Sequence[str]) -> tuple[
+            list[Tensor], list[Tensor], dict[str, list[Tensor]], list[Tensor], list[int], NormPlan]:
+        """Collect the tensors of ``group`` that have gradients, as segment views.
+
+        Returns params, grads (both as lists of segment views), state views per key (state tensors must already
+        exist, shaped like the parameter), the stepped tensors, the number of segments of each, and the norm plan.
+        """
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        states: dict[str, list[Tensor]] = {key: [] for key in state_keys}
+        stepped: list[Tensor] = []
+        counts: list[int] = []
+        layouts: list[FlatLayout | None] = []
+        for p in group["params"]:
+            layout = self.layout_of(p)
+            if p.grad is None:
+                if layout is not None and layout.process_group is not None:
+                    raise RuntimeError("a flat partition bound to a process group has no gradient; skipping it "
+                                       "would desynchronise the all_reduce of layer norms across ranks")
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if layout is None and not self.allow_unbound and not self._is_whole_layer(p):
+                raise RuntimeError(
+                    f"{type(self).__name__} is stepping a tensor of shape {tuple(p.shape)}, not the shape of any "
+                    "parameter it was constructed with, so its trust ratio would mix layers. "
+                    "DeepSpeed's ZeRO, bf16 and fp16 wrappers replace parameters with (flat) fp32 copies: call "
+                    "optimizers.bind_deepspeed(engine) once after deepspeed.initialize.")
+            state = self.state[p]
+            tensors = [p, p.grad] + [state[key] for key in state_keys]
+            if layout is None:
+                views = [[t] for t in tensors]
+            else:
+                views = [[t.view(-1).narrow(0, s.start, s.numel) for s in layout.segments] for t in tensors]
+            params += views[0]
+            grads += views[1]
+            for key, v in zip(state_keys, views[2:], strict=True):
+                states[key] += v
+            stepped.append(p)
+            counts.append(len(views[0]))
+            layouts.append(layout)
+        return params, grads, states, stepped, counts, self._plan(layouts, params)
+
+    @staticmethod
+    def _plan(layouts: list[FlatLayout | None], params: list[Tensor]) -> NormPlan:
+        bound = [layout for layout in layouts if layout is not None]
+        if not bound:
+            return NormPlan()
+        if len(bound) != len(layouts):
+            raise RuntimeError("a param group mixes tensors with and without a flat layout; bind all or none")
+        first = bound[0]
+        if any(b.num_layers != first.num_layers or b.process_group is not first.process_group for b in bound):
+            raise RuntimeError("tensors of one param group are bound to different layer counts or process groups")
+        device = params[0].device if params else torch.device("cpu")
+        index = torch.cat([b.layer_index(device) for b in bound]) if len(bound) > 1 else first.layer_index(device)
+        return NormPlan(index, first.num_layers, first.process_group)
+
+
+def expand(values: Sequence[Any], counts: Sequence[int]) -> list[Any]:
+    """Repeat ``values[i]`` ``counts[i]`` times (per-tensor values to per-segment values)."""
+    return [v for v, c in zip(values, counts, strict=True) for _ in range(c)]

@@ -1,0 +1,166 @@
+"""LAMB: layer-wise adaptive moments for large-batch training.
+
+Paper: You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes",
+arXiv:1904.00962, Algorithm 2 (LAMB).
+
+For each layer ``l`` (one model parameter tensor) at step ``t``::
+
+    m_t = beta1 * m_{t-1} + (1 - beta1) * g_t
+    v_t = beta2 * v_{t-1} + (1 - beta2) * g_t^2
+    m_hat = m_t / (1 - beta1^t),  v_hat = v_t / (1 - beta2^t)          (bias_correction=True)
+    u_l = m_hat / (sqrt(v_hat) + eps) + wd * w_l                        (decoupled weight decay, as AdamW)
+    r_l = ||w_l|| / ||u_l||            (1 if ||w_l|| == 0 or ||u_l|| == 0)
+    r_l = min(r_l, max_trust_ratio)    (if max_trust_ratio is set: the paper's clipping function phi)
+    w_l <- w_l - lr * r_l * u_l
+
+Param groups with ``adapt=False`` skip the ratio (``r_l = 1``): AdamW with that group's ``weight_decay``.
+
+Defaults: ``lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, max_trust_ratio=None`` (the paper's BERT
+settings: eps 1e-6, wd 0.01; phi(z) = z). Keyword names follow torch.optim.AdamW.
+
+What differs from other implementations: timm's Lamb clips the global gradient norm inside the optimizer by
+default, and DeepSpeed's FusedLamb clamps the ratio to [0.01, 10]; neither happens here unless asked for
+(``max_trust_ratio``). Norms are of real layers even on DeepSpeed's flat ZeRO/bf16 partitions once
+``bind_deepspeed`` has run. No ``.item()`` or other host sync in ``step()``: zero norms go through
+``torch.where`` and the step count is a Python int.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._layerwise import LayerwiseOptimizer, NormPlan, check_number, expand, layer_norms
+
+__all__ = ["LAMB", "lamb"]
+
+
+def _trust(w_norm: Tensor, u_norm: Tensor, max_trust_ratio: float | None) -> Tensor:
+    ratio = w_norm / u_norm
+    if max_trust_ratio is not None:
+        ratio = torch.clamp(ratio, max=max_trust_ratio)
+    return torch.where((w_norm > 0.0) & (u_norm > 0.0), ratio, torch.ones_like(ratio))
+
+
+def _bias_corrections(step: int, beta1: float, beta2: float, bias_correction: bool) -> tuple[float, float]:
+    if not bias_correction:
+        return 1.0, 1.0
+    return 1.0 - beta1**step, 1.0 - beta2**step
+
+
+def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                        steps: list[int], plan: NormPlan | None, *, lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float, max_trust_ratio: float | None, bias_correction: bool) -> None:
+    updates = []
+    for w, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        bc1, bc2 = _bias_corrections(step, beta1, beta2, bias_correction)
+        m_hat = m / bc1
+        v_hat = v / bc2
+        updates.append(m_hat / (v_hat.sqrt() + eps) + weight_decay * w)
+    if plan is not None:
+        w_norms, u_norms = layer_norms(params, updates, plan, foreach=False)
+    for i, (w, u) in enumerate(zip(params, updates, strict=True)):
+        if plan is not None:
+            u = u * _trust(w_norms[i], u_norms[i], max_trust_ratio).to(u.dtype)
+        w.add_(u, alpha=-lr)
+
+
+def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                  steps: list[int], plan: NormPlan | None, *, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float, max_trust_ratio: float | None, bias_correction: bool) -> None:
+    if not params:
+        return
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    updates: list[Tensor] = [torch.empty(0)] * len(params)
+    buckets: dict[int, list[int]] = {}
+    for i, step in enumerate(steps):
+        buckets.setdefault(step, []).append(i)
+    for step, idx in buckets.items():
+        bc1, bc2 = _bias_corrections(step, beta1, beta2, bias_correction)
+        # m_hat / (sqrt(v_hat) + eps) == m / (bc1 / sqrt(bc2) * sqrt(v) + bc1 * eps): two scalar passes, no m_hat.
+        denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in idx])
+        torch._foreach_mul_(denom, bc1 / math.sqrt(bc2))
+        torch._foreach_add_(denom, bc1 * eps)
+        for i, u in zip(idx, torch._foreach_div([exp_avgs[i] for i in idx], denom), strict=True):
+            updates[i] = u
+    if weight_decay != 0.0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    if plan is None:
+        torch._foreach_add_(params, updates, alpha=-lr)
+        return
+    w_norm, u_norm = layer_norms(params, updates, plan, foreach=True)
+    ratios = list(_trust(w_norm, u_norm, max_trust_ratio).to(params[0].dtype).unbind(0))
+    torch._foreach_addcmul_(params, updates, ratios, value=-lr)
+
+
+def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
+         steps: list[int], plan: NormPlan | None, lr: float, beta1: float, beta2: float, eps: float,
+         weight_decay: float, max_trust_ratio: float | None = None, bias_correction: bool = True,
+         foreach: bool | None = None) -> None:
+    """Functional LAMB step over layer segments (see the module docstring).
+
+    ``steps[i]`` is the step number (1 on the first step) of segment ``i``; ``plan`` maps segments to layers
+    (``NormPlan()``: each segment is a layer; ``None``: no trust ratio). ``foreach=None`` picks the multi-tensor
+    path.
+    """
+    fn = _single_tensor_lamb if foreach is False else _foreach_lamb
+    fn(params, grads, exp_avgs, exp_avg_sqs, steps, plan, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+       weight_decay=weight_decay, max_trust_ratio=max_trust_ratio, bias_correction=bias_correction)
+
+
+class LAMB(LayerwiseOptimizer):
+    """LAMB; keyword names follow torch.optim.AdamW."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, *, max_trust_ratio: float | None = None,
+                 bias_correction: bool = True, foreach: bool | None = None) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, max_trust_ratio=max_trust_ratio, bias_correction=bias_correction,
+                        adapt=True, foreach=foreach)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_number("lr", group["lr"], low=0.0)
+        betas = group["betas"]
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
+        check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+        check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+        check_number("eps", group["eps"], low=0.0)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
+        if group["max_trust_ratio"] is not None:
+            check_number("max_trust_ratio", group["max_trust_ratio"], low=0.0, low_open=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            steps = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                steps.append(state["step"])
+            params, grads, states, _, counts, plan = self._gather(group, ("exp_avg", "exp_avg_sq"))
+            beta1, beta2 = group["betas"]
+            lamb(params, grads, states["exp_avg"], states["exp_avg_sq"], steps=expand(steps, counts),
+                 plan=plan if group["adapt"] else None, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                 weight_decay=group["weight_decay"], max_trust_ratio=group["max_trust_ratio"],
+                 bias_correction=group["bias_correction"], foreach=group["foreach"])
+        return loss

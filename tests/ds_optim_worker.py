@@ -1,0 +1,230 @@
+"""Worker for tests/test_optimizers_deepspeed.py: runs LARS and LAMB under real DeepSpeed engines.
+
+Launched as ``deepspeed --num_gpus N tests/ds_optim_worker.py --out results.pt --ckpt-dir DIR --modes ...``.
+For each mode (precision x ZeRO stage) it trains the same small model from the same seed on the same per-rank
+data for ``--steps`` optimizer steps with a linear lr warmup, once per variant:
+
+* ``lars`` / ``lamb``: the optimizer bound with ``optimizers.bind_deepspeed`` (the exact path);
+* ``lars_naive`` / ``lamb_naive``: the same optimizer left unbound (``allow_unbound``), so that its trust ratios
+  are computed over DeepSpeed's flat chunks; only in modes that flatten.
+
+For bound variants it also saves a checkpoint before the last step, takes the last step, reloads the checkpoint
+and takes the last step again (``resumed``). Rank 0 saves the full fp32 master weights of every run (gathered
+with DeepSpeed's own ``safe_get_full_fp32_param``, not with this project's layouts) to ``--out``.
+
+The model and data helpers are importable without DeepSpeed: the test computes its plain-PyTorch reference with
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import optimizers  # noqa: E402
+
+MICRO_BATCH = 4
+NUM_CLASSES = 10
+# LARS with a trust coefficient large enough that every step moves the weights measurably (~2% per step).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lars": ("lars", {"lr": 1.0, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02}),
+    "lamb": ("lamb", {"lr": 0.01, "weight_decay": 0.01}),
+}
+CPU_MODES = ("fp32-z0", "fp32-z1", "fp32-z2", "bf16-z0", "bf16-z1", "bf16-z1-fp32acc", "bf16-z2")
+GPU_MODES = ("fp16-z0", "fp16-z1", "fp16-z2")
+FLATTENING_MODES = ("fp32-z1", "fp32-z2", "bf16-z1", "bf16-z1-fp32acc", "bf16-z2", "fp16-z1", "fp16-z2")
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """Conv (no bias) + BN + two Linear layers; odd sizes so that ZeRO pads and splits a layer across 2 ranks.
+
+    Decay group: 189 + 8316 + 330 = 8835 elements; with 2 ranks each holds about half, so the 8316-element
+    Linear weight straddles the partition boundary. The first Linear starts 10x larger than default so that
+    layers have very different ||w|| / ||g|| (a flat-chunk ratio is then far from every layer's own).
+    """
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 7, 3, bias=False), nn.BatchNorm2d(7), nn.ReLU(), nn.Flatten(),
+        nn.Linear(7 * 6 * 6, 33), nn.ReLU(), nn.Linear(33, NUM_CLASSES),
+    )
+    with torch.no_grad():
+        model[4].weight.mul_(10.0)
+    return model
+
+
+def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batch of data-parallel rank ``rank`` at step ``step`` (same on every machine)."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(MICRO_BATCH, 3, 8, 8, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (MICRO_BATCH,), generator=gen)
+    return x, y
+
+
+def lr_at(base: float, step: int, steps: int) -> float:
+    """Linear warmup from base / steps to base: every step changes the lr (exercises LARC and momentum)."""
+    return base * (step + 1) / steps
+
+
+def reference_weights(variant: str, world_size: int, steps: int) -> dict[str, torch.Tensor]:
+    """Plain PyTorch, one process: the gradient is the mean over the ranks' micro-batches, as DeepSpeed's is."""
+    name, params = VARIANTS[variant]
+    model = make_model()
+    opt = optimizers.build_optimizer(name, model, params)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(params["lr"], step, steps)
+        opt.zero_grad()
+        loss = sum(nn.functional.cross_entropy(model(x), y) for x, y in (batch(step, r) for r in range(world_size)))
+        (loss / world_size).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def ds_config(mode: str) -> dict[str, Any]:
+    precision, stage, *extra = mode.split("-")
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": 1,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": int(stage[1])},
+        "steps_per_print": 10**6,
+        "gradient_clipping": 0.0,  # deepspeed 0.19.8 clips at global norm 1.0 unless told otherwise
+    }
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    if precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12}
+    if precision != "fp32":
+        # deepspeed 0.19.8 casts parameters only; batch norm then fails on fp32 running stats unless the buffers
+        # are cast too ("expected scalar type BFloat16 but found Float").
+        cfg["data_types"] = {"buffer_dtype": precision}
+    if "fp32acc" in extra:
+        cfg["data_types"]["grad_accum_dtype"] = "fp32"
+    if mode.endswith("z1") or mode.endswith("z1-fp32acc"):
+        cfg["zero_optimization"]["parameter_alignment"] = True  # padding between parameters, not only at the end
+    if mode.endswith("z2"):
+        cfg["zero_optimization"].update(round_robin_gradients=True, reduce_bucket_size=2000,
+                                        allgather_bucket_size=2000)  # reordered flat buffer, several buckets
+    return cfg
+
+
+def full_fp32_weights(engine: Any) -> dict[str, torch.Tensor]:
+    """fp32 master weights of every parameter, assembled on every rank (collective)."""
+    import deepspeed
+
+    wrapper = engine.optimizer
+    copies = {}
+    if hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups"):  # FP16_UnfusedOptimizer
+        for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
+            copies.update({id(lp): hp for lp, hp in zip(lp_group, hp_group, strict=True)})
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if id(p) in copies:
+            w = copies[id(p)]
+        elif hasattr(p, "_hp_mapping"):
+            w = deepspeed.utils.safe_get_full_fp32_param(p)
+        else:
+            w = p
+        out[name] = w.detach().float().cpu().clone()
+    return out
+
+
+def padding_is_zero(engine: Any) -> bool:
+    """Whether every padding element of every bound flat partition is still exactly zero."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in inner.param_groups:
+        for t in group["params"]:
+            layout = inner.layout_of(t) if isinstance(inner, optimizers.LayerwiseOptimizer) else None
+            if layout is None:
+                continue
+            mask = torch.ones(t.numel(), dtype=torch.bool, device=t.device)
+            for seg in layout.segments:
+                mask[seg.start:seg.start + seg.numel] = False
+            if bool(t.detach().view(-1)[mask].ne(0).any()):
+                return False
+    return True
+
+
+def train_step(engine: Any, step: int, rank: int, dtype: torch.dtype, base_lr: float, steps: int) -> None:
+    x, y = batch(step, rank)
+    device = engine.device
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr_at(base_lr, step, steps)
+    logits = engine(x.to(device=device, dtype=dtype))
+    loss = nn.functional.cross_entropy(logits.float(), y.to(device))
+    engine.backward(loss)
+    engine.step()
+
+
+def run(mode: str, variant: str, steps: int, ckpt_dir: str) -> dict[str, Any]:
+    import deepspeed
+    import deepspeed.comm as dist
+
+    naive = variant.endswith("_naive")
+    name, params = VARIANTS[variant.removesuffix("_naive")]
+    model = make_model()
+    opt = optimizers.build_optimizer(name, model, params)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(mode))
+    rank = dist.get_rank()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode.split("-")[0]]
+    if naive:
+        opt.allow_unbound = True
+        binding = None
+    else:
+        binding = optimizers.bind_deepspeed(engine)
+    result: dict[str, Any] = {"wrapper": type(engine.optimizer).__name__, "binding": str(binding)}
+    if binding is not None and mode in FLATTENING_MODES:
+        split = torch.tensor([len(binding.split_layers)])
+        dist.all_reduce(split, op=dist.ReduceOp.MIN)
+        result["min_split_layers_per_rank"] = int(split)
+    tag = f"{mode}-{variant}"
+    for step in range(steps):
+        if step == steps - 1 and not naive:
+            engine.save_checkpoint(ckpt_dir, tag=tag)
+        train_step(engine, step, rank, dtype, params["lr"], steps)
+    result["weights"] = full_fp32_weights(engine)
+    result["skipped_steps"] = int(engine.skipped_steps)
+    result["padding_zero"] = padding_is_zero(engine)
+    if not naive:
+        engine.load_checkpoint(ckpt_dir, tag=tag)
+        train_step(engine, steps - 1, rank, dtype, params["lr"], steps)
+        result["resumed"] = full_fp32_weights(engine)
+        result["padding_zero"] &= padding_is_zero(engine)
+    engine.destroy()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="results file written by rank 0 (torch.save)")
+    parser.add_argument("--ckpt-dir", required=True, help="checkpoint directory shared by the ranks")
+    parser.add_argument("--modes", nargs="+", default=list(CPU_MODES), help="default: all CPU modes")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run (default 5)")
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    args = parser.parse_args()
+
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend="gloo" if get_accelerator().device_name() == "cpu" else None)
+    results: dict[str, dict[str, Any]] = {}
+    for mode in args.modes:
+        variants = ["lars", "lamb"] + (["lars_naive", "lamb_naive"] if mode in FLATTENING_MODES else [])
+        results[mode] = {v: run(mode, v, args.steps, args.ckpt_dir) for v in variants}
+        if dist.get_rank() == 0:
+            print(f"[ds_optim_worker] {mode}: {results[mode]['lars']['binding']}", flush=True)
+    if dist.get_rank() == 0:
+        torch.save({"world_size": dist.get_world_size(), "steps": args.steps, "results": results}, args.out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
