@@ -116,18 +116,36 @@ def ds_config(mode: str) -> dict[str, Any]:
 
 
 def full_fp32_weights(engine: Any) -> dict[str, torch.Tensor]:
-    """fp32 master weights of every parameter, assembled on every rank (collective)."""
+    """fp32 master weights of every parameter, assembled on every rank (collective).
+
+    Read from DeepSpeed's own bookkeeping, not from this project's layouts. ZeRO-1/2: all_gather the fp32
+    partitions and cut parameters at ZeRO's recorded offsets (``deepspeed.utils.safe_get_full_fp32_param`` returns
+    wrong values under ``round_robin_gradients=True`` in deepspeed 0.19.8, although training itself is right).
+    BF16_Optimizer: ``safe_get_full_fp32_param``. FP16_UnfusedOptimizer: its fp32 copies. No wrapper: the
+    parameters.
+    """
     import deepspeed
+    import deepspeed.comm as dist
 
     wrapper = engine.optimizer
-    copies = {}
-    if hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups"):  # FP16_UnfusedOptimizer
+    by_id: dict[int, torch.Tensor] = {}
+    if type(wrapper).__name__ == "FP16_UnfusedOptimizer":
         for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
-            copies.update({id(lp): hp for lp, hp in zip(lp_group, hp_group, strict=True)})
+            by_id.update({id(lp): hp for lp, hp in zip(lp_group, hp_group, strict=True)})
+    elif type(wrapper).__name__ == "DeepSpeedZeroOptimizer":
+        for i, hp in enumerate(wrapper.single_partition_of_fp32_groups):
+            group = wrapper.real_dp_process_group[i]
+            parts = [torch.empty_like(hp) for _ in range(dist.get_world_size(group=group))]
+            dist.all_gather(parts, hp.detach(), group=group)
+            flat = torch.cat(parts)
+            assert flat.numel() == wrapper.bit16_groups_flat[i].numel(), "unequal ZeRO partitions"
+            for p, offset, meta in zip(wrapper.round_robin_bit16_groups[i], wrapper.round_robin_bit16_offsets[i],
+                                       wrapper.round_robin_bit16_meta[i], strict=True):
+                by_id[id(p)] = flat.narrow(0, offset, meta.numel()).view(meta.shape)
     out = {}
     for name, p in engine.module.named_parameters():
-        if id(p) in copies:
-            w = copies[id(p)]
+        if id(p) in by_id:
+            w = by_id[id(p)]
         elif hasattr(p, "_hp_mapping"):
             w = deepspeed.utils.safe_get_full_fp32_param(p)
         else:
