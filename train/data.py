@@ -250,55 +250,107 @@ def check_imagefolder_root(data_dir: str | Path) -> list[str]:
     return classes["train"]
 
 
-class SkipCorrupt:
-    """An image loader for ImageFolder that returns None for an unreadable image instead of raising."""
+class JpegFolder(torch.utils.data.Dataset):
+    """(path, label) samples decoded by a :mod:`train.jpeg` transform. Items are keyed ``(epoch, index)`` so the
+    augmentation generator of a sample depends only on (seed, epoch, index), not on the worker that decodes it.
+    An unreadable image comes back as ``(None, label)``; the collate function drops and counts it."""
 
-    def __call__(self, path: str) -> Any:
-        from PIL import Image
+    def __init__(self, samples: list[tuple[str, int]], transform: Any, seed: int, random: bool):
+        self.samples, self.transform, self.seed, self.random = samples, transform, seed, random
 
-        try:
-            with open(path, "rb") as f:
-                img = Image.open(f)
-                img.load()
-                return img.convert("RGB")
-        except (OSError, ValueError, SyntaxError):  # PIL's errors for truncated and non-image files
-            return None
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int]:
+        from train.jpeg import sample_seed
+
+        epoch, index = key
+        path, label = self.samples[index]
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index)) if self.random else None
+        return self.transform(path, g), label
+
+
+class _Keyed:
+    """A batch sampler's index lists turned into lists of (epoch, index) keys for :class:`JpegFolder`."""
+
+    def __init__(self, batches: Any, epoch: int):
+        self.batches, self.epoch = batches, epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches:
+            yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Collate:
+    """Stack the readable images of a batch (uint8, channels-last) and count the unreadable ones; optionally
+    normalise to float in the worker (the behaviour for loops that do not normalise on the device)."""
+
+    def __init__(self, uint8: bool):
+        self.uint8 = uint8
+
+    def __call__(self, items: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        from train.jpeg import collate_uint8, normalize_uint8
+
+        good = [(x, y) for x, y in items if x is not None]
+        if not good:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), len(items)
+        x = collate_uint8([x for x, _ in good])
+        if not self.uint8:
+            x = normalize_uint8(x, IMAGENET_MEAN, IMAGENET_STD)
+        return x, torch.tensor([y for _, y in good], dtype=torch.long), len(items) - len(good)
+
+
+def default_workers(local_ranks: int = 1) -> int:
+    """Loader processes per rank: the cores left after one per rank (the training process), at least 1, at most
+    16 (a CPU core decodes roughly 500-1,000 ImageNet JPEGs/s with this pipeline; see docs/benchmarks.md)."""
+    return max(1, min(16, (os.cpu_count() or 2) // max(1, local_ranks) - 1))
 
 
 class ImageFolderData:
-    """ImageNet-style folders read with torchvision's ImageFolder and the standard ResNet augmentation."""
+    """ImageNet-style folders, decoded by :mod:`train.jpeg` with the standard ResNet augmentation.
 
-    def __init__(self, data_dir: str | Path, image_size: int, workers: int, seed: int):
+    Batches are uint8 (N, 3, H, W) in channels-last layout when ``uint8`` is set; call :meth:`normalize` on them
+    after the copy to the device (or use :func:`to_model_input`). With ``uint8`` unset (the default) the workers
+    normalise, and batches are float32 as torchvision's ToTensor + Normalize would give. ``workers=None`` picks
+    :func:`default_workers`; memory is pinned only when CUDA is available.
+    """
+
+    def __init__(self, data_dir: str | Path, image_size: int, workers: int | None, seed: int, *,
+                 uint8: bool = False, draft: bool = True, prefetch_factor: int = 4):
         import torchvision.datasets as tvd
-        import torchvision.transforms as T
+
+        from train.jpeg import TrainTransform, ValTransform
 
         classes = check_imagefolder_root(data_dir)
         root = Path(data_dir)
-        normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-        val_tf = T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), T.ToTensor(), normalize])
         try:
-            self.train = tvd.ImageFolder(str(root / "train"), transform=_MaybeNone(train_tf), loader=SkipCorrupt())
-            self.val = tvd.ImageFolder(str(root / "val"), transform=_MaybeNone(val_tf), loader=SkipCorrupt())
+            train_samples = tvd.ImageFolder(str(root / "train"), loader=_no_load).samples
+            val_samples = tvd.ImageFolder(str(root / "val"), loader=_no_load).samples
         except FileNotFoundError as e:  # ImageFolder's message for an empty class folder
             raise DataError(f"{root}: {e}; every class folder needs at least one image") from None
-        self.workers, self.seed = workers, seed
+        self.train = JpegFolder(train_samples, TrainTransform(image_size, draft=draft), seed, random=True)
+        self.val = JpegFolder(val_samples, ValTransform(image_size, draft=draft), seed, random=False)
+        self.workers = default_workers(int(os.environ.get("LOCAL_SIZE", "1"))) if workers is None else workers
+        self.seed, self.uint8, self.prefetch_factor = seed, uint8, prefetch_factor
         self.skipped = 0  # corrupt images seen by this rank
         self.info = DataInfo("imagenet", len(self.train), len(self.val), len(classes), 3, image_size)
 
-    def _loader(self, dataset: Any, batches: Any, epoch: int) -> Any:
+    def normalize(self, x: torch.Tensor, dtype: torch.dtype = torch.float32,
+                  memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
+        """ImageNet mean/std normalisation of a uint8 batch, run where ``x`` is (the GPU after the copy)."""
+        from train.jpeg import normalize_uint8
+
+        return normalize_uint8(x, IMAGENET_MEAN, IMAGENET_STD, dtype, memory_format)
+
+    def _loader(self, dataset: JpegFolder, batches: Any, epoch: int) -> Any:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=self._collate,
+            dataset, batch_sampler=_Keyed(batches, epoch), num_workers=self.workers, collate_fn=_Collate(self.uint8),
             pin_memory=torch.cuda.is_available(), generator=g, persistent_workers=False,
-            prefetch_factor=4 if self.workers else None)
-
-    def _collate(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        good = [it for it in items if it[0] is not None]
-        if not good:
-            return torch.empty(0), torch.empty(0, dtype=torch.long), len(items)
-        x, y = torch.utils.data.default_collate(good)
-        return x, y, len(items) - len(good)
+            prefetch_factor=self.prefetch_factor if self.workers else None)
 
     def train_batches(self, sampler: GlobalBatchSampler) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y, bad in self._loader(self.train, sampler, sampler.epoch):
@@ -312,14 +364,21 @@ class ImageFolderData:
             yield x, y
 
 
-class _MaybeNone:
-    """Apply a transform, passing None (a corrupt image) through."""
+def _no_load(path: str) -> None:
+    """ImageFolder is used only to list (path, class) samples; decoding happens in :mod:`train.jpeg`."""
+    return None
 
-    def __init__(self, tf: Any):
-        self.tf = tf
 
-    def __call__(self, img: Any) -> Any:
-        return None if img is None else self.tf(img)
+def to_model_input(x: torch.Tensor, device: torch.device | str, dtype: torch.dtype,
+                   memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
+    """A batch from any data set here, on ``device`` as ``dtype``: uint8 ImageNet batches are copied as uint8 and
+    normalised there (ImageNet mean/std); float batches are only moved and cast."""
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        from train.jpeg import normalize_uint8
+
+        return normalize_uint8(x, IMAGENET_MEAN, IMAGENET_STD, dtype, memory_format)
+    return x.to(dtype, memory_format=memory_format)
 
 
 def build_data(name: str, data_dir: str | None, *, channels: int, image_size: int, workers: int, seed: int,
