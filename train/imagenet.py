@@ -289,11 +289,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     stop = step >= max_steps
 
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        """Save on every rank; 'latest' moves to the new tag only after every rank has written its part."""
         if step_in_epoch >= resolved.steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
-        engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={
+        tag = f"step{step}"
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state={
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": step, "samples": samples,
-            "wandb_id": log.wandb_id if log else None})
+            "wandb_id": log.wandb_id if log else None})  # ends with a barrier: all ranks' files are written
+        if is_main:
+            write_atomically(ckpt_dir / "latest", tag)
+        dist.barrier()
+
+    preempted = PreemptionFlag()
 
     epoch = start["epoch"]
     while epoch < resolved.epochs and not stop:
@@ -331,7 +338,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             samples += resolved.global_batch
             if bar is not None:
                 bar.update(1)
-            if step % args.log_interval == 0 or step >= max_steps or step_in_epoch == resolved.steps_per_epoch:
+            logged = step % args.log_interval == 0 or step >= max_steps or step_in_epoch == resolved.steps_per_epoch
+            if logged:
                 now = time.perf_counter()
                 mean_loss = torch.stack([loss_interval.double(), torch.tensor(
                     float(micro_interval), dtype=torch.float64, device=engine.device)])
@@ -351,6 +359,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 t_log, log_steps, micro_interval = now, 0, 0
             if args.save_interval and step % args.save_interval == 0 and step < max_steps:
                 checkpoint(epoch, step_in_epoch)
+            if logged and preempted.agreed(engine.device):  # at logging steps: they synchronise anyway
+                say(f"{preempted.name}: saving a checkpoint at step {step} and stopping; --resume continues")
+                checkpoint(epoch, step_in_epoch)
+                raise SystemExit(128 + preempted.signum)
             if step >= max_steps:
                 stop = True
                 break
@@ -401,6 +413,47 @@ def progress(is_main: bool, sampler: GlobalBatchSampler, r: Resolved, epoch: int
 
     return tqdm(total=sampler.steps_per_epoch, initial=sampler.start_step, desc=f"epoch {epoch + 1}/{r.epochs}",
                 unit="step", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+
+class PreemptionFlag:
+    """SIGTERM/SIGINT (a preempted job; the deepspeed launcher forwards them) ask for a checkpoint and a clean stop.
+
+    The flag is raised by the signal handler and read at logging steps (every --log-interval optimizer steps, where
+    the loop synchronises anyway); ranks agree on it with a one-element all-reduce so that all save the same step.
+    """
+
+    def __init__(self) -> None:
+        import signal
+
+        self.signum, self.name = 0, ""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._raise)
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+    def agreed(self, device: Any) -> bool:
+        import deepspeed.comm as dist
+
+        flag = torch.tensor([self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.signum:
+            import signal
+
+            self.signum, self.name = int(flag.item()), signal.Signals(int(flag.item())).name
+        return bool(self.signum)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never a partial one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def claim_output_dir(out_dir: Path, args: argparse.Namespace) -> None:
