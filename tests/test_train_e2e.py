@@ -162,3 +162,15 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path, fashion_mnist_dir, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert want in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.gpu
+def test_8k_config_in_fp16_on_a_gpu(tmp_path, fashion_mnist_dir):
+    """GPU tier: the shipped config in its own precision (fp16, dynamic loss scale, ZeRO-1) on one GPU."""
+    run = tmp_path / "run"
+    out = launch(["--deepspeed_config", "ds_configs/8k.json", "--dataset", "fashion-mnist", "--data-dir",
+                  str(fashion_mnist_dir), "--arch", "resnet_small", "--train-subset", "16384", "--val-subset",
+                  "1000", "--max-steps", "2", "--output-dir", str(run), "--no-wandb"], ranks=1)
+    assert "precision: fp16; ZeRO stage 1" in out.stdout
+    steps = [r for r in read_metrics(run) if r["kind"] == "step"]
+    assert steps[-1]["step"] == 2 and steps[-1]["loss_scale"] is not None and steps[-1]["loss_scale"] > 0
