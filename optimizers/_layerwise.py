@@ -92,7 +92,7 @@ class NormPlan:
 
 
 def layer_norms(xs: Sequence[Tensor], ys: Sequence[Tensor], plan: NormPlan, foreach: bool) -> tuple[Tensor, Tensor]:
-    """Norms of the layers that segments ``xs[i]``/``ys[i]`` belong to, as two fp32 vectors of ``len(xs)``.
+    """Norms of the layers that segments ``xs[i]``/``ys[i]`` belong to, as two vectors of ``len(xs)`` (>= fp32).
 
     One norm kernel per segment, one ``index_add_`` and at most one ``all_reduce`` for all layers; no host sync.
     """
@@ -101,7 +101,8 @@ def layer_norms(xs: Sequence[Tensor], ys: Sequence[Tensor], plan: NormPlan, fore
         norms = torch._foreach_norm(tensors)
     else:
         norms = [torch.linalg.vector_norm(t) for t in tensors]
-    stacked = torch.stack(norms).float()
+    stacked = torch.stack(norms)
+    stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))  # bf16/fp16 norms in fp32
     n = len(xs)
     if plan.layer_index is None:
         return stacked[:n], stacked[n:]

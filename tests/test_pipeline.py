@@ -131,7 +131,7 @@ def test_val_output_matches_torchvision_pipeline(tmp_path, size):
 
 
 def test_to_model_input_dtypes_and_layout():
-    x = torch.randint(0, 256, (2, 28, 28, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # as the loader hands it
+    x = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
     want = (x.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / STD
     got = to_model_input(x, "cpu", torch.bfloat16, torch.channels_last)
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
@@ -170,8 +170,8 @@ def test_draft_decode_is_used_only_for_downscales_and_stays_close(tmp_path, monk
         top, left, h, w = box_on_grid(box, s, (-(-1200 // s), -(-1600 // s)))
         assert abs(top * s - box[0]) <= s / 2 and abs((left + w) * s - (box[1] + box[3])) <= s / 2
         ref = F.interpolate(full[:, :, top * s:(top + h) * s, left * s:(left + w) * s].float(), size=(224, 224),
-                            mode="bilinear", antialias=True)[0].permute(1, 2, 0)
-        ref = ref.flip(1) if flip else ref
+                            mode="bilinear", antialias=True)[0]
+        ref = ref.flip(-1) if flip else ref
         got = TrainTransform(224)(path, torch.Generator().manual_seed(seed)).float()
         assert (got - ref).abs().mean() < 1.5, seed
     assert drafted >= 6 and len(calls) == drafted  # PIL was asked for a reduced decode exactly when it pays

@@ -285,7 +285,7 @@ class _Keyed:
 
 
 class _Collate:
-    """Stack the readable images of a batch (uint8, channels-last) and count the unreadable ones; optionally
+    """Stack the readable images of a batch (uint8) and count the unreadable ones; optionally
     normalise to float in the worker (the behaviour for loops that do not normalise on the device)."""
 
     def __init__(self, uint8: bool):
@@ -312,7 +312,7 @@ def default_workers(local_ranks: int = 1) -> int:
 class ImageFolderData:
     """ImageNet-style folders, decoded by :mod:`train.jpeg` with the standard ResNet augmentation.
 
-    Batches are uint8 (N, 3, H, W) in channels-last layout when ``uint8`` is set; call :meth:`normalize` on them
+    Batches are uint8 (N, 3, H, W) when ``uint8`` is set; call :meth:`normalize` on them
     after the copy to the device (or use :func:`to_model_input`). With ``uint8`` unset (the default) the workers
     normalise, and batches are float32 as torchvision's ToTensor + Normalize would give. ``workers=None`` picks
     :func:`default_workers`; memory is pinned only when CUDA is available.

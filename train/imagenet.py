@@ -347,7 +347,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 rec = {"kind": "step", "step": step, "epoch": epoch + step_in_epoch / resolved.steps_per_epoch,
                        "samples": samples, "loss": (mean_loss[0] / mean_loss[1]).item(), "lr": lr,
                        "images_per_sec": log_steps * resolved.global_batch / (now - t_log),
-                       "loss_scale": getattr(engine.optimizer, "cur_scale", None),
+                       "loss_scale": engine.optimizer.loss_scale if engine.fp16_enabled() else None,
                        "skipped_steps": engine.skipped_steps}
                 if log:
                     log.log(rec)
