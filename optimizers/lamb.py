@@ -74,31 +74,41 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
 def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                   steps: list[int], plan: NormPlan | None, *, lr: float, beta1: float, beta2: float, eps: float,
                   weight_decay: float, max_trust_ratio: float | None, bias_correction: bool) -> None:
+    """Multi-tensor LAMB. With s = sqrt(bc2) / bc1 the update is u = s * u' where
+    u' = m / (sqrt(v) + eps * sqrt(bc2)) + (wd / s) * w; the trust ratio ||w|| / ||u|| times u equals
+    ||w|| / ||u'|| times u', so s only survives where the ratio is 1 or clamped. This saves the passes that
+    form m_hat and v_hat."""
     if not params:
         return
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    updates: list[Tensor] = [torch.empty(0)] * len(params)
     buckets: dict[int, list[int]] = {}
     for i, step in enumerate(steps):
         buckets.setdefault(step, []).append(i)
+    updates: list[Tensor] = [torch.empty(0)] * len(params)
+    scales = [0.0] * len(params)
     for step, idx in buckets.items():
         bc1, bc2 = _bias_corrections(step, beta1, beta2, bias_correction)
-        # m_hat / (sqrt(v_hat) + eps) == m / (bc1 / sqrt(bc2) * sqrt(v) + bc1 * eps): two scalar passes, no m_hat.
+        scale = math.sqrt(bc2) / bc1
         denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in idx])
-        torch._foreach_mul_(denom, bc1 / math.sqrt(bc2))
-        torch._foreach_add_(denom, bc1 * eps)
-        for i, u in zip(idx, torch._foreach_div([exp_avgs[i] for i in idx], denom), strict=True):
-            updates[i] = u
-    if weight_decay != 0.0:
-        torch._foreach_add_(updates, params, alpha=weight_decay)
+        torch._foreach_add_(denom, eps * math.sqrt(bc2))
+        part = torch._foreach_div([exp_avgs[i] for i in idx], denom)
+        if weight_decay != 0.0:
+            torch._foreach_add_(part, [params[i] for i in idx], alpha=weight_decay / scale)
+        if plan is None:
+            torch._foreach_add_([params[i] for i in idx], part, alpha=-lr * scale)
+        for i, u in zip(idx, part, strict=True):
+            updates[i], scales[i] = u, scale
     if plan is None:
-        torch._foreach_add_(params, updates, alpha=-lr)
         return
     w_norm, u_norm = layer_norms(params, updates, plan, foreach=True)
-    ratios = list(_trust(w_norm, u_norm, max_trust_ratio).to(params[0].dtype).unbind(0))
-    torch._foreach_addcmul_(params, updates, ratios, value=-lr)
+    if len(buckets) == 1:
+        scale: float | Tensor = scales[0]
+    else:  # tensors at different step counts (some skipped steps without a gradient): rare, one small copy
+        scale = torch.tensor(scales, dtype=w_norm.dtype, device=w_norm.device)
+    ratio = _trust(w_norm, u_norm * scale, max_trust_ratio) * scale
+    torch._foreach_addcmul_(params, updates, list(ratio.to(params[0].dtype).unbind(0)), value=-lr)
 
 
 def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
