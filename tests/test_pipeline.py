@@ -16,6 +16,9 @@ from train.data import IMAGENET_MEAN, IMAGENET_STD, GlobalBatchSampler, ImageFol
 from train.jpeg import RATIO, SCALE, TrainTransform, ValTransform, box_on_grid, collate_uint8, crop_params, draft_scale
 
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+# torchvision 0.29 warns on every decode_jpeg call (deprecated for TorchCodec); train/jpeg.py filters it, pytest
+# resets filters per test.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 def photo(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:

@@ -44,6 +44,10 @@ RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop default: width / height,
 VAL_RESIZE_FRACTION = 0.875  # 224 / 256: torchvision references/classification (resize 256, crop 224)
 DRAFT_SCALES = (8, 4, 2)  # the DCT reductions PIL's JPEG draft mode offers (libjpeg scale_denom)
 _MASK64 = (1 << 64) - 1
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every call; decode() falls back to
+# PIL if decode_jpeg goes away.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 # Errors PIL raises for truncated, corrupt or non-image files.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 
@@ -98,13 +102,48 @@ def draft_scale(region_h: int, region_w: int, out_h: int, out_w: int) -> int:
     return 1
 
 
+try:
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as _decode_jpeg
+
+    _RGB = ImageReadMode.RGB
+except ImportError:  # a torchvision without its image decoders
+    _decode_jpeg = None
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # start-of-frame markers
+
+
+def jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's start-of-frame segment (ITU T.81 B.2.2), or None if ``data`` does not parse
+    as a JPEG header. A few microseconds, against ~0.1 ms for PIL's Image.open."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return (h, w) if h and w else None
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
 def decode(path: str, plan: Callable[[int, int], int]) -> torch.Tensor | None:
     """Decode ``path`` to an RGB (3, H, W) uint8 tensor (strides may be channels-last), or None if unreadable.
 
     ``plan(height, width)`` sees the full size from the header before decoding (augmentation draws its crop
-    there) and returns the DCT reduction to ask for (1, 2, 4 or 8). A reduced JPEG decode goes through PIL's draft
-    mode; a full-size one through torchvision.io.decode_jpeg (the same libjpeg-turbo output as PIL, straight into a
-    tensor, without PIL's copy into a numpy array); other formats through PIL. The reduced size is
+    there) and returns the DCT reduction to ask for (1, 2, 4 or 8). A full-size JPEG decode goes through
+    torchvision.io.decode_jpeg (the same libjpeg-turbo output as PIL, straight into a tensor, without PIL's copy
+    into a numpy array), a reduced one through PIL's draft mode, other formats through PIL. The reduced size is
     ``ceil(full / scale)``; callers map their boxes onto it.
     """
     from PIL import Image
@@ -112,15 +151,17 @@ def decode(path: str, plan: Callable[[int, int], int]) -> torch.Tensor | None:
     try:
         with open(path, "rb") as f:
             data = bytearray(f.read())
+        size = jpeg_size(data) if _decode_jpeg is not None else None
+        if size is not None:
+            want = plan(*size)
+            if want == 1:
+                return _decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=_RGB)
         with Image.open(io.BytesIO(data)) as img:
-            full_w, full_h = img.size
-            want = plan(full_h, full_w)
-            if img.format == "JPEG" and want == 1:
-                from torchvision.io import ImageReadMode, decode_jpeg
-
-                return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+            if size is None:
+                full_w, full_h = img.size
+                want = plan(full_h, full_w)
             if want > 1 and img.format == "JPEG":
-                img.draft("RGB", (full_w // want, full_h // want))
+                img.draft("RGB", (img.size[0] // want, img.size[1] // want))
             img.load()
             rgb = img if img.mode == "RGB" else img.convert("RGB")
             with warnings.catch_warnings():  # the array PIL hands over is read-only; we only read it
