@@ -575,7 +575,7 @@ def test_tiny_mlp_fits_a_teacher(name, kw):
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
     assert float(loss.detach()) < 0.1 * first, (first, float(loss.detach()))
 
 
