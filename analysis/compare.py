@@ -1,0 +1,417 @@
+"""Compare large-batch runs side by side: Goyal et al.'s figures, a table of final errors, the noise scale.
+
+    python -m analysis.compare runs/256-seed0 runs/8k-seed0 runs/lars-8k-seed0 --out compare/
+    python -m analysis.compare runs/ --wandb my-team/largebatch/study1 --out compare/
+
+Reads run folders written by train/imagenet.py (a folder of run folders works too) and, when wandb is online,
+the runs of ENTITY/PROJECT[/GROUP] through the wandb public API. Writes to --out:
+
+1. fig1_error_vs_batch.png: validation top-1 error (median of the last 5 epochs, as Goyal et al. report it, or
+   the final epoch's with --metric final) against global batch on a log-2 axis, one line per method (SGD with
+   linear scaling and gradual warmup, without warmup, without scaling, LARS, LAMB, ...), mean and standard
+   deviation over runs that share method and batch (seeds): Goyal et al. 2017 (arXiv:1706.02677) Fig. 1. When runs
+   logged the gradient noise scale B_simple (McCandlish et al. 2018, arXiv:1812.06162), a dashed line marks the
+   predicted critical batch size.
+2. fig2_train_error_vs_epochs.png: training error against epochs, one panel per batch size with the runs of that
+   batch overlaid on those of the smallest batch: Goyal et al. Figs. 2 and 4.
+3. fig3_lr_schedule.png: each run's learning rate against epochs (one panel per optimizer), warmup included.
+4. table.md: one row per run (batch, optimizer, lr, epochs, final and median-of-last-5 top-1 error, training time,
+   noise scale) and one per (method, batch) with mean +- std over seeds; on ImageNet the published numbers for the
+   same batch (Goyal et al. Table 1, the torchlars LARS reproduction; analysis/papers.py) in a column beside.
+5. summary.json: the same numbers, machine-readable.
+
+With --wandb and wandb online it also saves a wandb Report with the same panels (needs the wandb-workspaces
+package); offline it says so and skips the wandb parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from analysis.papers import SOURCES  # noqa: E402
+from analysis.runs import (  # noqa: E402
+    Run,
+    RunError,
+    find_run_dirs,
+    load_run,
+    load_wandb_runs,
+    parse_wandb_path,
+    wandb_online,
+)
+
+METRICS = {"median5": "median of the last 5 epochs", "final": "final epoch"}
+FIGURES = ("fig1_error_vs_batch.png", "fig2_train_error_vs_epochs.png", "fig3_lr_schedule.png")
+
+
+def fmt_batch(b: float) -> str:
+    """256, 1k, 8k, 32k (powers of two of 1024 as k), else the number."""
+    b = int(b)
+    return f"{b // 1024}k" if b >= 1024 and b % 1024 == 0 else f"{b:,}"
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def error_of(run: Run, metric: str) -> float | None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    return run.median5_top1 if metric == "median5" else run.final_top1
+
+
+def unique_names(runs: list[Run]) -> None:
+    """Two runs with the same name (from two folders or from a folder and wandb) get "#2", "#3" appended."""
+    seen: dict[str, int] = defaultdict(int)
+    for r in runs:
+        seen[r.name] += 1
+        if seen[r.name] > 1:
+            r.name = f"{r.name}#{seen[r.name]}"
+
+
+def method_colors(runs: list[Run]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(sorted({r.method for r in runs}))}
+
+
+def groups(runs: list[Run], metric: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """(method, batch) -> {"runs", "values", "mean", "std" (sample std, 0 for a single run), "n"}."""
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in runs:
+        g = out.setdefault((r.method, r.batch), {"runs": [], "values": []})
+        g["runs"].append(r.name)
+        v = error_of(r, metric)
+        if v is not None:
+            g["values"].append(v)
+    for g in out.values():
+        vals = g["values"]
+        g["n"] = len(vals)
+        g["mean"] = statistics.fmean(vals) if vals else None
+        g["std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else None
+    return dict(sorted(out.items()))
+
+
+def critical_batch(runs: list[Run]) -> dict[str, Any] | None:
+    """The predicted critical batch: the median over runs of each run's median logged B_simple."""
+    per_run = {r.name: r.noise_scale_median for r in runs if r.noise_scale_median is not None}
+    if not per_run:
+        return None
+    values = list(per_run.values())
+    return {"b_noise": statistics.median(values), "min": min(values), "max": max(values), "per_run": per_run}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures. Every data line carries a gid ("method:<label>" or "run:<name>") so tests and users can find it.
+
+
+def plot_error_vs_batch(runs: list[Run], metric: str = "median5") -> Figure:
+    """Goyal et al. Fig. 1: validation error against global batch, one line per method, log-2 x axis."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    colors = method_colors(runs)
+    by_method: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    for (method, batch), g in groups(runs, metric).items():
+        if g["n"]:
+            by_method[method].append((batch, g))
+    batches: set[int] = set()
+    for method, points in by_method.items():
+        xs = [b for b, _ in points]
+        batches.update(xs)
+        container = ax.errorbar(xs, [g["mean"] for _, g in points], yerr=[g["std"] for _, g in points],
+                                marker="o", capsize=3, color=colors[method], label=method)
+        container.lines[0].set_gid(f"method:{method}")
+        seeds = [(b, v) for b, g in points if g["n"] > 1 for v in g["values"]]
+        if seeds:
+            ax.scatter(*zip(*seeds, strict=True), s=10, color=colors[method], alpha=0.4, zorder=1)
+    crit = critical_batch(runs)
+    if crit is not None:
+        ax.axvline(crit["b_noise"], color="k", ls="--", lw=1, gid="critical-batch",
+                   label=f"predicted critical batch B_noise ≈ {crit['b_noise']:,.0f} (McCandlish et al.)")
+        if crit["max"] > crit["min"]:
+            ax.axvspan(crit["min"], crit["max"], color="k", alpha=0.08, lw=0)
+    ax.set_xscale("log", base=2)
+    if batches:
+        ax.set_xticks(sorted(batches), [fmt_batch(b) for b in sorted(batches)])
+        ax.minorticks_off()
+    ax.set_xlabel("global batch (images)")
+    ax.set_ylabel(f"validation top-1 error (%), {METRICS[metric]}")
+    ax.set_title("Validation error vs batch size (Goyal et al. 2017, Fig. 1)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _grid(n: int, width: float = 4.6, height: float = 3.4) -> tuple[Figure, list[Any]]:
+    cols = min(3, max(1, n))
+    rows = math.ceil(max(1, n) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.5, width * cols), height * rows + 0.4), squeeze=False,
+                             layout="constrained")
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:max(1, n)]
+
+
+def plot_train_error_vs_epochs(runs: list[Run]) -> Figure:
+    """Goyal et al. Figs. 2 and 4: training error against epochs; one panel per batch size, each run of that batch
+    overlaid on the runs of the smallest batch (dashed). With a single batch size, one panel of all runs."""
+    colors = method_colors(runs)
+    with_epochs = [r for r in runs if r.epochs]
+    batches = sorted({r.batch for r in with_epochs})
+    ref_batch = batches[0] if batches else None
+    panels = batches[1:] if len(batches) > 1 else batches
+    fig, axes = _grid(len(panels))
+    for ax, batch in zip(axes, panels, strict=False):
+        refs = [r for r in with_epochs if r.batch == ref_batch] if batch != ref_batch else []
+        for r in refs + [r for r in with_epochs if r.batch == batch]:
+            is_ref = r.batch != batch
+            ax.plot([e["epoch"] for e in r.epochs], [e["train_error"] for e in r.epochs],
+                    ls="--" if is_ref else "-", marker="." if len(r.epochs) < 30 else None,
+                    color=colors[r.method], alpha=0.7 if is_ref else 1.0, gid=f"run:{r.name}",
+                    label=f"{fmt_batch(r.batch)} {r.method} ({r.name})")
+        title = f"batch {fmt_batch(batch)}" + (f" vs {fmt_batch(ref_batch)}" if batch != ref_batch else "")
+        ax.set_title(title)
+        ax.set_xlabel("epochs")
+        ax.set_ylabel("training error (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("Training error vs epochs (Goyal et al. 2017, Figs. 2 and 4)")
+    return fig
+
+
+def plot_lr_schedule(runs: list[Run]) -> Figure:
+    """Each run's learning rate (step records) against epochs, one panel per optimizer (their lr scales differ)."""
+    with_steps = [r for r in runs if r.steps]
+    optimizers = sorted({r.optimizer for r in with_steps})
+    fig, axes = _grid(len(optimizers))
+    for ax, opt in zip(axes, optimizers, strict=False):
+        for r in (r for r in with_steps if r.optimizer == opt):
+            ax.plot([s["epoch"] for s in r.steps], [s["lr"] for s in r.steps], gid=f"run:{r.name}",
+                    label=f"{r.name} ({fmt_batch(r.batch)})")
+        ax.set_title(opt)
+        ax.set_xlabel("epochs")
+        ax.set_ylabel("learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("Learning-rate schedules")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table and summary
+
+
+def _paper_cell(run: Run, marks: dict[str, str]) -> str:
+    p = run.paper()
+    if p is None:
+        return "—"
+    mark = marks.setdefault(p.source, "abcdefgh"[len(marks)])
+    return f"{p.top1_error:.2f}" + (f" ± {p.std:.2f}" if p.std is not None else "") + f" [{mark}]"
+
+
+def table_markdown(runs: list[Run], metric: str = "median5") -> str:
+    """Two markdown tables (runs; method x batch) and the footnotes naming the sources of the paper column."""
+    imagenet = any(r.dataset == "imagenet" for r in runs)
+    marks: dict[str, str] = {}
+    ordered = sorted(runs, key=lambda r: (r.dataset, r.method, r.batch, r.seed if r.seed is not None else -1, r.name))
+    head = ["run", "method", "batch", "optimizer", "peak lr", "epochs", "final top-1 err. (%)",
+            "median-5 top-1 err. (%)", "train time", "B_noise (median / last)"]
+    if imagenet:
+        head.append("paper top-1 err. (%)")
+    lines = ["## Runs", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ordered:
+        planned = r.planned_epochs
+        epochs = f"{r.epochs_done:g}" + (f" / {planned}" if planned is not None and planned != r.epochs_done else "")
+        noise = "—" if r.noise_scale_median is None else f"{r.noise_scale_median:,.0f} / {r.noise_scale_last:,.0f}"
+        row = [r.name, r.method, f"{r.batch:,}", r.optimizer, "—" if r.lr is None else f"{r.lr:g}", epochs,
+               _fmt(r.final_top1), _fmt(r.median5_top1), fmt_duration(r.train_time), noise]
+        if imagenet:
+            row.append(_paper_cell(r, marks) if r.dataset == "imagenet" else "—")
+        lines.append("| " + " | ".join(row) + " |")
+
+    lines += ["", f"## By method and batch ({METRICS[metric]}; mean ± sample std over runs)", ""]
+    head2 = ["method", "batch", "runs", "top-1 err. (%)"] + (["paper top-1 err. (%)"] if imagenet else [])
+    lines += ["| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
+    by_name = {r.name: r for r in runs}
+    for (method, batch), g in groups(runs, metric).items():
+        cell = "—" if g["mean"] is None else f"{g['mean']:.2f}" + (f" ± {g['std']:.2f}" if g["n"] > 1 else "")
+        row = [method, f"{batch:,}", str(len(g["runs"])), cell]
+        if imagenet:
+            first = by_name[g["runs"][0]]
+            row.append(_paper_cell(first, marks) if first.dataset == "imagenet" else "—")
+        lines.append("| " + " | ".join(row) + " |")
+
+    crit = critical_batch(runs)
+    lines.append("")
+    if crit is not None:
+        lines.append(f"Predicted critical batch (gradient noise scale B_simple, McCandlish et al. 2018, "
+                     f"arXiv:1812.06162; median over runs of each run's median): {crit['b_noise']:,.0f}.")
+    lines.append("Top-1 error: validation error (%); median-5 is the median of the last 5 epochs, as Goyal et al. "
+                 "report it. Train time is the sum of the epochs' training time (no evaluation, no start-up).")
+    if imagenet:
+        lines.append("")
+        for source, mark in marks.items():
+            lines.append(f"[{mark}] {SOURCES[source]}.")
+        if not marks:
+            lines.append("No published number matches these runs' method and batch.")
+    elif runs:
+        lines.append(f"Data set: {', '.join(sorted({r.dataset for r in runs}))}; the papers' numbers are for "
+                     f"ImageNet and are not shown.")
+    return "\n".join(lines) + "\n"
+
+
+def summary_dict(runs: list[Run], metric: str = "median5") -> dict[str, Any]:
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    out_runs = []
+    for r in runs:
+        p = r.paper()
+        out_runs.append({
+            "name": r.name, "source": r.source, "method": r.method, "dataset": r.dataset, "batch": r.batch,
+            "optimizer": r.optimizer, "lr": r.lr, "lr_scaling": r.scaling, "warmup": r.warmup, "seed": r.seed,
+            "epochs": r.epochs_done, "planned_epochs": r.planned_epochs, "final_top1_error": r.final_top1,
+            "median5_top1_error": r.median5_top1, "train_time_s": r.train_time,
+            "noise_scale_median": clean(r.noise_scale_median), "noise_scale_last": clean(r.noise_scale_last),
+            "noise_scale_points": len(r.noise_scale_values),
+            "paper": None if p is None else {"top1_error": p.top1_error, "std": p.std, "source": SOURCES[p.source]},
+        })
+    return {
+        "metric": metric, "metric_meaning": METRICS[metric], "runs": out_runs,
+        "groups": [{"method": m, "batch": b, "runs": g["runs"], "n": g["n"], "mean": g["mean"], "std": g["std"]}
+                   for (m, b), g in groups(runs, metric).items()],
+        "critical_batch": critical_batch(runs),
+        "files": list(FIGURES) + ["table.md"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# wandb Report
+
+
+def build_report(entity: str, project: str, group: str | None, table_md: str, title: str | None = None) -> Any:
+    """A wandb Report (wandb-workspaces) with the same panels, drawn by wandb from the project's runs; not saved."""
+    try:
+        import wandb_workspaces.reports.v2 as wr
+    except ImportError as e:
+        raise RunError("the wandb Report needs the wandb-workspaces package (pip install wandb-workspaces)") from e
+    runset = wr.Runset(entity=entity, project=project, name=group or project,
+                       filters=f"Group = '{group}'" if group else "")
+    panels = [
+        wr.ScatterPlot(title="Validation top-1 error (median of last 5 epochs) vs global batch (Goyal Fig. 1)",
+                       x=wr.Config("derived.global_batch"), y=wr.SummaryMetric("summary/median5_val_top1_error"),
+                       log_x=True),
+        wr.LinePlot(title="Training error vs epochs (Goyal Figs. 2, 4)", x="epoch/epoch", y=["epoch/train_error"]),
+        wr.LinePlot(title="Learning rate vs epochs", x="step/epoch", y=["step/lr"]),
+        wr.LinePlot(title="Gradient noise scale B_simple (McCandlish et al. 2018)", x="step/epoch",
+                    y=["step/noise_scale"]),
+        wr.LinePlot(title="Validation top-1 error vs epochs", x="epoch/epoch", y=["epoch/val_top1_error"]),
+    ]
+    return wr.Report(
+        entity=entity, project=project, title=title or f"Large-batch comparison: {group or project}",
+        description="Goyal et al. 2017 (arXiv:1706.02677) Figs. 1-4 and Table 1 for our runs; made by "
+                    "python -m analysis.compare",
+        blocks=[wr.H1(text="Large-batch comparison"),
+                wr.P(text="Validation error against batch size, training error and lr against epochs, the "
+                          "gradient noise scale; the table below is table.md from analysis.compare."),
+                wr.PanelGrid(runsets=[runset], panels=panels),
+                wr.H2(text="Table"), wr.MarkdownBlock(text=table_md)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def collect_runs(paths: list[str], wandb_spec: str | None, *, progress: bool = True) -> tuple[list[Run], bool]:
+    """Runs from the folders and, when online, from wandb; returns (runs, whether wandb was read)."""
+    runs = [load_run(p) for p in find_run_dirs(paths)] if paths else []
+    used_wandb = False
+    if wandb_spec:
+        parse_wandb_path(wandb_spec)  # a malformed spec fails even offline
+        online, why = wandb_online()
+        if online:
+            runs += load_wandb_runs(wandb_spec, progress=progress)
+            used_wandb = True
+        else:
+            print(f"wandb: offline ({why}); not reading runs from {wandb_spec} and not making a Report; "
+                  f"using the run folders only", file=sys.stderr)
+    for r in runs:
+        if not r.epochs:
+            print(f"warning: {r.source}: no epoch records yet; left out of the error figures", file=sys.stderr)
+    unique_names(runs)
+    return runs, used_wandb
+
+
+def compare(runs: list[Run], out: Path, metric: str = "median5") -> dict[str, Any]:
+    """Write the figures, table.md and summary.json to ``out``; return the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, fig in zip(FIGURES, (plot_error_vs_batch(runs, metric), plot_train_error_vs_epochs(runs),
+                                   plot_lr_schedule(runs)), strict=True):
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+    table = table_markdown(runs, metric)
+    (out / "table.md").write_text(table)
+    summary = summary_dict(runs, metric)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders, or folders of run folders (e.g. runs/)")
+    p.add_argument("--wandb", metavar="ENTITY/PROJECT[/GROUP]", default=None,
+                   help="also read the runs of this wandb project (and group), and save a Report there")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the figures, table and summary")
+    p.add_argument("--metric", choices=tuple(METRICS), default="median5",
+                   help="error per run in the figure and the grouped table: median of the last 5 epochs or final")
+    p.add_argument("--no-report", action="store_true", help="do not save a wandb Report even when online")
+    p.add_argument("--report-title", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if not args.runs and not args.wandb:
+        print("error: give run folders and/or --wandb ENTITY/PROJECT[/GROUP]", file=sys.stderr)
+        return 2
+    try:
+        runs, used_wandb = collect_runs(args.runs, args.wandb)
+        if not runs:
+            raise RunError("no runs to compare" + (f" (none found in wandb {args.wandb})" if args.wandb else ""))
+        out = Path(args.out)
+        summary = compare(runs, out, args.metric)
+        print(f"{len(runs)} runs -> {out}: {', '.join(summary['files'])}, summary.json")
+        if used_wandb and not args.no_report:
+            entity, project, group = parse_wandb_path(args.wandb)
+            report = build_report(entity, project, group, (out / "table.md").read_text(), args.report_title)
+            report.save()
+            print(f"wandb Report: {report.url}")
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
