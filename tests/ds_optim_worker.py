@@ -199,7 +199,7 @@ def run(mode: str, variant: str, steps: int, ckpt_dir: str) -> dict[str, Any]:
         binding = optimizers.bind_deepspeed(engine)
     result: dict[str, Any] = {"wrapper": type(engine.optimizer).__name__, "binding": str(binding)}
     if binding is not None and mode in FLATTENING_MODES:
-        split = torch.tensor([len(binding.split_layers)])
+        split = torch.tensor([len(binding.split_layers)], device=engine.device)  # NCCL reduces device tensors
         dist.all_reduce(split, op=dist.ReduceOp.MIN)
         result["min_split_layers_per_rank"] = int(split)
     tag = f"{mode}-{variant}"
