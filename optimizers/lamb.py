@@ -91,9 +91,13 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     for step, idx in buckets.items():
         bc1, bc2 = _bias_corrections(step, beta1, beta2, bias_correction)
         scale = math.sqrt(bc2) / bc1
-        denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in idx])
-        torch._foreach_add_(denom, eps * math.sqrt(bc2))
-        part = torch._foreach_div([exp_avgs[i] for i in idx], denom)
+        # One fresh buffer per step, as torch's AdamW: 1 / (sqrt(v) + eps') in place, then times m. A second
+        # allocation (torch._foreach_div) costs more than the extra pass on CPU, where large blocks come back as
+        # fresh pages every step.
+        part = torch._foreach_sqrt([exp_avg_sqs[i] for i in idx])
+        torch._foreach_add_(part, eps * math.sqrt(bc2))
+        torch._foreach_reciprocal_(part)
+        torch._foreach_mul_(part, [exp_avgs[i] for i in idx])
         if weight_decay != 0.0:
             torch._foreach_add_(part, [params[i] for i in idx], alpha=weight_decay / scale)
         if plan is None:
