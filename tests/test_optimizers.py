@@ -600,3 +600,25 @@ def test_foreach_equals_single_when_a_parameter_skips_steps(cls, kw):
         runs.append(params)
     for p, q in zip(*runs, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+
+def test_bind_deepspeed_refuses_unknown_wrappers_and_ignores_non_layerwise():
+    """An optimizer wrapper whose layout bind_deepspeed does not know (here a stand-in for, e.g., ZeRO-3) raises;
+    SGD and torch optimizers are left alone. The real wrappers are exercised in test_optimizers_deepspeed.py."""
+    from types import SimpleNamespace
+
+    model = _Tiny()
+
+    class DeepSpeedZeroOptimizer_Stage3:  # noqa: N801 - the name DeepSpeed uses
+        def __init__(self, inner: torch.optim.Optimizer) -> None:
+            self.optimizer = inner
+
+    lars = build_optimizer("lars", model, {})
+    with pytest.raises(NotImplementedError, match="DeepSpeedZeroOptimizer_Stage3"):
+        optimizers.bind_deepspeed(SimpleNamespace(optimizer=DeepSpeedZeroOptimizer_Stage3(lars), module=model,
+                                                  global_steps=0))
+    for opt in (build_optimizer("sgd", model, {}), torch.optim.AdamW(model.parameters())):
+        for wrapper in (opt, DeepSpeedZeroOptimizer_Stage3(opt)):
+            binding = optimizers.bind_deepspeed(SimpleNamespace(optimizer=wrapper, module=model, global_steps=0))
+            assert binding.layout == "not layer-wise"
+    assert optimizers.bind_deepspeed(SimpleNamespace(optimizer=lars, module=model)).layout == "model parameters"
