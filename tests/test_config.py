@@ -103,3 +103,19 @@ def test_malformed_json_names_file_and_line(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ConfigError, match="expected a JSON object"):
         load_json(tmp_path / "list.json")
+
+
+def test_batch_increase_schedule_smith():
+    """Smith et al. 2018: multiply the batch by the factor the lr would have been divided by, at the same epochs."""
+    cfg = base_cfg(train_batch_size=64, train_micro_batch_size_per_gpu=16,
+                   training={"epochs": 3, "batch_increase": {"milestones_epochs": [1, 2], "factor": 2}})
+    r = resolve(cfg, world_size=2, num_train=1024)
+    assert r.epoch_batches == [64, 128, 256]
+    assert r.total_steps == 1024 // 64 + 1024 // 128 + 1024 // 256 == 28
+    assert r.derived()["epoch_batches"] == [64, 128, 256]
+    with pytest.raises(ConfigError, match=r"global batch 2048 at epoch 2, larger than the training set \(1024"):
+        resolve(base_cfg(train_batch_size=128, training={"epochs": 3, "batch_increase": {
+            "milestones_epochs": [1, 2], "factor": 4}}), world_size=1, num_train=1024)
+    with pytest.raises(ConfigError, match="factor must be an integer >= 2, got 1.5"):
+        resolve(base_cfg(training={"epochs": 3, "batch_increase": {"milestones_epochs": [1], "factor": 1.5}}),
+                world_size=1, num_train=1024)

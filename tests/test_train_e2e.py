@@ -174,3 +174,17 @@ def test_8k_config_in_fp16_on_a_gpu(tmp_path, fashion_mnist_dir):
     assert "precision: fp16; ZeRO stage 1" in out.stdout
     steps = [r for r in read_metrics(run) if r["kind"] == "step"]
     assert steps[-1]["step"] == 2 and steps[-1]["loss_scale"] is not None and steps[-1]["loss_scale"] > 0
+
+
+def test_batch_increase_changes_accumulation_at_epoch_boundaries(tmp_path, fashion_mnist_dir):
+    """Smith et al. 2018 through DeepSpeed's engine.set_train_batch_size: 64 -> 128 -> 256 at epochs 1 and 2."""
+    cfg = sgd_config(64, 16, scheduler=False, epochs=3, batch_increase={"milestones_epochs": [1, 2], "factor": 2})
+    run = tmp_path / "run"
+    run_single(["--deepspeed_config", str(write_config(tmp_path / "c.json", cfg)), "--dataset", "fashion-mnist",
+                "--data-dir", str(fashion_mnist_dir), "--arch", "mlp", "--train-subset", "1024", "--val-subset", "64",
+                "--output-dir", str(run), "--no-wandb", "--log-interval", "1"])
+    recs = read_metrics(run)
+    assert [r["step"] for r in recs if r["kind"] == "epoch"] == [16, 24, 28]
+    assert [r["samples"] for r in recs if r["kind"] == "epoch"] == [1024, 2048, 3072]
+    batches = [r["global_batch"] for r in recs if r["kind"] == "step"]
+    assert batches == [64] * 16 + [128] * 8 + [256] * 4

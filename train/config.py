@@ -35,6 +35,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "label_smoothing": 0.0,
     "zero_init_residual": True,  # Goyal et al. 5.1: gamma = 0 for the last BN of each residual block
     "exclude_norm_and_bias": True,  # no weight decay / no layer-wise adaptation for BN params and biases
+    # Smith et al. 2018: {"milestones_epochs": [30, 60, 80], "factor": 10} multiplies the global batch by factor at
+    # each milestone (DeepSpeed's engine.set_train_batch_size: more accumulation steps) instead of decaying the lr.
+    "batch_increase": None,
     "recipe": "",
 }
 
@@ -142,6 +145,30 @@ def epochs_to_steps(params: dict[str, Any], steps_per_epoch: int, total_steps: i
     return out
 
 
+def batch_schedule(increase: dict[str, Any] | None, batch: int, epochs: int, unit: int, num_train: int) -> list[int]:
+    """The global batch of every epoch under Smith et al.'s schedule (constant ``batch`` without one)."""
+    if not increase:
+        return [batch] * epochs
+    if not isinstance(increase, dict) or set(increase) != {"milestones_epochs", "factor"}:
+        raise ConfigError(f'training.batch_increase must be {{"milestones_epochs": [...], "factor": N}}, got '
+                          f"{increase!r}")
+    factor, milestones = increase["factor"], increase["milestones_epochs"]
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 2:
+        raise ConfigError(f"training.batch_increase.factor must be an integer >= 2, got {factor!r}")
+    if not isinstance(milestones, list) or not all(isinstance(m, int) and m > 0 for m in milestones):
+        raise ConfigError(f"training.batch_increase.milestones_epochs must be a list of positive whole epochs, "
+                          f"got {milestones!r}")
+    out = [batch * factor ** sum(e >= m for m in milestones) for e in range(epochs)]
+    for e, b in enumerate(out):
+        if b > num_train:
+            raise ConfigError(f"training.batch_increase makes the global batch {b} at epoch {e}, larger than the "
+                              f"training set ({num_train} samples)")
+        if b % unit:
+            raise ConfigError(f"training.batch_increase makes the global batch {b} at epoch {e}, not a multiple "
+                              f"of micro batch x world size = {unit}")
+    return out
+
+
 @dataclass
 class Resolved:
     """The experiment after resolving the file against world size, data set size and precision."""
@@ -161,6 +188,10 @@ class Resolved:
     config_precision: str
     zero_stage: int
     notes: list[str] = field(default_factory=list)
+    epoch_batches: list[int] = field(default_factory=list)  # the global batch of each epoch
+
+    def batch_at(self, epoch: int) -> int:
+        return self.epoch_batches[epoch] if epoch < len(self.epoch_batches) else self.global_batch
 
     def derived(self) -> dict[str, Any]:
         sp = (self.scheduler or {}).get("params", {})
@@ -172,6 +203,7 @@ class Resolved:
             "lr": peak_lr(self.optimizer, self.scheduler),
             "warmup_steps": sp.get("warmup_num_steps", 0),
             "decay_steps": sp.get("milestones_steps", sp.get("total_num_steps")),
+            "epoch_batches": self.epoch_batches if len(set(self.epoch_batches)) > 1 else None,
         }
 
 
@@ -228,7 +260,9 @@ def resolve(
     if steps_per_epoch == 0:
         raise ConfigError(f"global batch {global_batch} is larger than the training set ({num_train} samples): "
                           f"an epoch would have no optimizer step")
-    total_steps = steps_per_epoch * training["epochs"]
+    epoch_batches = batch_schedule(training["batch_increase"], global_batch, training["epochs"], micro * world_size,
+                                   num_train)
+    total_steps = sum(num_train // b for b in epoch_batches)
 
     wanted = config_precision(cfg)
     if precision == "auto":
@@ -277,4 +311,4 @@ def resolve(
         ds_config=cfg, training=training, optimizer=optimizer, scheduler=scheduler, world_size=world_size,
         global_batch=global_batch, micro_batch=micro, grad_accum=accum, steps_per_epoch=steps_per_epoch,
         epochs=training["epochs"], total_steps=total_steps, precision=chosen, config_precision=wanted,
-        zero_stage=zero_stage, notes=notes)
+        zero_stage=zero_stage, notes=notes, epoch_batches=epoch_batches)

@@ -290,7 +290,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
         """Save on every rank; 'latest' moves to the new tag only after every rank has written its part."""
-        if step_in_epoch >= resolved.steps_per_epoch:
+        if step_in_epoch >= sampler.steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
         tag = f"step{step}"
         engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state={
@@ -304,6 +304,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     epoch = start["epoch"]
     while epoch < resolved.epochs and not stop:
+        batch = resolved.batch_at(epoch)
+        if batch != sampler.global_batch:  # Smith et al.: a larger batch instead of a smaller lr
+            engine.set_train_batch_size(batch)
+            sampler = GlobalBatchSampler(num_train, batch, resolved.micro_batch, world, rank, args.seed)
+            say(f"epoch {epoch + 1}: global batch {batch:,} ({engine.gradient_accumulation_steps()} accumulation "
+                f"steps), {sampler.steps_per_epoch} steps/epoch")
         sampler.set_epoch(epoch, start["step_in_epoch"] if epoch == start["epoch"] else 0)
         step_in_epoch = sampler.start_step
         lr = engine.get_lr()[0]
@@ -335,18 +341,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             step += 1
             step_in_epoch += 1
             log_steps += 1
-            samples += resolved.global_batch
+            samples += batch
             if bar is not None:
                 bar.update(1)
-            logged = step % args.log_interval == 0 or step >= max_steps or step_in_epoch == resolved.steps_per_epoch
+            logged = step % args.log_interval == 0 or step >= max_steps or step_in_epoch == sampler.steps_per_epoch
             if logged:
                 now = time.perf_counter()
                 mean_loss = torch.stack([loss_interval.double(), torch.tensor(
                     float(micro_interval), dtype=torch.float64, device=engine.device)])
                 dist.all_reduce(mean_loss)  # the loss of the global batch, not of rank 0's share
-                rec = {"kind": "step", "step": step, "epoch": epoch + step_in_epoch / resolved.steps_per_epoch,
+                rec = {"kind": "step", "step": step, "epoch": epoch + step_in_epoch / sampler.steps_per_epoch,
                        "samples": samples, "loss": (mean_loss[0] / mean_loss[1]).item(), "lr": lr,
-                       "images_per_sec": log_steps * resolved.global_batch / (now - t_log),
+                       "images_per_sec": log_steps * batch / (now - t_log), "global_batch": batch,
                        "loss_scale": engine.optimizer.loss_scale if engine.fp16_enabled() else None,
                        "skipped_steps": engine.skipped_steps}
                 if log:
@@ -373,7 +379,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         stats = torch.cat([torch.stack([(loss_epoch + loss_interval).double(), correct.double()]), counts])
         dist.all_reduce(stats)
         val = evaluate(engine, data, val_indices, args.eval_batch, dtype)
-        record = {"kind": "epoch", "epoch": epoch + step_in_epoch / resolved.steps_per_epoch, "step": step,
+        record = {"kind": "epoch", "epoch": epoch + step_in_epoch / sampler.steps_per_epoch, "step": step,
                   "samples": samples, "train_loss": stats[0].item() / max(1.0, stats[3].item()),
                   "train_error": 100 * (1 - stats[1].item() / max(1.0, stats[2].item())), **val,
                   "skipped_images": int(stats[4].item()), "epoch_time": epoch_time,
