@@ -265,8 +265,9 @@ def _bench(args: argparse.Namespace) -> None:
 
     run(1, 3)  # warm-up, both paths
     times: dict[int, list[tuple[float, float]]] = {0: [], args.interval: [], 1: []}
-    for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit all settings alike
-        for interval in times:
+    order = list(times)
+    for r in range(args.repeats):  # interleaved and rotated, so drifts in machine speed hit all settings alike
+        for interval in order[r % len(order):] + order[:r % len(order)]:
             times[interval].append(run(interval, args.steps))
 
     def median(v: list[float]) -> float:
