@@ -107,6 +107,7 @@ def config(name: str, batch: int, recipe: str, epochs: int) -> dict[str, Any]:
         "fp16": dict(FP16),
         "zero_optimization": {"stage": 1},
         "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; the papers' recipes do not clip
         "optimizer": opt,
         "scheduler": sched,
         "training": {"epochs": epochs, "label_smoothing": 0.0, "zero_init_residual": True,

@@ -60,6 +60,8 @@ def test_resolve_fashion_mnist_8k_on_two_cpu_ranks():
     assert len(r.notes) == 1 and "fp16 is not supported" in r.notes[0] and "bf16" in r.notes[0]
     assert "fp16" not in r.ds_config and r.ds_config["bf16"] == {"enabled": True}
     assert "training" not in r.ds_config
+    assert r.ds_config["data_types"] == {"buffer_dtype": "bf16"}  # BN running stats follow the model's dtype
+    assert r.ds_config["gradient_clipping"] == 0.0  # not DeepSpeed's silent default of 1.0
 
 
 def test_precision_falls_back_to_fp32_without_fast_bf16_and_obeys_explicit_choice():

@@ -40,6 +40,7 @@ def test_sgd_ladder_obeys_goyal(name, batch):
     assert cfg["train_micro_batch_size_per_gpu"] == 32
     assert cfg["fp16"]["enabled"] is True and cfg["fp16"]["loss_scale"] == 0  # dynamic loss scaling
     assert cfg["zero_optimization"]["stage"] == 1
+    assert cfg["gradient_clipping"] == 0.0  # DeepSpeed would clip at norm 1.0 by default; Goyal does not clip
     opt = cfg["optimizer"]
     assert opt["type"] == "SGD"
     assert math.isclose(opt["params"]["lr"], 0.1 * batch / 256)

@@ -188,3 +188,41 @@ def test_batch_increase_changes_accumulation_at_epoch_boundaries(tmp_path, fashi
     assert [r["samples"] for r in recs if r["kind"] == "epoch"] == [1024, 2048, 3072]
     batches = [r["global_batch"] for r in recs if r["kind"] == "step"]
     assert batches == [64] * 16 + [128] * 8 + [256] * 4
+
+
+def test_training_equals_plain_torch_sgd(tmp_path, fashion_mnist_dir):
+    """The whole path (config -> DeepSpeed engine -> our SGD -> schedule) against plain torch.optim.SGD on the same
+    batches: Nesterov momentum 0.9, weight decay 1e-4 on weights only (biases excluded), Goyal's linear warmup.
+    It fails if DeepSpeed clipped gradients (its default when the config is silent) or scaled the loss."""
+    from train.data import GlobalBatchSampler, fashion_mnist
+    from train.schedules import multistep_lr
+
+    lr, steps = 0.2, 4
+    cfg = sgd_config(32, 32, lr=lr)
+    cfg["scheduler"]["params"]["warmup_num_epochs"] = 0.5  # 8 steps per epoch: 4 warmup steps
+    run = tmp_path / "run"
+    run_single(["--deepspeed_config", str(write_config(tmp_path / "c.json", cfg)), "--dataset", "fashion-mnist",
+                "--data-dir", str(fashion_mnist_dir), "--arch", "mlp", "--train-subset", "256", "--val-subset", "64",
+                "--max-steps", str(steps), "--output-dir", str(run), "--no-wandb"])
+    got = torch.load(run / "model.pt", weights_only=True)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 10))
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    biases = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": weights, "weight_decay": 1e-4}, {"params": biases, "weight_decay": 0.0}],
+                          lr=lr, momentum=0.9, nesterov=True)
+    data = fashion_mnist(fashion_mnist_dir, channels=1, seed=0)
+    data.train = (data.train[0][:256], data.train[1][:256])
+    sampler = GlobalBatchSampler(256, 32, 32, 1, 0, seed=0)
+    for t, (x, y) in enumerate(data.train_batches(sampler)):
+        if t == steps:
+            break
+        for g in opt.param_groups:
+            g["lr"] = multistep_lr(t, min_lr=lr / 4, max_lr=lr, warmup_steps=4, milestones=[12], gamma=0.1)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.allclose(got[k], v, rtol=1e-5, atol=1e-6), k

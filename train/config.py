@@ -280,6 +280,12 @@ def resolve(
     else:
         raise ConfigError(f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}")
     set_precision(cfg, chosen)
+    if chosen != "fp32":
+        # DeepSpeed casts parameters but not buffers; batch norm's running statistics must match the input dtype.
+        cfg.setdefault("data_types", {}).setdefault("buffer_dtype", chosen)
+    if "gradient_clipping" not in cfg:
+        # DeepSpeed 0.19 clips at global norm 1.0 when the key is absent; none of the papers' recipes clip.
+        cfg["gradient_clipping"] = 0.0
 
     zero = cfg.get("zero_optimization", {})
     zero_stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else 0

@@ -250,7 +250,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if optimizer is not None:
         from optimizers import bind_deepspeed
 
-        bind_deepspeed(engine)  # layer-wise optimizers learn the real layers behind DeepSpeed's flat partitions
+        binding = bind_deepspeed(engine)  # layer-wise optimizers learn the real layers behind flat partitions
+        say(binding)
     assert engine.train_micro_batch_size_per_gpu() == resolved.micro_batch
     assert engine.gradient_accumulation_steps() == resolved.grad_accum
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.half if engine.fp16_enabled() else torch.float32
