@@ -465,6 +465,8 @@ def write_atomically(path: Path, text: str) -> None:
 
 def claim_output_dir(out_dir: Path, args: argparse.Namespace) -> None:
     """Never write into another run's folder unless asked (--resume continues it, --overwrite replaces it)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"--output-dir {out_dir} exists and is not a folder; choose another --output-dir")
     cfg = out_dir / "config.json"
     if cfg.exists() and not (args.resume or args.overwrite):
         raise SystemExit(f"{out_dir} already holds a run ({cfg}); pass --resume to continue it, --overwrite to "
