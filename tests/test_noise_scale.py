@@ -150,12 +150,16 @@ def flat_grad_by_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     return torch.cat([p.grad.detach().double().reshape(-1) for p in model.parameters()])
 
 
-def single_process_env() -> None:
+@pytest.fixture
+def single_process(monkeypatch) -> None:
+    """A world of one for deepspeed.initialize in this process; the variables are removed afterwards, so that
+    train/imagenet.py children started by later tests do not inherit them (and this process's port)."""
     if "RANK" not in os.environ:
         from conftest import free_port
 
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(free_port())).items():
+            monkeypatch.setenv(key, value)
 
 
 def ds_engine(model: nn.Module, *, micro: int, accum: int, world: int = 1, stage: int = 0,
@@ -175,12 +179,11 @@ def ds_engine(model: nn.Module, *, micro: int, accum: int, world: int = 1, stage
     return engine
 
 
-def test_monitor_matches_independent_gradients_and_leaves_no_trace():
+def test_monitor_matches_independent_gradients_and_leaves_no_trace(single_process):
     """One process, a real DeepSpeed engine (fp32, ZeRO 0): |G_small|^2 is the mean of the two halves' squared
     gradient norms, |G_big|^2 the squared norm of their mean, both computed here with .backward() on a copy; the
     first update's |G|^2 = 2|G_big|^2 - |G_small|^2 and tr(Sigma) = 2h (|G_small|^2 - |G_big|^2) for halves of h.
     The measurement leaves the BN running statistics, the RNG state and every .grad as they were."""
-    single_process_env()
     torch.manual_seed(0)
     engine = ds_engine(TinyNet(), micro=24, accum=1)
     x, y = torch.randn(24, 12), torch.randint(0, 5, (24,))
@@ -256,12 +259,11 @@ def train_steps(engine, data, monitor: NoiseScaleMonitor | None, accum: int, dty
 
 
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (0, "bf16"), (2, "bf16")])
-def test_training_is_unchanged_by_the_monitor(stage, precision):
+def test_training_is_unchanged_by_the_monitor(stage, precision, single_process):
     """Same seed, same batches, with and without the monitor measuring at every step (2 accumulation micro-steps
     per step): the weights and BN statistics after 6 steps are bit-identical, in each ZeRO stage and precision.
     (No batch norm in bf16: DeepSpeed keeps BN's running statistics in fp32 next to bf16 weights, which torch's CPU
     batch_norm refuses.)"""
-    single_process_env()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     gen = torch.Generator().manual_seed(2)
     data = [(torch.randn(16, 12, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(12)]
