@@ -12,8 +12,11 @@ is torch.optim.SGD (foreach) under DDP with ``no_sync`` on all but the last micr
 Timing: images/s per logging interval, the clock read at the same points (every ``--log-interval`` optimizer
 steps, after the step); the first interval (warm-up) is dropped and the median of the others is the run's figure.
 imagenet.py's own figure is its metrics.jsonl ``images_per_sec``; start-up, evaluation and checkpoints are outside
-the intervals. Baseline and imagenet.py alternate round by round; the ratio printed is the median of the rounds'
-ratios (the machine may be shared: single runs move, interleaved ratios much less).
+the intervals. On a shared machine wall-clock rates swing by 2-3x between runs, so the command also prints CPU
+seconds per optimizer step (all ranks): each side runs twice, ``--steps`` and ``--short-steps`` long, and the
+difference of their CPU times over the difference of steps cancels start-up, evaluation and checkpointing; it is
+what other jobs disturb least (gloo waits block rather than spin). Baseline and imagenet.py alternate round by
+round; the ratios printed are medians of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -51,24 +55,33 @@ def config(global_batch: int, micro: int) -> dict:
             "training": {"epochs": 1, "exclude_norm_and_bias": True}}
 
 
-def run_imagenet(tmp: Path, args: argparse.Namespace, round_: int) -> list[float]:
-    """One train/imagenet.py run through the deepspeed launcher; images/s of its logging intervals."""
+def child_cpu() -> float:
+    """CPU seconds of this process's finished children and their waited-for descendants (the ranks)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_imagenet(tmp: Path, args: argparse.Namespace, round_: int, steps: int) -> tuple[list[float], float]:
+    """One train/imagenet.py run through the deepspeed launcher: images/s of its logging intervals, and the CPU
+    seconds of the launcher and both ranks."""
     cfg = tmp / "bench.json"
     cfg.write_text(json.dumps(config(args.micro_batch * args.accum * 2, args.micro_batch)))
-    out = tmp / f"run{round_}"
+    out = tmp / f"run{round_}-{steps}"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "train/imagenet.py", "--deepspeed_config", str(cfg), "--dataset", "synthetic", "--arch", "resnet_small",
-           "--image-size", "28", "--precision", "fp32", "--max-steps", str(args.steps), "--log-interval",
+           "--image-size", "28", "--precision", "fp32", "--max-steps", str(steps), "--log-interval",
            str(args.log_interval), "--val-subset", "64", "--no-wandb", "--output-dir", str(out), "--seed", "0"]
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    c0 = child_cpu()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    cpu = child_cpu() - c0
     if proc.returncode != 0:
         raise SystemExit(f"train/imagenet.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["images_per_sec"] for r in recs if r["kind"] == "step"][1:]
+    return [r["images_per_sec"] for r in recs if r["kind"] == "step"][1:], cpu
 
 
-def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: object) -> None:
+def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, steps: int, queue: object) -> None:
     """The baseline: one DDP rank; puts the images/s of each logging interval (rank 0) on ``queue``."""
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -92,7 +105,7 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, queue
     sampler = GlobalBatchSampler(4096, args.micro_batch * accum * world, args.micro_batch, world, rank, seed=0)
     batches = data.train_batches(sampler)
     rates, t_log, step = [], time.perf_counter(), 0
-    while step < args.steps:
+    while step < steps:
         for a in range(accum):
             x, y = next(batches)
             x = x.to(torch.float32, memory_format=torch.channels_last)
@@ -111,13 +124,16 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, queue
     dist.destroy_process_group()
 
 
-def run_ddp(args: argparse.Namespace) -> list[float]:
+def run_ddp(args: argparse.Namespace, steps: int) -> tuple[list[float], float]:
+    """The baseline's 2 ranks: images/s of their logging intervals and their CPU seconds."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(ddp_worker, args=(2, free_port(), args, queue), nprocs=2, join=True, start_method="spawn")
-    return queue.get()
+    c0 = child_cpu()
+    mp.start_processes(ddp_worker, args=(2, free_port(), args, steps, queue), nprocs=2, join=True,
+                       start_method="spawn")
+    return queue.get(), child_cpu() - c0
 
 
 def main() -> None:
@@ -126,12 +142,14 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--accum", type=int, default=2, help="micro-steps per optimizer step")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (an epoch is 4096 images)")
+    p.add_argument("--short-steps", type=int, default=10,
+                   help="steps of the second, shorter run on each side: CPU time per step is the difference / "
+                        "(steps - short-steps), start-up and shut-down cancel")
     p.add_argument("--log-interval", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ddp-channels-last", default=True, action=argparse.BooleanOptionalAction,
                    help="baseline weights in channels-last too (otherwise DDP warns that gradient strides do not "
                         "match its buckets and copies them)")
-    p.add_argument("--baseline-only", action="store_true", help="time the DDP loop only")
     args = p.parse_args()
     if 4096 // (args.micro_batch * args.accum * 2) < args.steps:
         raise SystemExit(f"--steps {args.steps} is more than one synthetic epoch (4096 images) at "
@@ -139,26 +157,34 @@ def main() -> None:
     print(f"2 ranks x micro batch {args.micro_batch} x {args.accum} accumulation = "
           f"{args.micro_batch * args.accum * 2} per step; {args.steps} steps, intervals of {args.log_interval} "
           f"(first dropped); {os.cpu_count()} cores; torch {torch.__version__}", flush=True)
-    ratios, ours_all, base_all = [], [], []
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            base = statistics.median(run_ddp(args))
-            if args.baseline_only:
-                print(f"  round {r + 1}: plain DDP {base:7.1f} images/s", flush=True)
-                continue
-            ours = statistics.median(run_imagenet(Path(tmp), args, r))
-            ratios.append(base / ours)
-            base_all.append(base)
-            ours_all.append(ours)
-            print(f"  round {r + 1}: plain DDP {base:7.1f} images/s   train/imagenet.py {ours:7.1f} images/s   "
-                  f"step time ratio {base / ours:.3f}x", flush=True)
-    if args.baseline_only:
-        return
-    print(f"median images/s: baseline plain DDP (gloo) {statistics.median(base_all):.1f}, train/imagenet.py "
-          f"{statistics.median(ours_all):.1f}")
-    print(f"step time train/imagenet.py / plain DDP: {statistics.median(ratios):.3f}x (median of {args.rounds} "
-          f"interleaved rounds; min {min(ratios):.3f}x, max {max(ratios):.3f}x)")
+            base_rates, base_long = run_ddp(args, args.steps)
+            _, base_short = run_ddp(args, args.short_steps)
+            ours_rates, ours_long = run_imagenet(Path(tmp), args, r, args.steps)
+            _, ours_short = run_imagenet(Path(tmp), args, r, args.short_steps)
+            n = args.steps - args.short_steps
+            row = {"base_wall": statistics.median(base_rates), "ours_wall": statistics.median(ours_rates),
+                   "base_cpu": (base_long - base_short) / n, "ours_cpu": (ours_long - ours_short) / n}
+            rows.append(row)
+            print(f"  round {r + 1}: images/s plain DDP {row['base_wall']:7.1f}, train/imagenet.py "
+                  f"{row['ours_wall']:7.1f} (step time {row['base_wall'] / row['ours_wall']:.3f}x) | CPU s/step "
+                  f"plain DDP {row['base_cpu']:.4f}, train/imagenet.py {row['ours_cpu']:.4f} "
+                  f"({row['ours_cpu'] / row['base_cpu']:.3f}x)", flush=True)
 
+    def med(key: str) -> float:
+        return statistics.median(row[key] for row in rows)
+
+    wall = [row["base_wall"] / row["ours_wall"] for row in rows]
+    cpu = [row["ours_cpu"] / row["base_cpu"] for row in rows]
+    print(f"median images/s: baseline plain DDP (gloo) {med('base_wall'):.1f}, "
+          f"train/imagenet.py {med('ours_wall'):.1f}")
+    print(f"step time train/imagenet.py / plain DDP, wall clock: {statistics.median(wall):.3f}x (median of "
+          f"{len(rows)} interleaved rounds; min {min(wall):.3f}x, max {max(wall):.3f}x)")
+    print(f"CPU seconds per step (both ranks; runs of {args.steps} minus runs of {args.short_steps} steps): plain DDP "
+          f"{med('base_cpu'):.4f}, train/imagenet.py {med('ours_cpu'):.4f}; ratio {statistics.median(cpu):.3f}x "
+          f"(median; min {min(cpu):.3f}x, max {max(cpu):.3f}x)")
 
 if __name__ == "__main__":
     main()
