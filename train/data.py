@@ -381,7 +381,7 @@ def to_model_input(x: torch.Tensor, device: torch.device | str, dtype: torch.dty
     return x.to(dtype, memory_format=memory_format)
 
 
-def build_data(name: str, data_dir: str | None, *, channels: int, image_size: int, workers: int, seed: int,
+def build_data(name: str, data_dir: str | None, *, channels: int, image_size: int, workers: int | None, seed: int,
                synthetic_size: tuple[int, int] = (4096, 512)) -> TensorData | ImageFolderData:
     """The data set of a run, checked before the model is built."""
     if name == "fashion-mnist":
@@ -392,5 +392,5 @@ def build_data(name: str, data_dir: str | None, *, channels: int, image_size: in
     if name == "imagenet":
         if not data_dir:
             raise DataError(f"--dataset imagenet needs --data-dir DIR with {IMAGENET_LAYOUT}")
-        return ImageFolderData(data_dir, image_size, workers, seed)
+        return ImageFolderData(data_dir, image_size, workers, seed, uint8=True)  # normalised on the device
     raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

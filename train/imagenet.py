@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script (the deepspeed launcher does th
 import torch  # noqa: E402
 
 from train.config import ConfigError, Resolved, load_json, resolve  # noqa: E402
-from train.data import DATASETS, DataError, GlobalBatchSampler, build_data, eval_shard  # noqa: E402
+from train.data import DATASETS, DataError, GlobalBatchSampler, build_data, eval_shard, to_model_input  # noqa: E402
 from train.models import ARCHS, build_model, input_channels  # noqa: E402
 
 
@@ -169,7 +169,7 @@ def evaluate(engine: Any, data: Any, indices: list[int], batch: int, dtype: torc
     for x, y in data.val_batches(indices, batch):
         if y.numel() == 0:
             continue
-        x, y = x.to(engine.device, dtype, non_blocking=True), y.to(engine.device, non_blocking=True)
+        x, y = to_model_input(x, engine.device, dtype), y.to(engine.device, non_blocking=True)
         logits = engine(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top == y[:, None]
@@ -212,9 +212,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     image_size = args.image_size or (28 if args.dataset == "fashion-mnist" else 224)
     data_channels = 1 if args.dataset == "fashion-mnist" else 3
     channels = input_channels(args.arch, data_channels)
-    workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 2) // max(
-        1, int(os.environ.get("LOCAL_SIZE", "1"))) - 1))
-    data = build_data(args.dataset, args.data_dir, channels=channels, image_size=image_size, workers=workers,
+    data = build_data(args.dataset, args.data_dir, channels=channels, image_size=image_size, workers=args.workers,
                       seed=args.seed)
     num_train = min(data.info.num_train, args.train_subset or data.info.num_train)
     num_val = min(data.info.num_val, args.val_subset or data.info.num_val)
@@ -323,7 +321,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         seen, micro, micro_interval, log_steps = 0, 0, 0, 0
         bar = progress(is_main, sampler, resolved, epoch)
         for x, y in data.train_batches(sampler):
-            x = x.to(engine.device, dtype, non_blocking=True, memory_format=memory_format)
+            x = to_model_input(x, engine.device, dtype, memory_format)  # uint8 ImageNet batches: normalised here
             y = y.to(engine.device, non_blocking=True)
             logits = engine(x).float()
             loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
