@@ -350,7 +350,12 @@ def collect_runs(paths: list[str], wandb_spec: str | None, *, progress: bool = T
         parse_wandb_path(wandb_spec)  # a malformed spec fails even offline
         online, why = wandb_online()
         if online:
-            runs += load_wandb_runs(wandb_spec, progress=progress)
+            try:
+                runs += load_wandb_runs(wandb_spec, progress=progress)
+            except RunError:
+                raise
+            except Exception as e:  # noqa: BLE001 (network, permissions, a project that does not exist)
+                raise RunError(f"could not read runs from wandb {wandb_spec}: {type(e).__name__}: {e}") from None
             used_wandb = True
         else:
             print(f"wandb: offline ({why}); not reading runs from {wandb_spec} and not making a Report; "
@@ -404,9 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(runs)} runs -> {out}: {', '.join(summary['files'])}, summary.json")
         if used_wandb and not args.no_report:
             entity, project, group = parse_wandb_path(args.wandb)
-            report = build_report(entity, project, group, (out / "table.md").read_text(), args.report_title)
-            report.save()
-            print(f"wandb Report: {report.url}")
+            try:
+                report = build_report(entity, project, group, (out / "table.md").read_text(), args.report_title)
+                report.save()
+                print(f"wandb Report: {report.url}")
+            except Exception as e:  # noqa: BLE001 (the files are written; a Report failure only loses the Report)
+                print(f"warning: wandb Report not saved ({type(e).__name__}: {e}); the files in {out} are complete",
+                      file=sys.stderr)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
