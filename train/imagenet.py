@@ -67,6 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-subset", type=int, default=None, help="use only the first N validation samples")
     p.add_argument("--eval-batch", type=int, default=256, help="validation batch per rank")
     p.add_argument("--workers", type=int, default=None, help="data loader processes per rank (ImageNet)")
+    p.add_argument("--noise-scale-interval", type=int, default=0, metavar="N",
+                   help="estimate the gradient noise scale (McCandlish et al. 2018) every N optimizer steps; 0: off")
+    p.add_argument("--noise-scale-ema", type=float, default=0.95, help="moving-average factor of that estimate")
     p.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
     p.add_argument("--wandb-project", default="largebatch")
     p.add_argument("--wandb-group", default=None, help="group of runs to compare (a study name)")
@@ -253,6 +256,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     assert engine.train_micro_batch_size_per_gpu() == resolved.micro_batch
     assert engine.gradient_accumulation_steps() == resolved.grad_accum
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.half if engine.fp16_enabled() else torch.float32
+    from train.noise_scale import NoiseScaleMonitor
+
+    noise = NoiseScaleMonitor(engine, interval=args.noise_scale_interval, ema=args.noise_scale_ema)
 
     # Resume.
     start = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "samples": 0}
@@ -263,6 +269,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start fresh")
         start = {k: client[k] for k in start}
         wandb_id = client.get("wandb_id")
+        if client.get("noise_scale"):
+            noise.estimator.load_state_dict(client["noise_scale"])
         say(f"resumed from {path}: epoch {start['epoch']}, step {start['global_step']}")
 
     derived = resolved.derived() | {"dataset": args.dataset, "num_train": num_train, "num_val": num_val,
@@ -282,6 +290,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     sampler = GlobalBatchSampler(num_train, resolved.global_batch, resolved.micro_batch, world, rank, args.seed)
     val_indices = eval_shard(num_val, world, rank)
     label_smoothing = resolved.training["label_smoothing"]
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
     step, samples = start["global_step"], start["samples"]
     max_steps = args.max_steps or resolved.total_steps
     history: list[dict[str, Any]] = []
@@ -294,7 +305,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         tag = f"step{step}"
         engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state={
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": step, "samples": samples,
-            "wandb_id": log.wandb_id if log else None})  # ends with a barrier: all ranks' files are written
+            "wandb_id": log.wandb_id if log else None, "noise_scale": noise.estimator.state_dict(),
+        })  # ends with a barrier: all ranks' files are written
         if is_main:
             write_atomically(ckpt_dir / "latest", tag)
         dist.barrier()
@@ -323,8 +335,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for x, y in data.train_batches(sampler):
             x = to_model_input(x, engine.device, dtype, memory_format)  # uint8 ImageNet batches: normalised here
             y = y.to(engine.device, non_blocking=True)
+            noise.maybe_measure(step, x, y, loss_fn)  # every N steps, before the step's first forward; all ranks
             logits = engine(x).float()
-            loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            loss = loss_fn(logits, y)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:
@@ -353,7 +366,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                        "samples": samples, "loss": (mean_loss[0] / mean_loss[1]).item(), "lr": lr,
                        "images_per_sec": log_steps * batch / (now - t_log), "global_batch": batch,
                        "loss_scale": engine.optimizer.loss_scale if engine.fp16_enabled() else None,
-                       "skipped_steps": engine.skipped_steps}
+                       "skipped_steps": engine.skipped_steps, **noise.last}
                 if log:
                     log.log(rec)
                 if bar is not None:
