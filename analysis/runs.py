@@ -85,7 +85,8 @@ class Run:
             return False
         if lo is None or hi is None:
             return True
-        return float(lo) < float(hi) or math.isclose(float(lo), float(hi))  # flat: the recipe's warmup at 256
+        # Flat at or below 0.1: Goyal's warmup starts at 0.1, so for k <= 1 it has nothing to climb (his 256 run).
+        return float(lo) < float(hi) or (math.isclose(float(lo), float(hi)) and float(hi) <= 0.1 + 1e-12)
 
     @property
     def scaling(self) -> str:
@@ -93,6 +94,11 @@ class Run:
 
     @property
     def method(self) -> str:
+        recipe = str((self.config.get("training") or {}).get("recipe") or "")
+        if recipe.startswith("study-") and recipe[len("study-"):] in STUDY_METHODS:
+            return STUDY_METHODS[recipe[len("study-"):]]  # the study's configs say which method they are
+        if (self.config.get("training") or {}).get("batch_increase"):
+            return f"{self.optimizer.upper()}, batch increase (Smith et al.)"
         return method_label(self.optimizer, self.scaling, self.warmup)
 
     # --- what the records say ---------------------------------------------------------------------------------
@@ -154,6 +160,14 @@ def lr_scaling(lr: float | None, batch: int, base_lr: float = 0.1, base_batch: i
     if math.isclose(lr, base_lr, rel_tol=1e-6):
         return "none"
     return "other"
+
+
+# The methods of the laptop study (ds_configs/generate.py, STUDY_METHODS), named as method_label would name them.
+STUDY_METHODS = {
+    "noscale": "SGD, no scaling, no warmup", "linear": "SGD, linear scaling, no warmup",
+    "goyal": "SGD, linear scaling, gradual warmup", "lars": "LARS", "lamb": "LAMB",
+    "smith": "SGD, batch increase (Smith et al.)",
+}
 
 
 def method_label(optimizer: str, scaling: str, warmup: bool) -> str:

@@ -115,6 +115,72 @@ def config(name: str, batch: int, recipe: str, epochs: int) -> dict[str, Any]:
     }
 
 
+# The laptop-scale study (docs/study/, `python -m analysis.study`): Fashion-MNIST, batch 64 ... 8192 (a factor of
+# 128; at 8192 an epoch has 7 steps, about as few as 32k has on ImageNet's 39), the same 6-epoch budget for all,
+# and six methods. Where a method divides the lr by 5 (epochs 4 and 5), Smith et al. multiply the batch by 5.
+STUDY_BATCHES = [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+STUDY_EPOCHS = 6
+STUDY_DECAY = {"milestones_epochs": [4, 5], "factor": 5}
+STUDY_METHODS = {
+    "noscale": "(a) SGD, lr 0.1 at every batch, no warmup",
+    "linear": "(b) SGD, linear scaling 0.1 x B/256, no warmup",
+    "goyal": "(c) SGD, linear scaling with gradual warmup over 1 epoch from 0.1 (Goyal et al.)",
+    "lars": "(d) LARS, lr 10 x B/8192 (MLCommons' 10.0 at 8k, scaled linearly), 1 warmup epoch from 0, poly(2)",
+    "lamb": "(e) LAMB, lr 5e-3 x sqrt(B/2048), wd 0.01, 1 warmup epoch from 0, poly(2)",
+    "smith": "(f) SGD as (c), but the batch x5 at epochs 4 and 5 instead of lr / 5 (Smith et al.)",
+}
+STUDY_MICRO = 64  # images per micro-step: the study runs one process per run, so this only sets memory and speed
+
+
+def study_config(method: str, batch: int) -> dict[str, Any] | None:
+    """The config of one study run; None where the method cannot run (Smith's batch would exceed the data)."""
+    base = 0.1 * batch / 256
+    training: dict[str, Any] = {"epochs": STUDY_EPOCHS, "recipe": f"study-{method}"}
+    warmup = {"warmup_num_epochs": 1, "warmup_type": "linear"}
+    decay = {"milestones_epochs": STUDY_DECAY["milestones_epochs"], "gamma": 1 / STUDY_DECAY["factor"]}
+    sgd = {"type": "SGD", "params": {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}}
+    if method in ("noscale", "linear", "goyal", "smith"):
+        lr = 0.1 if method == "noscale" else base
+        opt = {"type": "SGD", "params": {"lr": lr, **sgd["params"]}}
+        lo = lr if method in ("noscale", "linear") else min(0.1, lr)
+        params: dict[str, Any] = {"warmup_min_lr": lo, "warmup_max_lr": lr, **warmup}
+        if method == "smith":
+            if batch * STUDY_DECAY["factor"] ** len(STUDY_DECAY["milestones_epochs"]) > 60000:
+                return None
+            training["batch_increase"] = dict(STUDY_DECAY)
+            params |= {"milestones_epochs": [], "gamma": 1.0}
+        else:
+            params |= decay
+        sched = {"type": "WarmupMultiStepLR", "params": params}
+    elif method == "lars":
+        lr = 10.0 * batch / 8192
+        opt = {"type": "LARS", "params": {"lr": lr, "momentum": 0.9, "weight_decay": 1e-4,
+                                          "trust_coefficient": 0.001}}
+        sched = {"type": "WarmupPolyLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr, **warmup,
+                                                    "total_num_epochs": "auto", "end_lr": 1e-4 * lr / 10,
+                                                    "power": 2.0}}
+    elif method == "lamb":
+        lr = 5e-3 * math.sqrt(batch / 2048)
+        opt = {"type": "LAMB", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01}}
+        sched = {"type": "WarmupPolyLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr, **warmup,
+                                                    "total_num_epochs": "auto", "end_lr": 0.0, "power": 2.0}}
+    else:
+        raise ValueError(f"unknown study method {method!r}")
+    return {"train_batch_size": batch, "train_micro_batch_size_per_gpu": min(STUDY_MICRO, batch),
+            "zero_optimization": {"stage": 0}, "gradient_clipping": 0.0, "optimizer": opt, "scheduler": sched,
+            "training": training}
+
+
+def all_configs() -> dict[Path, dict[str, Any]]:
+    out = {HERE / f"{name}.json": config(name, batch, recipe, epochs) for name, batch, recipe, epochs in RECIPES}
+    for method in STUDY_METHODS:
+        for batch in STUDY_BATCHES:
+            cfg = study_config(method, batch)
+            if cfg is not None:
+                out[HERE / "study" / f"{method}-{batch}.json"] = cfg
+    return out
+
+
 def render(cfg: dict[str, Any]) -> str:
     return json.dumps(cfg, indent=2) + "\n"
 
@@ -123,14 +189,19 @@ def main(argv: list[str]) -> int:
     """Write the configs; with --check, only report files that differ from the table (exit 1 if any)."""
     check = "--check" in argv
     stale = []
-    for name, batch, recipe, epochs in RECIPES:
-        path = HERE / f"{name}.json"
-        text = render(config(name, batch, recipe, epochs))
+    configs = all_configs()
+    for path, cfg in configs.items():
+        text = render(cfg)
         if check:
             if not path.is_file() or path.read_text() != text:
-                stale.append(path.name)
+                stale.append(str(path.relative_to(HERE)))
         else:
+            path.parent.mkdir(exist_ok=True)
             path.write_text(text)
+    extra = sorted(str(p.relative_to(HERE)) for p in HERE.rglob("*.json") if p not in configs)
+    if extra:
+        print(f"not in the recipe table (remove them or add a row): {', '.join(extra)}")
+        return 1
     if stale:
         print(f"out of date with the recipe table: {', '.join(stale)}; run python ds_configs/generate.py")
         return 1
