@@ -49,7 +49,10 @@ def finished(run_dir: Path) -> dict[str, Any] | None:
     if not metrics.is_file():
         return None
     for line in reversed(metrics.read_text().splitlines()):
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a killed run: that run is not finished
+            continue
         if rec.get("kind") == "summary":
             return rec
     return None

@@ -121,3 +121,15 @@ def test_batch_increase_schedule_smith():
     with pytest.raises(ConfigError, match="factor must be an integer >= 2, got 1.5"):
         resolve(base_cfg(training={"epochs": 3, "batch_increase": {"milestones_epochs": [1], "factor": 1.5}}),
                 world_size=1, num_train=1024)
+
+
+def test_epochs_count_the_steps_of_each_epoch_when_the_batch_grows():
+    """With the batch doubling at epoch 1 (16 then 8 steps per epoch), epoch 1.5 is step 16 + 4 = 20."""
+    out = epochs_to_steps({"milestones_epochs": [1, 1.5, 2]}, [16, 8, 4], 28)
+    assert out == {"milestones_steps": [16, 20, 24]}
+    cfg = base_cfg(train_batch_size=64, train_micro_batch_size_per_gpu=16,
+                   training={"epochs": 3, "batch_increase": {"milestones_epochs": [1], "factor": 2}})
+    cfg["scheduler"]["params"].update(warmup_num_epochs=0.5, milestones_epochs=[2])
+    r = resolve(cfg, world_size=1, num_train=1024)
+    assert r.scheduler["params"]["warmup_num_steps"] == 8
+    assert r.scheduler["params"]["milestones_steps"] == [16 + 8]

@@ -120,11 +120,20 @@ def batch_arithmetic(
     return train_batch, micro_batch, accum
 
 
-def epochs_to_steps(params: dict[str, Any], steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
+def epochs_to_steps(params: dict[str, Any], steps_per_epoch: int | list[int], total_steps: int) -> dict[str, Any]:
     """Convert every ``*_epochs`` scheduler parameter to its ``*_steps`` counterpart (lists elementwise).
 
-    ``"auto"`` as a total (``total_num_steps``/``total_num_epochs``) means the run's total number of steps.
+    ``steps_per_epoch`` is one number, or the steps of each epoch when the batch changes during the run (Smith et
+    al.'s schedule): then epoch e starts at the sum of the steps of the epochs before it. ``"auto"`` as a total
+    (``total_num_steps``/``total_num_epochs``) means the run's total number of steps.
     """
+    def at(epoch: float) -> int:
+        if isinstance(steps_per_epoch, int):
+            return int(round(epoch * steps_per_epoch))
+        whole = min(int(epoch), len(steps_per_epoch))
+        rest = (epoch - whole) * steps_per_epoch[min(whole, len(steps_per_epoch) - 1)]
+        return sum(steps_per_epoch[:whole]) + int(round(rest))
+
     out: dict[str, Any] = {}
     for key, value in params.items():
         if value == "auto" and key in ("total_num_steps", "total_num_epochs"):
@@ -137,7 +146,7 @@ def epochs_to_steps(params: dict[str, Any], steps_per_epoch: int, total_steps: i
             def conv(v: Any, key: str = key) -> int:
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                     raise ConfigError(f"scheduler parameter {key} must be a number of epochs >= 0, got {v!r}")
-                return int(round(v * steps_per_epoch))
+                return at(v)
 
             out[new_key] = [conv(v) for v in value] if isinstance(value, list) else conv(value)
         else:
@@ -306,7 +315,8 @@ def resolve(
         if not isinstance(scheduler, dict) or "type" not in scheduler:
             raise ConfigError('"scheduler" must look like {"type": NAME, "params": {...}}')
         scheduler = {"type": scheduler["type"],
-                     "params": epochs_to_steps(dict(scheduler.get("params", {})), steps_per_epoch, total_steps)}
+                     "params": epochs_to_steps(dict(scheduler.get("params", {})), steps_per_epoch if len(set(
+                         epoch_batches)) == 1 else [num_train // b for b in epoch_batches], total_steps)}
         cfg["scheduler"] = scheduler
         for key in ("warmup_min_lr", "warmup_max_lr"):
             v = scheduler["params"].get(key)
