@@ -111,11 +111,20 @@ def groups(runs: list[Run], metric: str) -> dict[tuple[str, int], dict[str, Any]
     return dict(sorted(out.items()))
 
 
+HEALTHY_MARGIN = 5.0  # percentage points of final error from the best run: a run that trained normally
+
+
 def critical_batch(runs: list[Run]) -> dict[str, Any] | None:
-    """The predicted critical batch: the median over runs of each run's median logged B_simple."""
-    per_run = {r.name: r.noise_scale_median for r in runs if r.noise_scale_median is not None}
-    if not per_run:
+    """The predicted critical batch: the median over runs of each run's median logged B_simple.
+
+    Only runs that trained normally count (final error within HEALTHY_MARGIN points of the best run that measured
+    the noise scale): a diverged run's gradients say nothing about the noise scale of the training it failed to do.
+    """
+    measured = [r for r in runs if r.noise_scale_median is not None and r.final_top1 is not None]
+    if not measured:
         return None
+    best = min(r.final_top1 for r in measured)
+    per_run = {r.name: r.noise_scale_median for r in measured if r.final_top1 <= best + HEALTHY_MARGIN}
     values = list(per_run.values())
     return {"b_noise": statistics.median(values), "min": min(values), "max": max(values), "per_run": per_run}
 

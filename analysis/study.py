@@ -87,6 +87,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", nargs="*", type=int, default=None, help="only these global batches")
     p.add_argument("--seeds", nargs="*", type=int, default=None, help="only these seeds")
     p.add_argument("--noise-scale-interval", type=int, default=10, help="0: do not measure the noise scale")
+    p.add_argument("--metric", default="final", choices=("final", "median5"),
+                   help="final: last epoch's error (the study's 6 epochs end in the decayed lr); median5: Goyal's "
+                        "median of the last 5 epochs, which here would mostly count epochs before the decay")
     p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     return p
 
@@ -113,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             run = futures[fut]
             try:
                 res = fut.result()
-                err = res.get("median5_val_top1_error")
-                print(f"[{i}/{len(todo)}] {run['name']}: {res['seconds']:.0f} s, median-5 val error "
+                err = res.get("final_val_top1_error")
+                print(f"[{i}/{len(todo)}] {run['name']}: {res['seconds']:.0f} s, final val error "
                       f"{err:.2f}%  (elapsed {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
             except RuntimeError as e:
                 failures += 1
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [load_run(runs_dir / r["name"]) for r in plan(args.methods, args.batches, args.seeds)
             if finished(runs_dir / r["name"])]
     out = (REPO / args.out).resolve()
-    compare(runs, out)
+    compare(runs, out, metric=args.metric)
     print(f"study: {len(runs)} runs compared into {out}; {failures} failed", flush=True)
     return 1 if failures else 0
 

@@ -77,3 +77,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left_behind():
+    """Safety net for DeepSpeed's CPU all-reduce buffers (66 MB each in RAM-backed /dev/shm; see
+    train/distributed.py): remove any that runs started by this session left, e.g. a rank killed during start-up."""
+    import time
+
+    start = time.time()
+    yield
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_*"):
+        try:
+            if path.stat().st_mtime >= start:
+                path.unlink()
+        except FileNotFoundError:
+            pass

@@ -233,6 +233,10 @@ def main() -> None:
     from deepspeed.accelerator import get_accelerator
 
     deepspeed.init_distributed(dist_backend="gloo" if get_accelerator().device_name() == "cpu" else None)
+    torch.distributed.barrier()  # then free DeepSpeed's CPU shared-memory names (train/distributed.py)
+    from train.distributed import release_cpu_shm_names
+
+    release_cpu_shm_names()
     results: dict[str, dict[str, Any]] = {}
     for mode in args.modes:
         variants = ["lars", "lamb"] + (["lars_naive", "lamb_naive"] if mode in FLATTENING_MODES else [])

@@ -306,6 +306,10 @@ def _worker(out: Path) -> None:
     import deepspeed
 
     deepspeed.init_distributed()
+    torch.distributed.barrier()  # then free DeepSpeed's CPU shared-memory names (train/distributed.py)
+    from train.distributed import release_cpu_shm_names
+
+    release_cpu_shm_names()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     gen = torch.Generator().manual_seed(3)
     batches = [(torch.randn(8 * world, 12, generator=gen), torch.randint(0, 5, (8 * world,), generator=gen))

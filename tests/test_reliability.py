@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -10,7 +9,9 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import DEEPSPEED, REPO, child_env, free_port, launch, read_metrics
+from conftest import DEEPSPEED, REPO, child_env, free_port, launch, read_metrics, write_config
+from test_data import make_imagefolder
+from test_train_e2e import sgd_config
 
 pytestmark = pytest.mark.launcher
 
@@ -65,22 +66,30 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     raise AssertionError(f"rank {rank} not found")
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, fashion_mnist_dir):
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
+    """Preemption on the ImageNet path (loader worker processes): SIGTERM to the deepspeed launcher process only,
+    which terminates its ranks one after another (and kills a rank still alive 30 s later). Every rank must agree
+    to save the same step; the loader workers must not die first."""
+    root = make_imagefolder(tmp_path / "imnet", classes=("n01", "n02"), per_class=40, size=(64, 48))
     run = tmp_path / "run"
-    args = [*COMMON, "--data-dir", str(fashion_mnist_dir), "--train-subset", "12800", "--output-dir", str(run)]
+    args = ["--deepspeed_config", str(write_config(tmp_path / "c.json", sgd_config(8, 4, lr=0.05, epochs=50))),
+            "--dataset", "imagenet", "--data-dir", str(root), "--arch", "resnet18", "--image-size", "32",
+            "--workers", "1", "--output-dir", str(run), "--no-wandb", "--log-interval", "1"]
     proc = start(args)
     wait_for_step(run, 3, proc)
-    os.killpg(proc.pid, signal.SIGTERM)  # a scheduler's preemption signals every process of the job
-    out, _ = proc.communicate(timeout=60)
+    launcher = next(p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in " ".join(
+        p.cmdline()))
+    launcher.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0
     assert "SIGTERM: saving a checkpoint at step" in out
-    tag = (run / "checkpoints" / "latest").read_text()
-    saved = int(tag.removeprefix("step"))
+    assert "exited unexpectedly" not in out
+    saved = int((run / "checkpoints" / "latest").read_text().removeprefix("step"))
     assert saved >= 3
     resumed = launch([*args, "--resume", "--max-steps", str(saved + 2)])
     assert f"step {saved}" in resumed.stdout
     steps = [r["step"] for r in read_metrics(run) if r["kind"] == "step"]
-    assert steps[-1] == saved + 2
+    assert steps == sorted(set(steps)) and steps[-1] == saved + 2  # no step logged twice after the resume
 
 
 def test_a_killed_rank_stops_the_launcher_and_resume_loses_at_most_one_interval(tmp_path, fashion_mnist_dir):

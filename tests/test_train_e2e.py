@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -69,6 +70,9 @@ def test_fashion_mnist_two_ranks_learns_writes_outputs_and_resumes(tmp_path, fas
     lrs = [r["lr"] for r in recs if r["kind"] == "step" and r["step"] > 45]
     assert all(math.isclose(lr, 0.01) for lr in lrs)  # decayed by 10 at epoch 1.5 (step 45)
     assert epochs[1]["val_top1_error"] < epochs[0]["val_top1_error"]
+    summary = read_metrics(run)[-1]  # Goyal's median of the last 5 epochs spans the epochs before the resume too
+    assert summary["kind"] == "summary"
+    assert summary["median5_val_top1_error"] == pytest.approx(statistics.median(e["val_top1_error"] for e in epochs))
 
 
 def test_gradient_aggregation_is_normalised_by_the_global_batch(tmp_path, fashion_mnist_dir):

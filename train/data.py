@@ -309,6 +309,15 @@ def default_workers(local_ranks: int = 1) -> int:
     return max(1, min(16, (os.cpu_count() or 2) // max(1, local_ranks) - 1))
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to their rank, which checkpoints before it stops them: a worker dying on
+    the signal first would crash the rank ("DataLoader worker exited unexpectedly") before it could save."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ImageFolderData:
     """ImageNet-style folders, decoded by :mod:`train.jpeg` with the standard ResNet augmentation.
 
@@ -350,7 +359,7 @@ class ImageFolderData:
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=_Keyed(batches, epoch), num_workers=self.workers, collate_fn=_Collate(self.uint8),
             pin_memory=torch.cuda.is_available(), generator=g, persistent_workers=False,
-            prefetch_factor=self.prefetch_factor if self.workers else None)
+            prefetch_factor=self.prefetch_factor if self.workers else None, worker_init_fn=_ignore_stop_signals)
 
     def train_batches(self, sampler: GlobalBatchSampler) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y, bad in self._loader(self.train, sampler, sampler.epoch):

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -206,6 +207,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
     deepspeed.init_distributed(timeout=__import__("datetime").timedelta(minutes=args.dist_timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
+    if on_cpu:
+        from train.distributed import release_cpu_shm_names
+
+        dist.barrier()  # every rank has mapped every shared-memory buffer
+        release_cpu_shm_names()
     is_main = rank == 0
 
     def say(*msg: Any) -> None:
@@ -234,9 +240,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     run_name = args.run_name or f"{config_name}-seed{args.seed}"
     out_dir = Path(args.output_dir or Path("runs") / run_name)
     ckpt_dir = out_dir / "checkpoints"
-    if is_main:
-        claim_output_dir(out_dir, args)
-    dist.barrier()
+    refusal = claim_output_dir(out_dir, args) if is_main else None
+    refused = torch.tensor([1.0 if refusal else 0.0])
+    dist.broadcast(refused, src=0)  # every rank stops, not only rank 0 (on a node of its own it would hang)
+    if refused.item():
+        raise SystemExit(refusal or f"rank 0 cannot use the run folder {out_dir}; its message says why")
 
     torch.manual_seed(args.seed)
     model = build_model(args.arch, data.info.num_classes, channels, image_size,
@@ -263,12 +271,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # Resume.
     start = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "samples": 0}
     wandb_id = None
+    resumed_epochs: list[dict[str, Any]] = []  # epoch records before the checkpoint (for the summary)
     if args.resume:
         path, client = engine.load_checkpoint(str(ckpt_dir))
         if path is None:
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start fresh")
         start = {k: client[k] for k in start}
         wandb_id = client.get("wandb_id")
+        if hasattr(engine.lr_scheduler, "last_batch_iteration"):  # re-apply the lr of the restored position
+            engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)
+        if is_main:  # metrics.jsonl keeps what led to the checkpoint and drops what a crash made us redo
+            resumed_epochs = [r for r in rewind_metrics(out_dir / "metrics.jsonl", start["global_step"])
+                              if r["kind"] == "epoch"]
         if client.get("noise_scale"):
             noise.estimator.load_state_dict(client["noise_scale"])
         say(f"resumed from {path}: epoch {start['epoch']}, step {start['global_step']}")
@@ -295,7 +309,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return torch.nn.functional.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
     step, samples = start["global_step"], start["samples"]
     max_steps = args.max_steps or resolved.total_steps
-    history: list[dict[str, Any]] = []
+    history = resumed_epochs
     stop = step >= max_steps
 
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
@@ -377,7 +391,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 t_log, log_steps, micro_interval = now, 0, 0
             if args.save_interval and step % args.save_interval == 0 and step < max_steps:
                 checkpoint(epoch, step_in_epoch)
-            if logged and preempted.agreed(engine.device):  # at logging steps: they synchronise anyway
+            if preempted.agreed(engine.device):  # one int all-reduce per optimizer step
                 say(f"{preempted.name}: saving a checkpoint at step {step} and stopping; --resume continues")
                 checkpoint(epoch, step_in_epoch)
                 raise SystemExit(128 + preempted.signum)
@@ -436,8 +450,10 @@ def progress(is_main: bool, sampler: GlobalBatchSampler, r: Resolved, epoch: int
 class PreemptionFlag:
     """SIGTERM/SIGINT (a preempted job; the deepspeed launcher forwards them) ask for a checkpoint and a clean stop.
 
-    The flag is raised by the signal handler and read at logging steps (every --log-interval optimizer steps, where
-    the loop synchronises anyway); ranks agree on it with a one-element all-reduce so that all save the same step.
+    The flag is raised by the signal handler and read after every optimizer step; ranks agree on it with a
+    one-element all-reduce, so all of them save the same step even when the signal reached only some of them (the
+    deepspeed launcher signals its ranks one after another and kills a rank still alive 30 s later).
+    Loader workers ignore the signals (train.data), so they cannot crash the rank first.
     """
 
     def __init__(self) -> None:
@@ -453,15 +469,33 @@ class PreemptionFlag:
         self.signum, self.name = signum, signal.Signals(signum).name
 
     def agreed(self, device: Any) -> bool:
-        import deepspeed.comm as dist
+        import signal
 
-        flag = torch.tensor([self.signum], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self.signum:
-            import signal
-
-            self.signum, self.name = int(flag.item()), signal.Signals(int(flag.item())).name
+        flags = torch.zeros(2, device=device)  # [signals seen, the signal number]
+        if self.signum:
+            flags += torch.tensor([1.0, float(self.signum)], device=device)
+        torch.distributed.all_reduce(flags)
+        seen, total = flags.tolist()
+        if seen and not self.signum:
+            self.signum = round(total / seen)
+            self.name = signal.Signals(self.signum).name
         return bool(self.signum)
+
+
+def rewind_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Keep the records of steps up to ``step`` (the checkpoint resumed from); return them."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the crash
+            continue
+        if rec.get("kind") != "summary" and rec.get("step", 0) <= step:
+            kept.append(rec)
+    write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -474,18 +508,22 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def claim_output_dir(out_dir: Path, args: argparse.Namespace) -> None:
-    """Never write into another run's folder unless asked (--resume continues it, --overwrite replaces it)."""
+def claim_output_dir(out_dir: Path, args: argparse.Namespace) -> str | None:
+    """Never write into another run's folder unless asked (--resume continues it, --overwrite replaces it).
+
+    Returns why the folder cannot be used, or None once it is ready."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise SystemExit(f"--output-dir {out_dir} exists and is not a folder; choose another --output-dir")
+        return f"--output-dir {out_dir} exists and is not a folder; choose another --output-dir"
     cfg = out_dir / "config.json"
     if cfg.exists() and not (args.resume or args.overwrite):
-        raise SystemExit(f"{out_dir} already holds a run ({cfg}); pass --resume to continue it, --overwrite to "
-                         f"replace it, or choose another --output-dir / --run-name")
+        return (f"{out_dir} already holds a run ({cfg}); pass --resume to continue it, --overwrite to replace it, "
+                f"or choose another --output-dir / --run-name")
     if args.overwrite and not args.resume:
-        for name in ("metrics.jsonl", "model.pt"):
+        for name in ("metrics.jsonl", "model.pt", "config.json"):
             (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # else --resume could load the old run
     out_dir.mkdir(parents=True, exist_ok=True)
+    return None
 
 
 def cli(argv: list[str] | None = None) -> int:

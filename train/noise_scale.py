@@ -232,6 +232,10 @@ def _bench(args: argparse.Namespace) -> None:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed()
+    torch.distributed.barrier()  # then free DeepSpeed's CPU shared-memory names (train/distributed.py)
+    from train.distributed import release_cpu_shm_names
+
+    release_cpu_shm_names()
     torch.manual_seed(0)
     model = build_model(args.arch, 10, 1, 28)
     cfg = {"train_batch_size": args.micro * args.accum * torch_dist.get_world_size(),
