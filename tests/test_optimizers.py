@@ -202,9 +202,9 @@ def test_lamb_adapt_false_group_is_adamw():
         _set_grads(b, g)
         ours.step()
         ref.step()
-    # AdamW decays before the Adam step (w(1 - lr wd) - lr a) while LAMB's u uses w before the step: same to O(lr^2).
+    # AdamW: w(1 - lr wd) - lr a; LAMB without adaptation: w - lr (a + wd w). The same update, term for term.
     for p, q in zip(a, b, strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------------

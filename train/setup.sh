@@ -8,9 +8,14 @@ cd "$REPO"
 
 PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; set PYTHON=")'
-if [ ! -x .venv/bin/python ]; then
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # missing, or left broken by a failed attempt
+  rm -rf .venv
   echo "[setup] creating .venv with $("$PY" --version)"
-  "$PY" -m venv .venv
+  if ! "$PY" -m venv .venv; then
+    rm -rf .venv
+    echo "[setup] '$PY -m venv' failed: install your Python's venv module (Debian: apt-get install python3-venv)" >&2
+    exit 1
+  fi
 fi
 STAMP=.venv/.requirements.sha
 WANT="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
