@@ -360,7 +360,10 @@ def collect_runs(paths: list[str], wandb_spec: str | None, *, progress: bool = T
         online, why = wandb_online()
         if online:
             try:
-                runs += load_wandb_runs(wandb_spec, progress=progress)
+                # A run kept in a folder here and also logged to wandb is counted once (the folder's copy).
+                local_ids = {d.name.rsplit("-", 1)[-1] for r in runs for d in Path(r.source).glob("wandb/*run-*")}
+                runs += [w for w in load_wandb_runs(wandb_spec, progress=progress)
+                         if w.source.rsplit("/", 1)[-1] not in local_ids]
             except RunError:
                 raise
             except Exception as e:  # noqa: BLE001 (network, permissions, a project that does not exist)
