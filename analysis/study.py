@@ -96,7 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    runs_dir = (REPO / args.runs_dir).resolve()
+    os.chdir(REPO)  # paths in the outputs stay relative to the repository (no machine's absolute paths)
+    runs_dir = Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     todo, done = [], []
     for run in plan(args.methods, args.batches, args.seeds):
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = [load_run(runs_dir / r["name"]) for r in plan(args.methods, args.batches, args.seeds)
             if finished(runs_dir / r["name"])]
-    out = (REPO / args.out).resolve()
+    out = Path(args.out)
     compare(runs, out, metric=args.metric)
     print(f"study: {len(runs)} runs compared into {out}; {failures} failed", flush=True)
     return 1 if failures else 0
