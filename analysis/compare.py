@@ -181,6 +181,15 @@ def _grid(n: int, width: float = 4.6, height: float = 3.4) -> tuple[Figure, list
     return fig, flat[:max(1, n)]
 
 
+def _panel(ax: Any, title: str, ylabel: str) -> None:
+    """The common dressing of a per-epoch panel."""
+    ax.set_title(title)
+    ax.set_xlabel("epochs")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+
+
 def plot_train_error_vs_epochs(runs: list[Run]) -> Figure:
     """Goyal et al. Figs. 2 and 4: training error against epochs; one panel per batch size, each run of that batch
     overlaid on the runs of the smallest batch (dashed). With a single batch size, one panel of all runs."""
@@ -199,11 +208,7 @@ def plot_train_error_vs_epochs(runs: list[Run]) -> Figure:
                     color=colors[r.method], alpha=0.7 if is_ref else 1.0, gid=f"run:{r.name}",
                     label=f"{fmt_batch(r.batch)} {r.method} ({r.name})")
         title = f"batch {fmt_batch(batch)}" + (f" vs {fmt_batch(ref_batch)}" if batch != ref_batch else "")
-        ax.set_title(title)
-        ax.set_xlabel("epochs")
-        ax.set_ylabel("training error (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _panel(ax, title, "training error (%)")
     fig.suptitle("Training error vs epochs (Goyal et al. 2017, Figs. 2 and 4)")
     return fig
 
@@ -217,11 +222,7 @@ def plot_lr_schedule(runs: list[Run]) -> Figure:
         for r in (r for r in with_steps if r.optimizer == opt):
             ax.plot([s["epoch"] for s in r.steps], [s["lr"] for s in r.steps], gid=f"run:{r.name}",
                     label=f"{r.name} ({fmt_batch(r.batch)})")
-        ax.set_title(opt)
-        ax.set_xlabel("epochs")
-        ax.set_ylabel("learning rate")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _panel(ax, opt, "learning rate")
     fig.suptitle("Learning-rate schedules")
     return fig
 

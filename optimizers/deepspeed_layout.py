@@ -107,63 +107,58 @@ def _check_padding_zero(hp: Tensor, layout: FlatLayout) -> None:
         raise RuntimeError("bind_deepspeed: padding elements of a flat partition are not zero; layout misread")
 
 
+def _bind_flat(wrapper: Any, inner: LayerwiseOptimizer, what: str, hps: list[Tensor], flats: list[Tensor],
+               partitions: list[list[Tensor]], pieces_of: Any, num_layers: int,
+               sizes: dict[int, int]) -> DeepSpeedBinding:
+    """Bind every flat fp32 partition ``hps[i]``: the rank's slice ``partitions[i][rank]`` of ``flats[i]``, whose
+    parameters ``pieces_of(i, flat)`` gives as (offset in flat, numel, layer)."""
+    split: set[int] = set()
+    padding = 0
+    layers_here: set[int] = set()
+    for i, hp in enumerate(hps):
+        if not _holds(inner, i, hp):
+            raise RuntimeError(f"bind_deepspeed: param group {i} of the inner optimizer does not hold the {what} "
+                               f"fp32 partition of group {i}; layout not understood")
+        group = wrapper.real_dp_process_group[i]
+        flat = flats[i]
+        part = partitions[i][dist.get_rank(group=group)]
+        if part.numel() != hp.numel():
+            raise RuntimeError(f"bind_deepspeed: {what} partition of group {i} has {part.numel()} elements, its fp32 "
+                               f"copy {hp.numel()}")
+        layout = _flat_layout(inner, hp, pieces_of(i, flat), _offset_in(flat, part), num_layers, group, sizes, split)
+        _check_padding_zero(hp, layout)
+        padding += layout.padding
+        layers_here.update(seg.layer for seg in layout.segments)
+    return DeepSpeedBinding(type(wrapper).__name__, f"flat {what} partition(s)", len(hps), len(layers_here),
+                            tuple(sorted(split)), padding)
+
+
 def _bind_zero_1_2(wrapper: Any, inner: LayerwiseOptimizer, layer_of: dict[int, int], num_layers: int,
                    sizes: dict[int, int]) -> DeepSpeedBinding:
     if getattr(wrapper, "cpu_offload", False) or getattr(wrapper, "zenflow", False):
         raise NotImplementedError("bind_deepspeed: ZeRO-Offload / ZenFlow keep the fp32 partition on the CPU and "
                                   "step it elsewhere; layer-wise optimizers are bound for ZeRO-1/2 without offload")
-    split: set[int] = set()
-    padding = 0
-    layers_here: set[int] = set()
-    for i, hp in enumerate(wrapper.single_partition_of_fp32_groups):
-        if not _holds(inner, i, hp):
-            raise RuntimeError(f"bind_deepspeed: param group {i} of the inner optimizer does not hold the ZeRO fp32 "
-                               f"partition of group {i}; layout not understood")
-        group = wrapper.real_dp_process_group[i]
-        rank = dist.get_rank(group=group)
-        flat = wrapper.bit16_groups_flat[i]
-        part = wrapper.parallel_partitioned_bit16_groups[i][rank]
-        if part.numel() != hp.numel():
-            raise RuntimeError(f"bind_deepspeed: ZeRO partition of group {i} has {part.numel()} elements, its fp32 "
-                               f"copy {hp.numel()}")
+
+    def pieces_of(i: int, flat: Tensor) -> list[tuple[int, int, int]]:
         pieces = []
         for p, offset, meta in zip(wrapper.round_robin_bit16_groups[i], wrapper.round_robin_bit16_offsets[i],
                                    wrapper.round_robin_bit16_meta[i], strict=True):
             if p.numel() == meta.numel() and _offset_in(flat, p) != offset:
                 raise RuntimeError("bind_deepspeed: ZeRO's recorded parameter offset disagrees with its storage")
             pieces.append((offset, meta.numel(), layer_of[id(p)]))
-        layout = _flat_layout(inner, hp, pieces, _offset_in(flat, part), num_layers, group, sizes, split)
-        _check_padding_zero(hp, layout)
-        padding += layout.padding
-        layers_here.update(seg.layer for seg in layout.segments)
-    return DeepSpeedBinding(type(wrapper).__name__, "flat ZeRO partition(s)",
-                            len(wrapper.single_partition_of_fp32_groups), len(layers_here), tuple(sorted(split)),
-                            padding)
+        return pieces
+
+    return _bind_flat(wrapper, inner, "ZeRO", wrapper.single_partition_of_fp32_groups, wrapper.bit16_groups_flat,
+                      wrapper.parallel_partitioned_bit16_groups, pieces_of, num_layers, sizes)
 
 
 def _bind_bf16(wrapper: Any, inner: LayerwiseOptimizer, layer_of: dict[int, int], num_layers: int,
                sizes: dict[int, int]) -> DeepSpeedBinding:
-    split: set[int] = set()
-    padding = 0
-    layers_here: set[int] = set()
-    for i, hp in enumerate(wrapper.fp32_groups_flat_partition):
-        if not _holds(inner, i, hp):
-            raise RuntimeError(f"bind_deepspeed: param group {i} of the inner optimizer does not hold the bf16 "
-                               "optimizer's fp32 partition; layout not understood")
-        group = wrapper.real_dp_process_group[i]
-        rank = dist.get_rank(group=group)
-        flat = wrapper.bf16_groups_flat[i]
-        part = wrapper.bf16_partitioned_groups[i][rank]
-        if part.numel() != hp.numel():
-            raise RuntimeError(f"bind_deepspeed: bf16 partition of group {i} has {part.numel()} elements, its fp32 "
-                               f"copy {hp.numel()}")
-        pieces = [(_offset_in(flat, p), p.numel(), layer_of[id(p)]) for p in wrapper.bf16_groups[i]]
-        layout = _flat_layout(inner, hp, pieces, _offset_in(flat, part), num_layers, group, sizes, split)
-        _check_padding_zero(hp, layout)
-        padding += layout.padding
-        layers_here.update(seg.layer for seg in layout.segments)
-    return DeepSpeedBinding(type(wrapper).__name__, "flat bf16 partition(s)",
-                            len(wrapper.fp32_groups_flat_partition), len(layers_here), tuple(sorted(split)), padding)
+    def pieces_of(i: int, flat: Tensor) -> list[tuple[int, int, int]]:
+        return [(_offset_in(flat, p), p.numel(), layer_of[id(p)]) for p in wrapper.bf16_groups[i]]
+
+    return _bind_flat(wrapper, inner, "bf16", wrapper.fp32_groups_flat_partition, wrapper.bf16_groups_flat,
+                      wrapper.bf16_partitioned_groups, pieces_of, num_layers, sizes)
 
 
 def _undo_init_step(engine: Any, wrapper: Any) -> bool:
