@@ -29,8 +29,10 @@ if __package__ in (None, ""):  # run as a script (the deepspeed launcher does th
 
 import torch  # noqa: E402
 
+from train.checkpoints import CheckpointError, latest_tag, load_weights_only, write_atomically  # noqa: E402
 from train.config import ConfigError, Resolved, load_json, resolve  # noqa: E402
 from train.data import DATASETS, DataError, GlobalBatchSampler, build_data, eval_shard, to_model_input  # noqa: E402
+from train.faults import BadStepStreak, StepAgreement, skip_nonfinite_steps  # noqa: E402
 from train.models import ARCHS, build_model, input_channels  # noqa: E402
 
 
@@ -74,6 +76,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
     p.add_argument("--wandb-project", default="largebatch")
     p.add_argument("--wandb-group", default=None, help="group of runs to compare (a study name)")
+    p.add_argument("--max-skipped-steps", type=int, default=10, metavar="N",
+                   help="stop after N optimizer steps in a row skipped for a non-finite loss or gradients; 0: never")
+    p.add_argument("--trusted-checkpoint", action="store_true",
+                   help="--resume: load checkpoint files with full pickle (weights_only=False); only for trusted files")
+    p.add_argument("--inject-nan", type=int, nargs="+", default=(), metavar="STEP",
+                   help="testing aid: the last rank's loss is NaN in these optimizer steps (1-based)")
     p.add_argument("--dist-timeout", type=float, default=30.0,
                    help="minutes a collective may wait for a dead rank before the run fails")
     p.add_argument("--ds-log-level", default="WARNING", help="DeepSpeed's own log level")
@@ -261,6 +269,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
         binding = bind_deepspeed(engine)  # layer-wise optimizers learn the real layers behind flat partitions
         say(binding)
+    if not args.trusted_checkpoint:
+        load_weights_only(engine)  # checkpoint files load with torch.load(weights_only=True)
+    skip_nonfinite_steps(engine)  # fp32 without ZeRO: a non-finite gradient skips the step as in the other modes
     assert engine.train_micro_batch_size_per_gpu() == resolved.micro_batch
     assert engine.gradient_accumulation_steps() == resolved.grad_accum
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.half if engine.fp16_enabled() else torch.float32
@@ -275,7 +286,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         path, client = engine.load_checkpoint(str(ckpt_dir))
         if path is None:
-            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start fresh")
+            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir} (the run stopped before its first save, or the "
+                             f"folder is not a run); pass --overwrite instead of --resume to start this run afresh")
         start = {k: client[k] for k in start}
         wandb_id = client.get("wandb_id")
         if hasattr(engine.lr_scheduler, "last_batch_iteration"):  # re-apply the lr of the restored position
@@ -311,9 +323,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     max_steps = args.max_steps or resolved.total_steps
     history = resumed_epochs
     stop = step >= max_steps
+    streak = BadStepStreak(args.max_skipped_steps)
+    good_tag = latest_tag(ckpt_dir) if args.resume else None  # last checkpoint saved outside a run of bad steps
+    inject_nan = set(args.inject_nan) if rank == world - 1 else set()
 
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
         """Save on every rank; 'latest' moves to the new tag only after every rank has written its part."""
+        nonlocal good_tag
         if step_in_epoch >= sampler.steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
         tag = f"step{step}"
@@ -324,8 +340,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if is_main:
             write_atomically(ckpt_dir / "latest", tag)
         dist.barrier()
+        if streak.length == 0:
+            good_tag = tag
 
-    preempted = PreemptionFlag()
+    agreement = StepAgreement()
 
     epoch = start["epoch"]
     while epoch < resolved.epochs and not stop:
@@ -342,9 +360,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         engine.train()
         t_epoch = t_log = time.perf_counter()
         # Device-side sums, read only at logging intervals: no host synchronisation per micro-step.
-        loss_epoch, loss_interval = torch.zeros((), device=engine.device), torch.zeros((), device=engine.device)
+        zeros = torch.zeros(4, device=engine.device, dtype=torch.float64)
+        # [loss sum, finite losses] per logging interval and per epoch; non-finite losses per step and interval
+        interval, epoch_sums, nonfinite_step, nonfinite_interval = zeros[:2].clone(), zeros[:2].clone(), zeros[2], \
+            zeros[3]
         correct = torch.zeros((), device=engine.device, dtype=torch.long)
-        seen, micro, micro_interval, log_steps = 0, 0, 0, 0
+        seen, log_steps = 0, 0
         bar = progress(is_main, sampler, resolved, epoch)
         for x, y in data.train_batches(sampler):
             x = to_model_input(x, engine.device, dtype, memory_format)  # uint8 ImageNet batches: normalised here
@@ -352,18 +373,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             noise.maybe_measure(step, x, y, loss_fn)  # every N steps, before the step's first forward; all ranks
             logits = engine(x).float()
             loss = loss_fn(logits, y)
+            if step + 1 in inject_nan:
+                loss = loss * float("nan")
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:
                 lr = engine.get_lr()[0]  # the lr this optimizer step runs at (the schedule moves on in step())
+                skipped_before = engine.skipped_steps
             engine.step()
-            loss_interval += loss.detach()
+            finite = torch.isfinite(loss.detach())
+            interval += torch.stack([torch.where(finite, loss.detach(), 0.0), finite]).double()
+            nonfinite_step += (~finite).double()
             correct += (logits.argmax(1) == y).sum()
             seen += y.numel()
-            micro += 1
-            micro_interval += 1
             if not boundary:
                 continue
+            # One all-reduce per optimizer step: signals, and whether the step was bad on any rank.
+            skipped = engine.skipped_steps > skipped_before
+            bad = agreement.after_step((nonfinite_step > 0).double() if engine.fp16_enabled() else float(skipped),
+                                       engine.device)
+            nonfinite_interval += nonfinite_step
+            nonfinite_step.zero_()
             step += 1
             step_in_epoch += 1
             log_steps += 1
@@ -373,42 +403,53 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             logged = step % args.log_interval == 0 or step >= max_steps or step_in_epoch == sampler.steps_per_epoch
             if logged:
                 now = time.perf_counter()
-                mean_loss = torch.stack([loss_interval.double(), torch.tensor(
-                    float(micro_interval), dtype=torch.float64, device=engine.device)])
-                dist.all_reduce(mean_loss)  # the loss of the global batch, not of rank 0's share
+                sums = torch.cat([interval, nonfinite_interval.view(1)])
+                dist.all_reduce(sums)  # the loss of the global batch, not of rank 0's share
+                loss_sum, finite_count, nonfinite_count = sums.tolist()
                 rec = {"kind": "step", "step": step, "epoch": epoch + step_in_epoch / sampler.steps_per_epoch,
-                       "samples": samples, "loss": (mean_loss[0] / mean_loss[1]).item(), "lr": lr,
+                       "samples": samples, "loss": loss_sum / finite_count if finite_count else None, "lr": lr,
                        "images_per_sec": log_steps * batch / (now - t_log), "global_batch": batch,
                        "loss_scale": engine.optimizer.loss_scale if engine.fp16_enabled() else None,
-                       "skipped_steps": engine.skipped_steps, **noise.last}
+                       "skipped_steps": engine.skipped_steps, "nonfinite_losses": int(nonfinite_count),
+                       **noise.last}
                 if log:
                     log.log(rec)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.4g}",
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}" if finite_count else "nan", lr=f"{rec['lr']:.4g}",
                                     img_s=f"{rec['images_per_sec']:.0f}")
-                loss_epoch += loss_interval
-                loss_interval.zero_()
-                t_log, log_steps, micro_interval = now, 0, 0
+                epoch_sums += interval
+                interval.zero_()
+                nonfinite_interval.zero_()
+                t_log, log_steps = now, 0
+            if streak.update(step, bad):
+                message = streak.message(step, good_tag and str(ckpt_dir / good_tag))
+                if is_main and good_tag and latest_tag(ckpt_dir) != good_tag:
+                    write_atomically(ckpt_dir / "latest", good_tag)  # not a checkpoint saved within the streak
+                if is_main:
+                    print(f"error: {message}", file=sys.stderr, flush=True)
+                dist.barrier()
+                raise SystemExit(3)
             if args.save_interval and step % args.save_interval == 0 and step < max_steps:
                 checkpoint(epoch, step_in_epoch)
-            if preempted.agreed(engine.device):  # one int all-reduce per optimizer step
-                say(f"{preempted.name}: saving a checkpoint at step {step} and stopping; --resume continues")
+            if agreement.signum:
+                say(f"{agreement.name}: saving a checkpoint at step {step} and stopping; --resume continues")
                 checkpoint(epoch, step_in_epoch)
-                raise SystemExit(128 + preempted.signum)
+                raise SystemExit(128 + agreement.signum)
             if step >= max_steps:
                 stop = True
                 break
         if bar is not None:
             bar.close()
         epoch_time = time.perf_counter() - t_epoch
-        counts = torch.tensor([seen, micro, getattr(data, "skipped", 0)], dtype=torch.float64, device=engine.device)
-        stats = torch.cat([torch.stack([(loss_epoch + loss_interval).double(), correct.double()]), counts])
+        counts = torch.tensor([seen, getattr(data, "skipped", 0)], dtype=torch.float64, device=engine.device)
+        stats = torch.cat([epoch_sums + interval, correct.double().view(1), counts])  # [loss, finite, correct, ...]
         dist.all_reduce(stats)
         val = evaluate(engine, data, val_indices, args.eval_batch, dtype)
         record = {"kind": "epoch", "epoch": epoch + step_in_epoch / sampler.steps_per_epoch, "step": step,
-                  "samples": samples, "train_loss": stats[0].item() / max(1.0, stats[3].item()),
-                  "train_error": 100 * (1 - stats[1].item() / max(1.0, stats[2].item())), **val,
-                  "skipped_images": int(stats[4].item()), "epoch_time": epoch_time,
+                  "samples": samples, "train_loss": stats[0].item() / max(1.0, stats[1].item()),
+                  "train_error": 100 * (1 - stats[2].item() / max(1.0, stats[3].item())), **val,
+                  "skipped_images": int(stats[4].item()), "skipped_steps": engine.skipped_steps,
+                  "epoch_time": epoch_time,
                   "images_per_sec": seen * world / max(epoch_time, 1e-9), "lr": lr}
         history.append(record)
         if log:
@@ -447,41 +488,6 @@ def progress(is_main: bool, sampler: GlobalBatchSampler, r: Resolved, epoch: int
                 unit="step", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
-class PreemptionFlag:
-    """SIGTERM/SIGINT (a preempted job; the deepspeed launcher forwards them) ask for a checkpoint and a clean stop.
-
-    The flag is raised by the signal handler and read after every optimizer step; ranks agree on it with a
-    one-element all-reduce, so all of them save the same step even when the signal reached only some of them (the
-    deepspeed launcher signals its ranks one after another and kills a rank still alive 30 s later).
-    Loader workers ignore the signals (train.data), so they cannot crash the rank first.
-    """
-
-    def __init__(self) -> None:
-        import signal
-
-        self.signum, self.name = 0, ""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._raise)
-
-    def _raise(self, signum: int, frame: Any) -> None:
-        import signal
-
-        self.signum, self.name = signum, signal.Signals(signum).name
-
-    def agreed(self, device: Any) -> bool:
-        import signal
-
-        flags = torch.zeros(2, device=device)  # [signals seen, the signal number]
-        if self.signum:
-            flags += torch.tensor([1.0, float(self.signum)], device=device)
-        torch.distributed.all_reduce(flags)
-        seen, total = flags.tolist()
-        if seen and not self.signum:
-            self.signum = round(total / seen)
-            self.name = signal.Signals(self.signum).name
-        return bool(self.signum)
-
-
 def rewind_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     """Keep the records of steps up to ``step`` (the checkpoint resumed from); return them."""
     if not path.exists():
@@ -496,16 +502,6 @@ def rewind_metrics(path: Path, step: int) -> list[dict[str, Any]]:
             kept.append(rec)
     write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a partial one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def claim_output_dir(out_dir: Path, args: argparse.Namespace) -> str | None:
@@ -530,7 +526,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same fault; say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
