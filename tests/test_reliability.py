@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -110,3 +111,61 @@ def test_a_killed_rank_stops_the_launcher_and_resume_loses_at_most_one_interval(
     print(f"killed rank: launcher exit after {exit_after:.1f} s; steps lost on resume: {reached - saved}")
     resumed = launch([*args, "--resume", "--max-steps", str(saved + 1)])
     assert "resumed from" in resumed.stdout and f"step {saved}" in resumed.stdout
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_lars_resume_is_bit_exact_in_every_zero_stage(tmp_path, fashion_mnist_dir, stage):
+    """LARS (layer-wise trust ratios over DeepSpeed's flat ZeRO partitions), 2 ranks, fp32: stop after 3 of 10 steps
+    per epoch, resume to 8; the weights equal those of an uninterrupted 8-step run bit for bit."""
+    from test_faults import config, run_args
+
+    def args(name: str) -> list[str]:
+        return [a if a != str(tmp_path / "run") else str(tmp_path / name)
+                for a in run_args(tmp_path, fashion_mnist_dir, config("LARS", stage, "fp32"), "fp32")]
+
+    launch([*args("a"), "--max-steps", "8"])
+    launch([*args("b"), "--max-steps", "3"])
+    out = launch([*args("b"), "--max-steps", "8", "--resume"])
+    assert "resumed from" in out.stdout and "epoch 0, step 3" in out.stdout
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert max_abs_diff(a, b) == 0.0
+    first = torch.load(tmp_path / "b" / "checkpoints" / "step3" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert max_abs_diff(a, {k: v.float() for k, v in first["module"].items()}) > 0  # the comparison can fail
+
+
+def test_a_crash_in_the_middle_of_a_save_leaves_latest_at_the_previous_checkpoint(tmp_path, fashion_mnist_dir):
+    """ResNet-50 (about 300 MB per checkpoint with ZeRO-1 state), a save after every step. When the folder of a new
+    save has its first bytes, every process of the job is frozen (SIGSTOP) while the files are being written,
+    checked, then killed with SIGKILL: 'latest' still names the previous checkpoint, and --resume continues from it."""
+    run = tmp_path / "run"
+    args = ["--deepspeed_config", str(write_config(tmp_path / "c.json", sgd_config(16, 4, stage=1, epochs=5))),
+            "--dataset", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--arch", "resnet50",
+            "--image-size", "32", "--train-subset", "320", "--val-subset", "32", "--precision", "fp32",
+            "--no-wandb", "--log-interval", "1", "--save-interval", "1", "--output-dir", str(run)]
+    proc = start(args)
+    ckpt = run / "checkpoints"
+    t0 = time.time()
+    while not (ckpt / "latest").exists():
+        assert proc.poll() is None and time.time() - t0 < 300, "no first checkpoint"
+        time.sleep(0.05)
+    previous = (ckpt / "latest").read_text()
+    new = ckpt / f"step{int(previous.removeprefix('step')) + 1}"
+    while not (new.exists() and any(f.stat().st_size > 0 for f in new.iterdir())):  # the first bytes are written
+        assert proc.poll() is None and time.time() - t0 < 300, "no second checkpoint"
+        time.sleep(0.001)
+    os.killpg(proc.pid, signal.SIGSTOP)  # the whole job: deepspeed runner, launch.py, both ranks
+    try:
+        sizes_done = {f.name: f.stat().st_size for f in (ckpt / previous).iterdir()}
+        sizes_now = {f.name: f.stat().st_size for f in new.iterdir()}
+        assert (ckpt / "latest").read_text() == previous
+        assert sizes_now != sizes_done, "the save had already finished: the kill did not land in the middle of it"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert (ckpt / "latest").read_text() == previous
+    print(f"killed during the save of {new.name}: {len(sizes_now)} of {len(sizes_done)} files begun, "
+          f"{sum(sizes_now.values()) / 2**20:.2f} of {sum(sizes_done.values()) / 2**20:.0f} MB written")
+    resumed = launch([*args, "--resume", "--max-steps", str(int(previous.removeprefix("step")) + 1)])
+    assert f"step {previous.removeprefix('step')}" in resumed.stdout
+    assert (ckpt / "latest").read_text() == new.name  # the same tag, now complete, written over the partial one

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,12 @@ def load_file(path: str | Path, map_location: Any = None) -> Any:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        reason = f"it refers to {found.group(1)}" if found else str(e).split("WeightsUnpickler error:")[-1].strip()
         raise CheckpointError(
-            f"checkpoint file {path} holds more than tensors and plain DeepSpeed state ({reason}); loading it would "
-            f"run arbitrary code. If you wrote it yourself or trust its source, pass --trusted-checkpoint") from None
+            f"checkpoint file {path} holds more than tensors and plain DeepSpeed state ({reason.splitlines()[0]}); "
+            f"loading it could run arbitrary code. If you wrote it yourself or trust its source, pass "
+            f"--trusted-checkpoint") from None
 
 
 def load_weights_only(engine: Any) -> None:
