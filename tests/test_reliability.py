@@ -165,7 +165,29 @@ def test_a_crash_in_the_middle_of_a_save_leaves_latest_at_the_previous_checkpoin
         proc.communicate(timeout=60)
     assert (ckpt / "latest").read_text() == previous
     print(f"killed during the save of {new.name}: {len(sizes_now)} of {len(sizes_done)} files begun, "
-          f"{sum(sizes_now.values()) / 2**20:.2f} of {sum(sizes_done.values()) / 2**20:.0f} MB written")
+          f"{sum(sizes_now.values()):,} of {sum(sizes_done.values()):,} bytes written")
     resumed = launch([*args, "--resume", "--max-steps", str(int(previous.removeprefix("step")) + 1)])
     assert f"step {previous.removeprefix('step')}" in resumed.stdout
     assert (ckpt / "latest").read_text() == new.name  # the same tag, now complete, written over the partial one
+
+
+def test_a_frozen_rank_makes_the_others_time_out_instead_of_hanging(tmp_path, fashion_mnist_dir):
+    """A rank that stops answering without dying (SIGSTOP: a hung device, a paused machine) is invisible to the
+    launcher; the other rank's next collective must fail after --dist-timeout (here 0.25 min), ending the job."""
+    run = tmp_path / "run"
+    timeout_s = 15
+    args = [*COMMON, "--data-dir", str(fashion_mnist_dir), "--train-subset", "12800", "--output-dir", str(run),
+            "--dist-timeout", str(timeout_s / 60)]
+    proc = start(args)
+    wait_for_step(run, 3, proc)
+    rank_process(proc, 1).suspend()
+    t_freeze = time.time()
+    try:
+        out, _ = proc.communicate(timeout=timeout_s + 120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    exit_after = time.time() - t_freeze
+    assert proc.returncode != 0
+    assert timeout_s - 2 <= exit_after < timeout_s + 60, f"job ended {exit_after:.1f} s after the freeze"
+    print(f"frozen rank: job ended {exit_after:.1f} s after the freeze (timeout {timeout_s} s)")

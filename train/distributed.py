@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 
@@ -24,3 +25,21 @@ def release_cpu_shm_names() -> int:
         return 1
     except FileNotFoundError:
         return 0
+
+
+def set_collective_timeout(timeout: timedelta) -> int:
+    """Give every process group that exists the run's collective timeout; return how many there are.
+
+    ``deepspeed.init_distributed(timeout=...)`` sets it for the world group only. The groups DeepSpeed creates
+    afterwards with ``new_group`` (ZeRO's data-parallel group, which carries the gradient all-reduce) get
+    torch's default instead, 30 minutes for gloo and 10 for NCCL, whatever the run asked for. Call after
+    ``deepspeed.initialize``.
+    """
+    import torch.distributed as dist
+
+    c10d = dist.distributed_c10d
+    set_timeout = getattr(dist, "set_timeout", None) or c10d._set_pg_timeout  # public from torch 2.12
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        set_timeout(timeout, group)
+    return len(groups)

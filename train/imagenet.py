@@ -12,6 +12,7 @@ arguments, set-up (distributed, data, config, model, optimizer, engine), the tra
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import math
@@ -204,6 +205,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
 
+    from train.distributed import set_collective_timeout
     from train.tracking import RunLog, git_commit
 
     logging.getLogger("DeepSpeed").setLevel(args.ds_log_level.upper())
@@ -213,7 +215,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     on_cpu = accel.device_name() == "cpu"
     if on_cpu and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
-    deepspeed.init_distributed(timeout=__import__("datetime").timedelta(minutes=args.dist_timeout))
+    timeout = datetime.timedelta(minutes=args.dist_timeout)
+    deepspeed.init_distributed(timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if on_cpu:
         from train.distributed import release_cpu_shm_names
@@ -269,6 +272,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
         binding = bind_deepspeed(engine)  # layer-wise optimizers learn the real layers behind flat partitions
         say(binding)
+    set_collective_timeout(timeout)  # also for the groups DeepSpeed made (ZeRO's gradient all-reduce)
     if not args.trusted_checkpoint:
         load_weights_only(engine)  # checkpoint files load with torch.load(weights_only=True)
     skip_nonfinite_steps(engine)  # fp32 without ZeRO: a non-finite gradient skips the step as in the other modes
