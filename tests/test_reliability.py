@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -115,23 +116,25 @@ def test_a_killed_rank_stops_the_launcher_and_resume_loses_at_most_one_interval(
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_lars_resume_is_bit_exact_in_every_zero_stage(tmp_path, fashion_mnist_dir, stage):
-    """LARS (layer-wise trust ratios over DeepSpeed's flat ZeRO partitions), 2 ranks, fp32: stop after 3 of 10 steps
-    per epoch, resume to 8; the weights equal those of an uninterrupted 8-step run bit for bit."""
+    """LARS (layer-wise trust ratios over DeepSpeed's flat ZeRO partitions), 2 ranks, fp32, a checkpoint after every
+    step. A copy of the run folder rewound to its step-3 checkpoint (mid-epoch: 10 steps per epoch) and resumed to
+    step 8 ends with the weights of the uninterrupted 8-step run, bit for bit."""
     from test_faults import config, run_args
 
-    def args(name: str) -> list[str]:
-        return [a if a != str(tmp_path / "run") else str(tmp_path / name)
-                for a in run_args(tmp_path, fashion_mnist_dir, config("LARS", stage, "fp32"), "fp32")]
-
-    launch([*args("a"), "--max-steps", "8"])
-    launch([*args("b"), "--max-steps", "3"])
-    out = launch([*args("b"), "--max-steps", "8", "--resume"])
+    args = run_args(tmp_path, fashion_mnist_dir, config("LARS", stage, "fp32"), "fp32")
+    a, b = tmp_path / "run", tmp_path / "b"
+    launch([*args, "--max-steps", "8"])
+    shutil.copytree(a, b)
+    (b / "model.pt").unlink()
+    (b / "checkpoints" / "latest").write_text("step3")
+    out = launch([*[str(b) if x == str(a) else x for x in args], "--max-steps", "8", "--resume"])
     assert "resumed from" in out.stdout and "epoch 0, step 3" in out.stdout
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
-    assert max_abs_diff(a, b) == 0.0
-    first = torch.load(tmp_path / "b" / "checkpoints" / "step3" / "mp_rank_00_model_states.pt", weights_only=True)
-    assert max_abs_diff(a, {k: v.float() for k, v in first["module"].items()}) > 0  # the comparison can fail
+    assert [r["step"] for r in read_metrics(b) if r["kind"] == "step"] == list(range(1, 9))
+    wa = torch.load(a / "model.pt", weights_only=True)
+    wb = torch.load(b / "model.pt", weights_only=True)
+    assert max_abs_diff(wa, wb) == 0.0
+    step3 = torch.load(b / "checkpoints" / "step3" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert max_abs_diff(wa, {k: v.float() for k, v in step3.items()}) > 0  # the comparison can fail
 
 
 def test_a_crash_in_the_middle_of_a_save_leaves_latest_at_the_previous_checkpoint(tmp_path, fashion_mnist_dir):
