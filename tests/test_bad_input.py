@@ -91,7 +91,8 @@ def test_zero_or_negative_lr(tmp_path, fashion_mnist_dir, lr):
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, fashion_mnist_dir):
     """A checkpoint file with a pickled call in it (here: open(marker, 'w')) is refused with a message naming the
-    file; nothing runs. --trusted-checkpoint loads it the old way, and the call does run: what the default avoids."""
+    file; nothing runs. --trusted-checkpoint loads it the old way, and the call does run: what the default avoids.
+    Then the same folder with a truncated file, and resumed with another ZeRO stage."""
     args = mlp_args(tmp_path, fashion_mnist_dir, "--max-steps", "2")
     run_single(args)
     tag = (tmp_path / "run" / "checkpoints" / "latest").read_text()
@@ -107,9 +108,35 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, fashion_mnist_dir
     torch.save(state, model_file)
     proc = run_single([*args, "--resume"], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"error: checkpoint file {model_file} holds more than tensors and plain DeepSpeed state" in proc.stderr
+    assert f"error (rank 0): checkpoint file {model_file} holds more than tensors and plain DeepSpeed state" in proc.stderr
     assert "(it refers to io.open)" in proc.stderr and "pass --trusted-checkpoint" in proc.stderr
     assert not marker.exists()
     run_single([*args, "--resume", "--trusted-checkpoint"])
     assert marker.exists()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["args"]["trusted_checkpoint"] is True
+
+    # A truncated file: named, with what to do, no traceback.
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    proc = run_single([*args, "--resume"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error (rank 0): cannot read checkpoint file {model_file}: " in proc.stderr
+    assert "the file is truncated or corrupt. Write an earlier tag into checkpoints/latest" in proc.stderr
+
+    # Another ZeRO stage than the run was written with: refused before DeepSpeed tries to fit the partitions.
+    write_config(tmp_path / "c.json", sgd_config(64, 32, stage=1))
+    proc = run_single([*args, "--resume"], check=False)
+    assert proc.returncode == 2
+    assert (f"error: --resume: the checkpoints in {tmp_path / 'run'} were written with another layout (zero_stage 0 "
+            f"-> 1); resume with the config and rank count of the run") in proc.stderr
+
+
+@pytest.mark.parametrize("flag,value,want", [
+    ("--log-interval", "0", "expected an integer >= 1, got 0"),
+    ("--save-interval", "-5", "expected an integer >= 0, got -5"),
+    ("--max-skipped-steps", "-1", "expected an integer >= 0, got -1"),
+    ("--max-steps", "ten", "expected an integer >= 1, got 'ten'"),
+    ("--dist-timeout", "0", "expected a positive number, got 0"),
+])
+def test_out_of_range_flags_name_the_value(tmp_path, fashion_mnist_dir, flag, value, want):
+    proc = run_single([*mlp_args(tmp_path, fashion_mnist_dir), flag, value], check=False)
+    assert proc.returncode == 2 and f"argument {flag}: {want}" in proc.stderr

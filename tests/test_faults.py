@@ -1,6 +1,6 @@
 """Numerical faults through the real launcher: a non-finite step is skipped, counted and leaves no trace in the
-weights or the optimizer state (SGD, LARS, LAMB; fp32 and bf16; ZeRO 0, 1, 2); too many in a row stop the run
-with a message naming the step and the last good checkpoint."""
+weights, the optimizer state or the BatchNorm statistics (SGD, LARS, LAMB; fp32 and bf16; ZeRO 0, 1, 2); too many
+in a row stop the run with a message naming the step and the last good checkpoint."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import launch, read_metrics, write_config
+
+from train.checkpoints import load_file
 
 pytestmark = pytest.mark.launcher
 
@@ -35,13 +37,14 @@ def config(opt: str, stage: int, precision: str) -> dict:
 
 def run_args(tmp_path: Path, fashion_mnist_dir: Path, cfg: dict, precision: str) -> list[str]:
     return ["--deepspeed_config", str(write_config(tmp_path / "c.json", cfg)), "--dataset", "fashion-mnist",
-            "--data-dir", str(fashion_mnist_dir), "--arch", "mlp", "--train-subset", "640", "--val-subset", "64",
-            "--precision", precision, "--no-wandb", "--log-interval", "1", "--save-interval", "1",
+            "--data-dir", str(fashion_mnist_dir), "--arch", "resnet_small", "--train-subset", "640",
+            "--val-subset", "64", "--precision", precision, "--no-wandb", "--log-interval", "1", "--save-interval", "1",
             "--output-dir", str(tmp_path / "run")]
 
 
 def checkpoint_tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every file of a DeepSpeed checkpoint (model, optimizer partitions), by file and key path."""
+    """Every tensor of every file of a DeepSpeed checkpoint (model with its BatchNorm buffers, optimizer partitions),
+    by file and key path; read as --resume reads them, with torch.load(weights_only=True)."""
     out: dict[str, torch.Tensor] = {}
 
     def walk(prefix: str, obj) -> None:
@@ -55,7 +58,7 @@ def checkpoint_tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
                 walk(f"{prefix}/{i}", v)
 
     for f in sorted(tag_dir.glob("*.pt")):
-        walk(f.name, torch.load(f, weights_only=False))
+        walk(f.name, load_file(f))
     return out
 
 
@@ -67,12 +70,16 @@ def equal_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 @pytest.mark.parametrize("opt,stage,precision", [("SGD", 0, "fp32"), ("LARS", 1, "fp32"), ("LAMB", 2, "fp32"),
                                                  ("LARS", 0, "bf16"), ("LAMB", 1, "bf16")])
 def test_nonfinite_steps_are_skipped_counted_and_leave_no_trace(tmp_path, fashion_mnist_dir, opt, stage, precision):
-    """The last rank's loss is NaN in steps 3 and 4 (both of its micro-batches): both steps are skipped on both
-    ranks. The checkpoints after steps 2 and 4 then hold identical tensors, weights and optimizer state alike,
-    bit for bit, while step 5 changes them; the lr schedule holds for the two steps; the logs count them."""
+    """Rank 0's inputs are NaN in steps 3 and 4 (both of its micro-batches; the small ResNet's BatchNorm layers see
+    them): both steps are skipped on both ranks. The checkpoints after steps 2 and 4 then hold identical tensors,
+    weights, optimizer state and BatchNorm statistics alike, bit for bit, while step 5 changes them; the lr schedule
+    holds for the two steps; the logs count them. Step 10 ends the epoch and is also an interval save: it is
+    written once, never over the checkpoint 'latest' names."""
     run = tmp_path / "run"
     launch([*run_args(tmp_path, fashion_mnist_dir, config(opt, stage, precision), precision),
-            "--max-steps", "6", "--inject-nan", "3", "4"])
+            "--max-steps", "11", "--inject-nan", "3", "4"])
+    saves = [r["step"] for r in read_metrics(run) if r["kind"] == "checkpoint"]
+    assert saves == list(range(1, 12))  # step 10 once, though both the interval and the epoch's end ask for it
     ckpt = run / "checkpoints"
     after = {s: checkpoint_tensors(ckpt / f"step{s}") for s in (2, 3, 4, 5)}
     assert equal_bitwise(after[2], after[3]) and equal_bitwise(after[2], after[4])
@@ -82,6 +89,7 @@ def test_nonfinite_steps_are_skipped_counted_and_leave_no_trace(tmp_path, fashio
     steps = {r["step"]: r for r in read_metrics(run) if r["kind"] == "step"}
     assert [steps[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 2, 2, 2]
     assert [steps[s]["nonfinite_losses"] for s in range(1, 7)] == [0, 0, 2, 2, 0, 0]  # 2 micro-batches, 1 rank
+    assert steps[11]["skipped_steps"] == 2
     assert all(math.isfinite(steps[s]["loss"]) for s in range(1, 7))  # the finite rank's loss is still reported
     # Linear warmup over 10 steps: step t runs at lr(t - 1 - skipped before it) = peak * (t - 1 - skipped) / 10.
     peak = PARAMS[opt]["lr"]
@@ -96,18 +104,20 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_at_the_last_good_checkpoint(tm
     step 2; 'latest' names step 2 again (steps 3 and 4 were saved inside the streak), and --resume restarts there."""
     run = tmp_path / "run"
     args = run_args(tmp_path, fashion_mnist_dir, config("LARS", 1, "fp32"), "fp32")
-    proc = launch([*args, "--max-steps", "8", "--inject-nan", "3", "4", "5", "6", "7", "--max-skipped-steps", "3"],
-                  check=False)
+    proc = launch([*args, "--max-steps", "8", "--inject-nan", "3", "4", "5", "6", "7", "--max-skipped-steps", "3",
+                   "--log-interval", "4"], check=False)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "stopping at step 5: steps 3-5 (3 in a row, --max-skipped-steps 3) were skipped" in out
     assert f"the last good checkpoint is {run / 'checkpoints' / 'step2'}" in out
     assert (run / "checkpoints" / "latest").read_text() == "step2"
-    assert max(r["step"] for r in read_metrics(run) if r["kind"] == "step") == 5
+    logged = [r for r in read_metrics(run) if r["kind"] == "step"]
+    assert [r["step"] for r in logged] == [3, 4, 5]  # bad steps are always logged (the interval is 4)
+    assert [r["skipped_steps"] for r in logged] == [1, 2, 3] and [r["nonfinite_losses"] for r in logged] == [2, 2, 2]
     resumed = launch([*args, "--resume", "--max-steps", "4"])
     assert "epoch 0, step 2" in resumed.stdout
     steps = [r for r in read_metrics(run) if r["kind"] == "step"]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4] and steps[-1]["skipped_steps"] == 0
+    assert [r["step"] for r in steps] == [3, 4] and steps[-1]["skipped_steps"] == 0  # steps 3-5 rewound
 
 
 def test_a_diverging_run_stops_instead_of_training_on_nan(tmp_path, fashion_mnist_dir):

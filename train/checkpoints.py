@@ -40,6 +40,10 @@ def load_file(path: str | Path, map_location: Any = None) -> Any:
     try:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or corrupt: torch's zip reader, pickle, the OS
+        raise CheckpointError(f"cannot read checkpoint file {path}: {str(e).splitlines()[0]}; the file is truncated "
+                              f"or corrupt. Write an earlier tag into checkpoints/latest to resume from it, or start "
+                              f"afresh with --overwrite") from None
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
         reason = f"it refers to {found.group(1)}" if found else str(e).split("WeightsUnpickler error:")[-1].strip()
@@ -67,6 +71,18 @@ def write_atomically(path: Path, text: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def fsync_files(tag_dir: Path, names: list[str]) -> None:
+    """Flush the named files of a checkpoint to disk (each rank flushes what it wrote, also on shared storage)."""
+    for name in names:
+        path = tag_dir / name
+        if path.exists():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:

@@ -45,7 +45,7 @@ def skip_nonfinite_steps(engine: Any) -> bool:
 
 
 class StepAgreement:
-    """What all ranks agree on after each optimizer step, with one 3-element all-reduce.
+    """What all ranks agree on after each optimizer step, with one 2-element all-reduce.
 
     SIGTERM/SIGINT (a preempted job) raise a flag here; the ranks agree to save the same step and stop even when
     the signal reached only some of them (the deepspeed launcher signals its ranks one after another and kills a
@@ -60,18 +60,21 @@ class StepAgreement:
     def _raise(self, signum: int, frame: Any) -> None:
         self.signum, self.name = signum, signal.Signals(signum).name
 
-    def after_step(self, bad: bool | torch.Tensor, device: Any) -> bool:
-        """Agree on the signal and on whether this step was bad on any rank; return the latter."""
-        flags = torch.zeros(3, device=device)  # [signals seen, sum of their numbers, ranks with a bad step]
-        if self.signum:
-            flags[0], flags[1] = 1.0, float(self.signum)
-        flags[2] = bad
-        torch.distributed.all_reduce(flags)
-        seen, total, bad_ranks = flags.tolist()
-        if seen and not self.signum:
-            self.signum = round(total / seen)
+    def after_step(self, bad: bool | torch.Tensor, device: Any) -> tuple[bool, int]:
+        """Agree on whether this step was bad on any rank and on a signal; return both (signal number or 0).
+
+        Act on the returned signal, not on ``self.signum``: a signal arriving after the all-reduce reaches some
+        ranks before their check and others after it; the agreed value is the same everywhere, and a later
+        signal is agreed on at the next step."""
+        flags = torch.zeros(2, device=device)  # [a rank had a bad step, the largest signal number seen]
+        flags[0] = bad
+        flags[1] = float(self.signum)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        bad_any, signum = flags.tolist()
+        if signum and not self.signum:
+            self.signum = int(signum)
             self.name = signal.Signals(self.signum).name
-        return bad_ranks > 0
+        return bad_any > 0, int(signum)
 
 
 class BadStepStreak:
@@ -99,8 +102,10 @@ class BadStepStreak:
 
     def message(self, step: int, good_checkpoint: str | None) -> str:
         where = (f"the last good checkpoint is {good_checkpoint} ('latest' names it; --resume restarts there)"
-                 if good_checkpoint else "no checkpoint was saved before them (--save-interval saves more often)")
+                 if good_checkpoint else "no checkpoint with finite weights was saved before them in this run "
+                 "(--save-interval saves more often)")
         return (f"stopping at step {step}: steps {self.first}-{step} ({self.length} in a row, --max-skipped-steps "
-                f"{self.limit}) were skipped because the loss or the gradients were not finite (inf/NaN); weights "
-                f"and optimizer state are those before step {self.first}; {where}. Usual causes: lr too high or "
-                f"warmup too short for the batch, fp16 overflow in the forward pass, bad input data")
+                f"{self.limit}) were skipped because the loss or the gradients were not finite (inf/NaN); weights, "
+                f"optimizer state and BatchNorm statistics are those before step {self.first}; {where}. Usual "
+                f"causes: lr too high or warmup too short for the batch, fp16 overflow in the forward pass, bad input "
+                f"data")

@@ -30,11 +30,34 @@ if __package__ in (None, ""):  # run as a script (the deepspeed launcher does th
 
 import torch  # noqa: E402
 
-from train.checkpoints import CheckpointError, latest_tag, load_weights_only, write_atomically  # noqa: E402
+from train.checkpoints import CheckpointError, latest_tag, write_atomically  # noqa: E402
 from train.config import ConfigError, Resolved, load_json, resolve  # noqa: E402
 from train.data import DATASETS, DataError, GlobalBatchSampler, build_data, eval_shard, to_model_input  # noqa: E402
 from train.faults import BadStepStreak, StepAgreement, skip_nonfinite_steps  # noqa: E402
 from train.models import ARCHS, build_model, input_channels  # noqa: E402
+
+
+def int_at_least(low: int) -> Any:
+    """argparse type: an integer >= low, with a message naming the value otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,12 +71,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--arch", default="resnet50", choices=ARCHS, metavar="NAME",
                    help=f"model: {', '.join(ARCHS)}")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=int_at_least(8), default=None,
                    help="training crop size (default 224 for ImageNet and synthetic, 28 for Fashion-MNIST)")
-    p.add_argument("--epochs", type=int, default=None, help="override the config's training.epochs")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--epochs", type=int_at_least(1), default=None, help="override the config's training.epochs")
+    p.add_argument("--max-steps", type=int_at_least(1), default=None,
                    help="stop when the run's optimizer step count (from the run's start) reaches N")
-    p.add_argument("--micro-batch", type=int, default=None,
+    p.add_argument("--micro-batch", type=int_at_least(1), default=None,
                    help="override train_micro_batch_size_per_gpu (changes accumulation, not the global batch)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto: the config's, falling back to bf16 where fp16 is unsupported (CPU)")
@@ -64,26 +87,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", default=None, help="default <config name>-seed<seed>, e.g. lars-32k-seed0")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
     p.add_argument("--overwrite", action="store_true", help="allow reusing the folder of another run")
-    p.add_argument("--save-interval", type=int, default=0,
+    p.add_argument("--save-interval", type=int_at_least(0), default=0,
                    help="also checkpoint every N optimizer steps (0: only at epoch ends and at the end)")
-    p.add_argument("--log-interval", type=int, default=10, help="log loss/lr/images per second every N steps")
-    p.add_argument("--train-subset", type=int, default=None, help="use only the first N training samples")
-    p.add_argument("--val-subset", type=int, default=None, help="use only the first N validation samples")
-    p.add_argument("--eval-batch", type=int, default=256, help="validation batch per rank")
-    p.add_argument("--workers", type=int, default=None, help="data loader processes per rank (ImageNet)")
-    p.add_argument("--noise-scale-interval", type=int, default=0, metavar="N",
+    p.add_argument("--log-interval", type=int_at_least(1), default=10,
+                   help="log loss/lr/images per second every N steps")
+    p.add_argument("--train-subset", type=int_at_least(1), default=None, help="use only the first N training samples")
+    p.add_argument("--val-subset", type=int_at_least(1), default=None, help="use only the first N validation samples")
+    p.add_argument("--eval-batch", type=int_at_least(1), default=256, help="validation batch per rank")
+    p.add_argument("--workers", type=int_at_least(0), default=None, help="data loader processes per rank (ImageNet)")
+    p.add_argument("--noise-scale-interval", type=int_at_least(0), default=0, metavar="N",
                    help="estimate the gradient noise scale (McCandlish et al. 2018) every N optimizer steps; 0: off")
     p.add_argument("--noise-scale-ema", type=float, default=0.95, help="moving-average factor of that estimate")
     p.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
     p.add_argument("--wandb-project", default="largebatch")
     p.add_argument("--wandb-group", default=None, help="group of runs to compare (a study name)")
-    p.add_argument("--max-skipped-steps", type=int, default=10, metavar="N",
+    p.add_argument("--max-skipped-steps", type=int_at_least(0), default=10, metavar="N",
                    help="stop after N optimizer steps in a row skipped for a non-finite loss or gradients; 0: never")
     p.add_argument("--trusted-checkpoint", action="store_true",
                    help="--resume: load checkpoint files with full pickle (weights_only=False); only for trusted files")
-    p.add_argument("--inject-nan", type=int, nargs="+", default=(), metavar="STEP",
-                   help="testing aid: the last rank's loss is NaN in these optimizer steps (1-based)")
-    p.add_argument("--dist-timeout", type=float, default=30.0,
+    p.add_argument("--inject-nan", type=int_at_least(1), nargs="+", default=(), metavar="STEP",
+                   help="testing aid: rank 0's inputs are NaN in these optimizer steps (1-based)")
+    p.add_argument("--dist-timeout", type=positive_float, default=30.0,
                    help="minutes a collective may wait for a dead rank before the run fails")
     p.add_argument("--ds-log-level", default="WARNING", help="DeepSpeed's own log level")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
@@ -205,6 +229,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
 
+    from train.checkpoints import fsync_files, load_weights_only
     from train.distributed import set_collective_timeout
     from train.tracking import RunLog, git_commit
 
@@ -288,6 +313,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     wandb_id = None
     resumed_epochs: list[dict[str, Any]] = []  # epoch records before the checkpoint (for the summary)
     if args.resume:
+        check_resume_layout(out_dir / "config.json", resolved)
         path, client = engine.load_checkpoint(str(ckpt_dir))
         if path is None:
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir} (the run stopped before its first save, or the "
@@ -329,23 +355,39 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     stop = step >= max_steps
     streak = BadStepStreak(args.max_skipped_steps)
     good_tag = latest_tag(ckpt_dir) if args.resume else None  # last checkpoint saved outside a run of bad steps
-    inject_nan = set(args.inject_nan) if rank == world - 1 else set()
+    inject_nan = set(args.inject_nan) if is_main else set()
+    last_saved = step if args.resume else -1
+    # BatchNorm running statistics move in the forward pass: a skipped step puts them back (NaN would stay forever).
+    buffers = list(engine.module.buffers())
+    buffers_before = [b.detach().clone() for b in buffers]
 
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
-        """Save on every rank; 'latest' moves to the new tag only after every rank has written its part."""
-        nonlocal good_tag
+        """Save on every rank; 'latest' moves to the new tag only after every rank has flushed its files."""
+        nonlocal good_tag, last_saved
+        if step == last_saved:  # on disk already (an interval save at an epoch's end): never rewrite what 'latest'
+            return  # names
         if step_in_epoch >= sampler.steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
         tag = f"step{step}"
+        t_save = time.perf_counter()
         engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, client_state={
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": step, "samples": samples,
             "wandb_id": log.wandb_id if log else None, "noise_scale": noise.estimator.state_dict(),
-        })  # ends with a barrier: all ranks' files are written
+        })
+        fsync_files(ckpt_dir / tag, [f.name for f in (ckpt_dir / tag).iterdir() if f.name.startswith(
+            f"zero_pp_rank_{rank}_") or (is_main and f.name.startswith("mp_rank_"))])  # what this rank wrote
+        tensors = [t for t in [*engine.module.parameters(), *buffers] if t.is_floating_point()]
+        finite = torch.stack([t.isfinite().all() for t in tensors]).all().float().view(1)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # also the barrier: every rank's files are on disk
         if is_main:
             write_atomically(ckpt_dir / "latest", tag)
         dist.barrier()
-        if streak.length == 0:
+        last_saved = step
+        if streak.length == 0 and finite.item() == 1.0:
             good_tag = tag
+        if log:
+            log.log({"kind": "checkpoint", "step": step, "samples": samples, "tag": tag,
+                     "seconds": time.perf_counter() - t_save, "finite": finite.item() == 1.0})
 
     agreement = StepAgreement()
 
@@ -371,14 +413,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         correct = torch.zeros((), device=engine.device, dtype=torch.long)
         seen, log_steps = 0, 0
         bar = progress(is_main, sampler, resolved, epoch)
+        first_micro = True
         for x, y in data.train_batches(sampler):
             x = to_model_input(x, engine.device, dtype, memory_format)  # uint8 ImageNet batches: normalised here
             y = y.to(engine.device, non_blocking=True)
+            if step + 1 in inject_nan:
+                x = x * float("nan")
+            if first_micro and buffers:
+                torch._foreach_copy_(buffers_before, buffers)
+            first_micro = False
             noise.maybe_measure(step, x, y, loss_fn)  # every N steps, before the step's first forward; all ranks
             logits = engine(x).float()
             loss = loss_fn(logits, y)
-            if step + 1 in inject_nan:
-                loss = loss * float("nan")
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:
@@ -392,10 +438,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             seen += y.numel()
             if not boundary:
                 continue
-            # One all-reduce per optimizer step: signals, and whether the step was bad on any rank.
+            first_micro = True
             skipped = engine.skipped_steps > skipped_before
-            bad = agreement.after_step((nonfinite_step > 0).double() if engine.fp16_enabled() else float(skipped),
-                                       engine.device)
+            if skipped and buffers:
+                torch._foreach_copy_(buffers, buffers_before)
+            # One all-reduce per optimizer step: whether the step was bad on any rank, and signals.
+            bad, signum = agreement.after_step(
+                (nonfinite_step > 0).double() if engine.fp16_enabled() else float(skipped), engine.device)
             nonfinite_interval += nonfinite_step
             nonfinite_step.zero_()
             step += 1
@@ -404,7 +453,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             samples += batch
             if bar is not None:
                 bar.update(1)
-            logged = step % args.log_interval == 0 or step >= max_steps or step_in_epoch == sampler.steps_per_epoch
+            give_up = streak.update(step, bad)
+            logged = (step % args.log_interval == 0 or step >= max_steps or step_in_epoch == sampler.steps_per_epoch
+                      or bad or give_up or signum)
             if logged:
                 now = time.perf_counter()
                 sums = torch.cat([interval, nonfinite_interval.view(1)])
@@ -425,7 +476,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 interval.zero_()
                 nonfinite_interval.zero_()
                 t_log, log_steps = now, 0
-            if streak.update(step, bad):
+            if give_up:
                 message = streak.message(step, good_tag and str(ckpt_dir / good_tag))
                 if is_main and good_tag and latest_tag(ckpt_dir) != good_tag:
                     write_atomically(ckpt_dir / "latest", good_tag)  # not a checkpoint saved within the streak
@@ -435,10 +486,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(3)
             if args.save_interval and step % args.save_interval == 0 and step < max_steps:
                 checkpoint(epoch, step_in_epoch)
-            if agreement.signum:
+            if signum:
                 say(f"{agreement.name}: saving a checkpoint at step {step} and stopping; --resume continues")
                 checkpoint(epoch, step_in_epoch)
-                raise SystemExit(128 + agreement.signum)
+                raise SystemExit(128 + signum)
             if step >= max_steps:
                 stop = True
                 break
@@ -508,6 +559,23 @@ def rewind_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     return kept
 
 
+def check_resume_layout(saved_config: Path, resolved: Resolved) -> None:
+    """Refuse to resume a ZeRO checkpoint into another stage or world size (its partitions would not fit)."""
+    try:
+        before = json.loads(saved_config.read_text())["derived"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return  # no record of the layout; DeepSpeed's own checks apply
+    now = {"zero_stage": resolved.zero_stage, "world_size": resolved.world_size}
+    changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) is not None and before.get(k) != v}
+    if "world_size" in changed and max(before.get("zero_stage", 0), resolved.zero_stage) == 0:
+        del changed["world_size"]  # without ZeRO every rank holds the whole state
+    if changed:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        raise ConfigError(f"--resume: the checkpoints in {saved_config.parent} were written with another layout "
+                          f"({what}); resume with the config and rank count of the run, or start afresh with "
+                          f"--overwrite")
+
+
 def claim_output_dir(out_dir: Path, args: argparse.Namespace) -> str | None:
     """Never write into another run's folder unless asked (--resume continues it, --overwrite replaces it).
 
@@ -530,9 +598,12 @@ def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError) as e:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same fault; say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except CheckpointError as e:  # each rank reads its own files
+        print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         return 2
     return 0
 
