@@ -2,7 +2,8 @@
 
 A run folder is what train/imagenet.py writes on rank 0: ``config.json`` (run name, command-line args, the
 derived batch arithmetic, optimizer, scheduler, DeepSpeed config) and ``metrics.jsonl`` with one JSON record a
-line, ``"kind"`` one of "step", "epoch", "summary". The same records reach wandb through train/tracking.py with
+line, ``"kind"`` one of "step", "epoch", "summary" (and "checkpoint", kept in the folder only, not read here).
+The step, epoch and summary records reach wandb through train/tracking.py with
 keys prefixed "step/", "epoch/", "summary/" and step = samples seen; ``records_from_history`` turns wandb history
 rows back into the records, so both sources give the same ``Run``.
 

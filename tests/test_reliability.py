@@ -193,4 +193,5 @@ def test_a_frozen_rank_makes_the_others_time_out_instead_of_hanging(tmp_path, fa
     exit_after = time.time() - t_freeze
     assert proc.returncode != 0
     assert timeout_s - 2 <= exit_after < timeout_s + 60, f"job ended {exit_after:.1f} s after the freeze"
+    assert "error (rank 0): a collective waited --dist-timeout 0.25 min for another rank and gave up" in out
     print(f"frozen rank: job ended {exit_after:.1f} s after the freeze (timeout {timeout_s} s)")

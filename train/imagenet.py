@@ -387,7 +387,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             good_tag = tag
         if log:
             log.log({"kind": "checkpoint", "step": step, "samples": samples, "tag": tag,
-                     "seconds": time.perf_counter() - t_save, "finite": finite.item() == 1.0})
+                     "seconds": time.perf_counter() - t_save, "finite": finite.item() == 1.0}, to_wandb=False)
 
     agreement = StepAgreement()
 
@@ -605,6 +605,14 @@ def cli(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # each rank reads its own files
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:  # gloo and NCCL (DistBackendError) time-outs
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        print(f"error (rank {os.environ.get('RANK', '0')}): a collective waited --dist-timeout "
+              f"{args.dist_timeout:g} min for another rank and gave up ({str(e).splitlines()[0][:200]}); a rank hung "
+              f"(stuck device, paused or lost machine). The job stops; --resume continues from the last checkpoint",
+              file=sys.stderr, flush=True)
+        return 4
     return 0
 
 

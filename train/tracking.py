@@ -85,10 +85,10 @@ class RunLog:
                 pass
         self.wandb = None
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], to_wandb: bool = True) -> None:
         record = {k: _clean(v) for k, v in record.items()}
         self.file.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
+        if self.wandb is not None and to_wandb:
             try:
                 prefix = record.get("kind", "step")
                 data = {f"{prefix}/{k}": v for k, v in record.items()
