@@ -374,8 +374,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": step, "samples": samples,
             "wandb_id": log.wandb_id if log else None, "noise_scale": noise.estimator.state_dict(),
         })
-        fsync_files(ckpt_dir / tag, [f.name for f in (ckpt_dir / tag).iterdir() if f.name.startswith(
-            f"zero_pp_rank_{rank}_") or (is_main and f.name.startswith("mp_rank_"))])  # what this rank wrote
+        fsync_files(ckpt_dir / tag, [f.name for f in (ckpt_dir / tag).iterdir() if f"zero_pp_rank_{rank}_" in f.name
+                                     or (is_main and f.name.startswith("mp_rank_"))])  # what this rank wrote
         tensors = [t for t in [*engine.module.parameters(), *buffers] if t.is_floating_point()]
         finite = torch.stack([t.isfinite().all() for t in tensors]).all().float().view(1)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # also the barrier: every rank's files are on disk
