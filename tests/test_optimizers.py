@@ -102,6 +102,17 @@ def test_lars_zero_norms_give_ratio_one_and_no_nan(foreach):
     assert torch.equal(both.detach(), torch.zeros(3, dtype=DT))
 
 
+def _step_side_by_side(ours: torch.optim.Optimizer, a: list[torch.Tensor], ref: torch.optim.Optimizer,
+                       b: list[torch.Tensor], steps: int) -> None:
+    """Step two optimizers over copies of the same parameters with the same random gradients."""
+    for _ in range(steps):
+        g = [torch.randn_like(p) for p in a]
+        _set_grads(a, g)
+        _set_grads(b, g)
+        ours.step()
+        ref.step()
+
+
 def test_lars_adapt_false_group_is_plain_sgd_momentum():
     """Exclusion groups (MLPerf reference): adapt=False means no trust ratio, i.e. torch.optim.SGD."""
     torch.manual_seed(0)
@@ -109,12 +120,7 @@ def test_lars_adapt_false_group_is_plain_sgd_momentum():
     b = [nn.Parameter(p.detach().clone()) for p in a]
     ours = LARS([{"params": a, "adapt": False}], lr=0.3, momentum=0.9, weight_decay=1e-2, trust_coefficient=1e-3)
     ref = torch.optim.SGD(b, lr=0.3, momentum=0.9, weight_decay=1e-2)
-    for _ in range(4):
-        g = [torch.randn_like(p) for p in a]
-        _set_grads(a, g)
-        _set_grads(b, g)
-        ours.step()
-        ref.step()
+    _step_side_by_side(ours, a, ref, b, steps=4)
     for p, q in zip(a, b, strict=True):
         torch.testing.assert_close(p, q)
 
@@ -196,12 +202,7 @@ def test_lamb_adapt_false_group_is_adamw():
     b = [nn.Parameter(p.detach().clone()) for p in a]
     ours = LAMB([{"params": a, "adapt": False}], lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     ref = torch.optim.AdamW(b, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
-    for _ in range(5):
-        g = [torch.randn_like(p) for p in a]
-        _set_grads(a, g)
-        _set_grads(b, g)
-        ours.step()
-        ref.step()
+    _step_side_by_side(ours, a, ref, b, steps=5)
     # AdamW: w(1 - lr wd) - lr a; LAMB without adaptation: w - lr (a + wd w). The same update, term for term.
     for p, q in zip(a, b, strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)

@@ -406,12 +406,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         engine.train()
         t_epoch = t_log = time.perf_counter()
         # Device-side sums, read only at logging intervals: no host synchronisation per micro-step.
-        zeros = torch.zeros(4, device=engine.device, dtype=torch.float64)
-        # [loss sum, finite losses] per logging interval and per epoch; non-finite losses per step and interval
-        interval, epoch_sums, nonfinite_step, nonfinite_interval = zeros[:2].clone(), zeros[:2].clone(), zeros[2], \
-            zeros[3]
+        # [sum of finite losses, their count] over the logging interval and over the epoch (finished intervals)
+        interval = torch.zeros(2, device=engine.device, dtype=torch.float64)
+        epoch_sums = torch.zeros(2, device=engine.device, dtype=torch.float64)
+        nonfinite_step = torch.zeros((), device=engine.device)  # this optimizer step's non-finite losses (fp16 rule)
         correct = torch.zeros((), device=engine.device, dtype=torch.long)
-        seen, log_steps = 0, 0
+        seen, log_steps, micro_interval = 0, 0, 0
         bar = progress(is_main, sampler, resolved, epoch)
         first_micro = True
         for x, y in data.train_batches(sampler):
@@ -433,9 +433,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             engine.step()
             finite = torch.isfinite(loss.detach())
             interval += torch.stack([torch.where(finite, loss.detach(), 0.0), finite]).double()
-            nonfinite_step += (~finite).double()
+            nonfinite_step += ~finite
             correct += (logits.argmax(1) == y).sum()
             seen += y.numel()
+            micro_interval += 1
             if not boundary:
                 continue
             first_micro = True
@@ -444,8 +445,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 torch._foreach_copy_(buffers, buffers_before)
             # One all-reduce per optimizer step: whether the step was bad on any rank, and signals.
             bad, signum = agreement.after_step(
-                (nonfinite_step > 0).double() if engine.fp16_enabled() else float(skipped), engine.device)
-            nonfinite_interval += nonfinite_step
+                (nonfinite_step > 0).float() if engine.fp16_enabled() else float(skipped), engine.device)
             nonfinite_step.zero_()
             step += 1
             step_in_epoch += 1
@@ -458,9 +458,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                       or bad or give_up or signum)
             if logged:
                 now = time.perf_counter()
-                sums = torch.cat([interval, nonfinite_interval.view(1)])
+                sums = interval.clone()
                 dist.all_reduce(sums)  # the loss of the global batch, not of rank 0's share
-                loss_sum, finite_count, nonfinite_count = sums.tolist()
+                loss_sum, finite_count = sums.tolist()
+                nonfinite_count = micro_interval * world - finite_count  # every rank runs as many micro-batches
                 rec = {"kind": "step", "step": step, "epoch": epoch + step_in_epoch / sampler.steps_per_epoch,
                        "samples": samples, "loss": loss_sum / finite_count if finite_count else None, "lr": lr,
                        "images_per_sec": log_steps * batch / (now - t_log), "global_batch": batch,
@@ -474,8 +475,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                     img_s=f"{rec['images_per_sec']:.0f}")
                 epoch_sums += interval
                 interval.zero_()
-                nonfinite_interval.zero_()
-                t_log, log_steps = now, 0
+                t_log, log_steps, micro_interval = now, 0, 0
             if give_up:
                 message = streak.message(step, good_tag and str(ckpt_dir / good_tag))
                 if is_main and good_tag and latest_tag(ckpt_dir) != good_tag:
