@@ -1,22 +1,41 @@
-"""Training-step overhead: train/imagenet.py on 2 CPU ranks (the real deepspeed launcher, gloo) against a plain
-PyTorch DistributedDataParallel loop (gloo, 2 processes) doing the same work.
+"""Training-step speed on this CPU, fp32 and bf16: train/imagenet.py on 2 CPU ranks (the real deepspeed launcher,
+gloo) against a plain PyTorch DistributedDataParallel loop (gloo, 2 processes) doing the same work in the same
+precision.
 
-    python -m benchmarks.train_step                   # 3 interleaved rounds, micro batch 32 x 2 accumulation x 2
-    python -m benchmarks.train_step --micro-batch 16 --rounds 5
+    python -m benchmarks.train_step                        # fp32 and bf16, 3 interleaved rounds, channels-last
+    python -m benchmarks.train_step --rounds 5 --precision bf16
+    python -m benchmarks.train_step --layout contiguous     # both sides NCHW (imagenet.py --no-channels-last)
 
 Same work on both sides: SmallResNet (train/models.py, 3 x 28 x 28 inputs, 10 classes), the synthetic data set
-and the sampler of train/data.py (the same batches), channels-last inputs, fp32, cross-entropy, SGD with
-Nesterov momentum 0.9, lr 0.1, weight decay 1e-4 on conv/linear weights only, one thread per rank. The baseline
-is torch.optim.SGD (foreach) under DDP with ``no_sync`` on all but the last micro-step of an accumulation.
+and the sampler of train/data.py (the same batches), cross-entropy on fp32 logits, SGD with Nesterov momentum 0.9,
+lr 0.1, weight decay 1e-4 on conv/linear weights only, one thread per rank, micro batch 32 x 2 accumulation x 2
+ranks. The baseline is torch.optim.SGD (foreach) under DDP with ``no_sync`` on all but the last micro-step of an
+accumulation.
+
+Precision. imagenet.py runs ``--precision fp32`` or ``--precision bf16`` (passed explicitly). Its bf16 is
+DeepSpeed's bf16 mode: bf16 weights, activations, gradients and gradient all-reduce, fp32 master weights in the
+optimizer (ZeRO-0: ``FP16_UnfusedOptimizer``: bf16 gradients cast to the fp32 master copy, SGD on it, weights cast
+back). The bf16 baseline is one of two plain-torch equivalents (``--bf16-baseline``):
+
+* ``master`` (default): the same scheme written in plain torch: a bf16 model under DDP (bf16 all-reduce), fp32
+  master copies of the weights that torch.optim.SGD updates, copied back to the bf16 model after each step;
+* ``autocast``: ``torch.autocast("cpu", torch.bfloat16)`` on the fp32 model: convolutions and the linear layer in
+  bf16, fp32 weights, gradients and all-reduce, no copies. Measured slower than ``master`` on the 2-core machine
+  (docs/benchmarks.md), so ``master`` is the default: the fastest honest baseline.
+
+Layout. ``--layout channels_last`` (default): NHWC inputs on both sides; the baseline's weights are NHWC too
+(PyTorch's channels-last recipe; with NCHW weights DDP warns that gradient strides do not match its buckets),
+imagenet.py keeps them NCHW (DeepSpeed flattens them) and its inputs NHWC (its default ``--channels-last``).
+``--layout contiguous``: NCHW everywhere, imagenet.py with ``--no-channels-last``.
 
 Timing: images/s per logging interval, the clock read at the same points (every ``--log-interval`` optimizer
 steps, after the step); the first interval (warm-up) is dropped and the median of the others is the run's figure.
 imagenet.py's own figure is its metrics.jsonl ``images_per_sec``; start-up, evaluation and checkpoints are outside
-the intervals. On a shared machine wall-clock rates swing by 2-3x between runs, so the command also prints CPU
-seconds per optimizer step (all ranks): each side runs twice, ``--steps`` and ``--short-steps`` long, and the
-difference of their CPU times over the difference of steps cancels start-up, evaluation and checkpointing; it is
-what other jobs disturb least (gloo waits block rather than spin). Baseline and imagenet.py alternate round by
-round; the ratios printed are medians of the rounds' ratios.
+the intervals. Baseline and imagenet.py alternate within each round (which goes first alternates between rounds),
+and the ratios printed are medians of the rounds' ratios; the load average (``uptime``) is printed with each round,
+since other jobs on the machine move wall-clock rates by 2-3x. ``--short-steps N`` adds CPU seconds per optimizer
+step (all ranks): each side runs a second time N steps long, and the difference of the two runs' CPU times over the
+difference of their steps cancels start-up and shut-down.
 """
 
 from __future__ import annotations
@@ -40,11 +59,33 @@ REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
+PRECISIONS = ("fp32", "bf16")
+LAYOUTS = ("channels_last", "contiguous")
+BF16_BASELINES = ("master", "autocast")
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_description() -> str:
+    """The CPU model (/proc/cpuinfo "model name") and its native bf16 instructions (AVX512_BF16, AMX-BF16)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"CPU: unknown (no /proc/cpuinfo); oneDNN bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 "unknown")
+    flags = set(text.split())
+    bf16 = sorted(f for f in ("avx512_bf16", "amx_bf16") if f in flags)
+    return (f"CPU: {model}, {os.cpu_count()} cores; bf16 instructions: {', '.join(bf16) or 'none (bf16 emulated)'}; "
+            f"oneDNN bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def config(global_batch: int, micro: int) -> dict:
@@ -61,16 +102,18 @@ def child_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_imagenet(tmp: Path, args: argparse.Namespace, round_: int, steps: int) -> tuple[list[float], float]:
+def run_imagenet(tmp: Path, args: argparse.Namespace, precision: str, tag: str, steps: int
+                 ) -> tuple[list[float], float]:
     """One train/imagenet.py run through the deepspeed launcher: images/s of its logging intervals, and the CPU
     seconds of the launcher and both ranks."""
     cfg = tmp / "bench.json"
     cfg.write_text(json.dumps(config(args.micro_batch * args.accum * 2, args.micro_batch)))
-    out = tmp / f"run{round_}-{steps}"
+    out = tmp / f"run-{tag}-{precision}-{steps}"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "train/imagenet.py", "--deepspeed_config", str(cfg), "--dataset", "synthetic", "--arch", "resnet_small",
-           "--image-size", "28", "--precision", "fp32", "--max-steps", str(steps), "--log-interval",
-           str(args.log_interval), "--val-subset", "64", "--no-wandb", "--output-dir", str(out), "--seed", "0"]
+           "--image-size", "28", "--precision", precision, "--max-steps", str(steps), "--log-interval",
+           str(args.log_interval), "--val-subset", "64", "--no-wandb", "--output-dir", str(out), "--seed", "0",
+           "--channels-last" if args.layout == "channels_last" else "--no-channels-last"]
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     c0 = child_cpu()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
@@ -81,7 +124,8 @@ def run_imagenet(tmp: Path, args: argparse.Namespace, round_: int, steps: int) -
     return [r["images_per_sec"] for r in recs if r["kind"] == "step"][1:], cpu
 
 
-def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, steps: int, queue: object) -> None:
+def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, precision: str, steps: int,
+               queue: object) -> None:
     """The baseline: one DDP rank; puts the images/s of each logging interval (rank 0) on ``queue``."""
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -94,13 +138,21 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, steps
     data = synthetic(4096, 512, image_size=28, channels=3, num_classes=10, seed=0)
     torch.manual_seed(0)
     net = SmallResNet(3, 10)
-    if args.ddp_channels_last:
-        net = net.to(memory_format=torch.channels_last)  # PyTorch's channels-last recipe: weights NHWC too
-    model = torch.nn.parallel.DistributedDataParallel(net)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    layout = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
+    net = net.to(memory_format=layout)  # PyTorch's channels-last recipe: weights NHWC too
+    master = precision == "bf16" and args.bf16_baseline == "master"
+    autocast = precision == "bf16" and args.bf16_baseline == "autocast"
+    if master:
+        net = net.to(torch.bfloat16)  # weights, BatchNorm buffers, activations and gradients in bf16
+    model = torch.nn.parallel.DistributedDataParallel(net)  # all-reduces gradients in their dtype (bf16: bf16)
+    params = list(model.parameters())
+    # fp32 master weights for the optimizer, as DeepSpeed's bf16 optimizer keeps them
+    opt_params = [p.detach().float().requires_grad_() for p in params] if master else params
+    decay = [p for p in opt_params if p.ndim > 1]
+    no_decay = [p for p in opt_params if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}],
                           lr=0.1, momentum=0.9, nesterov=True, foreach=True)
+    in_dtype = torch.bfloat16 if master else torch.float32
     accum = args.accum
     sampler = GlobalBatchSampler(4096, args.micro_batch * accum * world, args.micro_batch, world, rank, seed=0)
     batches = data.train_batches(sampler)
@@ -108,11 +160,21 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, steps
     while step < steps:
         for a in range(accum):
             x, y = next(batches)
-            x = x.to(torch.float32, memory_format=torch.channels_last)
+            x = x.to(in_dtype, memory_format=layout)
             with model.no_sync() if a < accum - 1 else nullcontext():
-                loss = F.cross_entropy(model(x), y) / accum
+                with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y) / accum
                 loss.backward()
-        opt.step()
+        if master:
+            for m, p in zip(opt_params, params, strict=True):
+                m.grad = p.grad.float()
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_copy_(params, opt_params)
+            model.zero_grad(set_to_none=True)
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         if step % args.log_interval == 0:
@@ -124,67 +186,112 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, steps
     dist.destroy_process_group()
 
 
-def run_ddp(args: argparse.Namespace, steps: int) -> tuple[list[float], float]:
+def run_ddp(args: argparse.Namespace, precision: str, steps: int) -> tuple[list[float], float]:
     """The baseline's 2 ranks: images/s of their logging intervals and their CPU seconds."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     c0 = child_cpu()
-    mp.start_processes(ddp_worker, args=(2, free_port(), args, steps, queue), nprocs=2, join=True,
+    mp.start_processes(ddp_worker, args=(2, free_port(), args, precision, steps, queue), nprocs=2, join=True,
                        start_method="spawn")
     return queue.get(), child_cpu() - c0
+
+
+def measure(tmp: Path, args: argparse.Namespace, precision: str, round_: int) -> dict[str, float]:
+    """One round for one precision: both sides, the baseline first in odd rounds and second in even ones."""
+    sides = {"base": lambda steps: run_ddp(args, precision, steps),
+             "ours": lambda steps: run_imagenet(tmp, args, precision, f"r{round_}", steps)}
+    order = ("base", "ours") if round_ % 2 == 0 else ("ours", "base")
+    row: dict[str, float] = {}
+    for side in order:
+        rates, cpu_long = sides[side](args.steps)
+        row[f"{side}_wall"] = statistics.median(rates)
+        if args.short_steps:
+            _, cpu_short = sides[side](args.short_steps)
+            row[f"{side}_cpu"] = (cpu_long - cpu_short) / (args.steps - args.short_steps)
+    return row
+
+
+def baseline_name(args: argparse.Namespace, precision: str) -> str:
+    if precision == "fp32":
+        return "plain DDP fp32"
+    return ("plain DDP bf16 model + fp32 master weights" if args.bf16_baseline == "master"
+            else "plain DDP fp32 model under torch.autocast(cpu, bfloat16)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                   help="precisions to measure, each on both sides")
+    p.add_argument("--layout", choices=LAYOUTS, default="channels_last",
+                   help="memory layout of the convolutions' inputs on both sides")
+    p.add_argument("--bf16-baseline", choices=BF16_BASELINES, default="master",
+                   help="plain-torch bf16: a bf16 model with fp32 master weights (DeepSpeed's scheme), or autocast")
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--accum", type=int, default=2, help="micro-steps per optimizer step")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (an epoch is 4096 images)")
-    p.add_argument("--short-steps", type=int, default=10,
-                   help="steps of the second, shorter run on each side: CPU time per step is the difference / "
-                        "(steps - short-steps), start-up and shut-down cancel")
+    p.add_argument("--short-steps", type=int, default=0,
+                   help="if > 0, each side also runs this many steps and CPU seconds per step are printed: the "
+                        "difference of the two runs' CPU times / (steps - short-steps)")
     p.add_argument("--log-interval", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--ddp-channels-last", default=True, action=argparse.BooleanOptionalAction,
-                   help="baseline weights in channels-last too (otherwise DDP warns that gradient strides do not "
-                        "match its buckets and copies them)")
     args = p.parse_args()
+    for name in ("micro_batch", "accum", "steps", "log_interval", "rounds"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if 4096 // (args.micro_batch * args.accum * 2) < args.steps:
         raise SystemExit(f"--steps {args.steps} is more than one synthetic epoch (4096 images) at "
                          f"{args.micro_batch} x {args.accum} x 2 ranks")
+    if args.steps < 2 * args.log_interval:
+        raise SystemExit(f"--steps {args.steps} gives fewer than 2 logging intervals of {args.log_interval} steps; "
+                         f"the first is dropped as warm-up, so at least {2 * args.log_interval} are needed")
+    if not 0 <= args.short_steps < args.steps:
+        raise SystemExit(f"--short-steps {args.short_steps} must be 0 (off) or less than --steps {args.steps}")
+    precisions = list(dict.fromkeys(args.precision))
+    print(cpu_description())
     print(f"2 ranks x micro batch {args.micro_batch} x {args.accum} accumulation = "
           f"{args.micro_batch * args.accum * 2} per step; {args.steps} steps, intervals of {args.log_interval} "
-          f"(first dropped); {os.cpu_count()} cores; torch {torch.__version__}", flush=True)
-    rows = []
+          f"(first dropped); layout {args.layout}; torch {torch.__version__}; {load()}", flush=True)
+    rows: dict[str, list[dict[str, float]]] = {prec: [] for prec in precisions}
+    loads = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            base_rates, base_long = run_ddp(args, args.steps)
-            _, base_short = run_ddp(args, args.short_steps)
-            ours_rates, ours_long = run_imagenet(Path(tmp), args, r, args.steps)
-            _, ours_short = run_imagenet(Path(tmp), args, r, args.short_steps)
-            n = args.steps - args.short_steps
-            row = {"base_wall": statistics.median(base_rates), "ours_wall": statistics.median(ours_rates),
-                   "base_cpu": (base_long - base_short) / n, "ours_cpu": (ours_long - ours_short) / n}
-            rows.append(row)
-            print(f"  round {r + 1}: images/s plain DDP {row['base_wall']:7.1f}, train/imagenet.py "
-                  f"{row['ours_wall']:7.1f} (step time {row['base_wall'] / row['ours_wall']:.3f}x) | CPU s/step "
-                  f"plain DDP {row['base_cpu']:.4f}, train/imagenet.py {row['ours_cpu']:.4f} "
-                  f"({row['ours_cpu'] / row['base_cpu']:.3f}x)", flush=True)
+            for prec in precisions:
+                row = measure(Path(tmp), args, prec, r)
+                rows[prec].append(row)
+                loads.append(os.getloadavg()[0])
+                line = (f"  round {r + 1} {prec}: images/s {baseline_name(args, prec)} {row['base_wall']:7.1f}, "
+                        f"train/imagenet.py {row['ours_wall']:7.1f} (step time "
+                        f"{row['base_wall'] / row['ours_wall']:.3f}x)")
+                if args.short_steps:
+                    line += (f" | CPU s/step plain DDP {row['base_cpu']:.4f}, train/imagenet.py "
+                             f"{row['ours_cpu']:.4f} ({row['ours_cpu'] / row['base_cpu']:.3f}x)")
+                print(f"{line}; {load()}", flush=True)
 
-    def med(key: str) -> float:
-        return statistics.median(row[key] for row in rows)
+    print(f"load average (1 min) after each measurement: min {min(loads):.2f}, median "
+          f"{statistics.median(loads):.2f}, max {max(loads):.2f}")
+    for prec in precisions:
+        rs = rows[prec]
+        wall = [row["base_wall"] / row["ours_wall"] for row in rs]
+        base = statistics.median(row["base_wall"] for row in rs)
+        ours = statistics.median(row["ours_wall"] for row in rs)
+        print(f"{prec}: median images/s {baseline_name(args, prec)} {base:.1f}, train/imagenet.py {ours:.1f}; "
+              f"step time train/imagenet.py / plain torch {statistics.median(wall):.3f}x (median of {len(rs)} "
+              f"interleaved rounds; min {min(wall):.3f}x, max {max(wall):.3f}x; target <= 1.05x)")
+        if args.short_steps:
+            cpu = [row["ours_cpu"] / row["base_cpu"] for row in rs]
+            print(f"{prec}: CPU seconds per step (both ranks; runs of {args.steps} minus runs of "
+                  f"{args.short_steps} steps): plain torch {statistics.median(r['base_cpu'] for r in rs):.4f}, "
+                  f"train/imagenet.py {statistics.median(r['ours_cpu'] for r in rs):.4f}; ratio "
+                  f"{statistics.median(cpu):.3f}x (median; min {min(cpu):.3f}x, max {max(cpu):.3f}x)")
+    if set(PRECISIONS) <= set(precisions):
+        speedup = [b["ours_wall"] / f["ours_wall"] for f, b in zip(rows["fp32"], rows["bf16"], strict=True)]
+        base_speedup = [b["base_wall"] / f["base_wall"] for f, b in zip(rows["fp32"], rows["bf16"], strict=True)]
+        print(f"bf16 / fp32 images/s: train/imagenet.py {statistics.median(speedup):.3f}x, plain torch "
+              f"{statistics.median(base_speedup):.3f}x (median of rounds)")
 
-    wall = [row["base_wall"] / row["ours_wall"] for row in rows]
-    cpu = [row["ours_cpu"] / row["base_cpu"] for row in rows]
-    print(f"median images/s: baseline plain DDP (gloo) {med('base_wall'):.1f}, "
-          f"train/imagenet.py {med('ours_wall'):.1f}")
-    print(f"step time train/imagenet.py / plain DDP, wall clock: {statistics.median(wall):.3f}x (median of "
-          f"{len(rows)} interleaved rounds; min {min(wall):.3f}x, max {max(wall):.3f}x)")
-    print(f"CPU seconds per step (both ranks; runs of {args.steps} minus runs of {args.short_steps} steps): plain DDP "
-          f"{med('base_cpu'):.4f}, train/imagenet.py {med('ours_cpu'):.4f}; ratio {statistics.median(cpu):.3f}x "
-          f"(median; min {min(cpu):.3f}x, max {max(cpu):.3f}x)")
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO, child_env
 
@@ -15,3 +17,21 @@ def test_pipeline_benchmark_prints_ratios_against_torchvision():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "24 JPEGs 160x120 q90" in proc.stdout
     assert "ratio ours/baseline" in proc.stdout and "baseline torchvision ImageFolder+PIL" in proc.stdout
+
+
+def test_train_step_benchmark_prints_fp32_and_bf16_ratios_against_plain_torch():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--rounds", "1", "--steps", "4",
+                           "--log-interval", "2", "--micro-batch", "8", "--accum", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=child_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name"))
+    assert f"CPU: {model}," in proc.stdout
+    for precision in ("fp32", "bf16"):  # the printed ratio is the printed rates' quotient, per precision
+        m = re.search(rf"round 1 {precision}: images/s .* ([\d.]+), train/imagenet.py +([\d.]+) \(step time "
+                      rf"([\d.]+)x\)", proc.stdout)
+        assert m, proc.stdout
+        base, ours, ratio = map(float, m.groups())
+        assert abs(ratio - base / ours) < 0.002 * base / ours, (base, ours, ratio)
+        assert f"{precision}: median images/s" in proc.stdout
+    assert "bf16 model + fp32 master weights" in proc.stdout
