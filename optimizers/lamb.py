@@ -34,16 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._layerwise import LayerwiseOptimizer, NormPlan, check_number, expand, layer_norms
+from ._layerwise import LayerwiseOptimizer, NormPlan, expand, layer_norms, trust_ratio
+from ._validation import check_number
 
 __all__ = ["LAMB", "lamb"]
-
-
-def _trust(w_norm: Tensor, u_norm: Tensor, max_trust_ratio: float | None) -> Tensor:
-    ratio = w_norm / u_norm
-    if max_trust_ratio is not None:
-        ratio = torch.clamp(ratio, max=max_trust_ratio)
-    return torch.where((w_norm > 0.0) & (u_norm > 0.0), ratio, torch.ones_like(ratio))
 
 
 def _bias_corrections(step: int, beta1: float, beta2: float, bias_correction: bool) -> tuple[float, float]:
@@ -65,9 +59,10 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         updates.append(m_hat / (v_hat.sqrt() + eps) + weight_decay * w)
     if plan is not None:
         w_norms, u_norms = layer_norms(params, updates, plan, foreach=False)
+        ratios = trust_ratio(w_norms, u_norms, max_ratio=max_trust_ratio)
     for i, (w, u) in enumerate(zip(params, updates, strict=True)):
         if plan is not None:
-            u = u * _trust(w_norms[i], u_norms[i], max_trust_ratio).to(u.dtype)
+            u = u * ratios[i].to(u.dtype)
         w.add_(u, alpha=-lr)
 
 
@@ -111,7 +106,7 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
         scale: float | Tensor = scales[0]
     else:  # tensors at different step counts (some skipped steps without a gradient): rare, one small copy
         scale = torch.tensor(scales, dtype=w_norm.dtype, device=w_norm.device)
-    ratio = _trust(w_norm, u_norm * scale, max_trust_ratio) * scale
+    ratio = trust_ratio(w_norm, u_norm * scale, max_ratio=max_trust_ratio) * scale
     torch._foreach_addcmul_(params, updates, list(ratio.to(params[0].dtype).unbind(0)), value=-lr)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import re
 import subprocess
 import sys
@@ -35,3 +36,17 @@ def test_train_step_benchmark_prints_fp32_and_bf16_ratios_against_plain_torch():
         assert abs(ratio - base / ours) < 0.002 * base / ours, (base, ours, ratio)
         assert f"{precision}: median images/s" in proc.stdout
     assert "bf16 model + fp32 master weights" in proc.stdout
+
+
+def test_optimizer_benchmark_prints_both_cases_with_the_cpu_model():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.optimizer", "--arch", "resnet18", "--repeats", "1",
+                           "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=300, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    cpu = names[0] if names else (platform.processor() or platform.machine())
+    out = proc.stdout
+    assert f"{cpu}, 1 thread, our groups" in out and f"{cpu}, 1 thread, all 62 tensors" in out, out
+    assert out.count("x torch SGD (foreach)") >= 4 and out.count("x torch AdamW (foreach)") >= 4, out
+    assert "x our SGD (foreach)" in out, out
