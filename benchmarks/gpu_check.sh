@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# One prepared GPU check (issue 11): on one H100/H200 with 16 cores and no network, in one command, it installs the
+# carried wheels, runs the `gpu` test tier, measures ResNet-50 fp16 images/s (synthetic, channels_last), the JPEG
+# pipeline alone and end to end with 16 loader processes, and writes OUT/gpu_report.md, including whether the GPU
+# waited on data. docs/benchmarks.md ("GPU check") says how to prepare it (benchmarks/wheelhouse.sh) and run it.
+#
+#   bash benchmarks/gpu_check.sh --out "$OUT"            # on the GPU machine, with .whl/ beside the repo's files
+#   bash benchmarks/gpu_check.sh --out /tmp/x --dry-run  # CPU: every stage with a tiny model, a complete report
+#
+# Options: --out DIR (default: gpu_check_out), --wheels DIR (default: .whl), --budget SECONDS for all stages
+# (default 500), --workers N loader processes (default 16), --dry-run. PYTHON picks the interpreter (python3).
+# Each stage runs under `timeout`; a stage that fails or times out is recorded and the next one still runs; the
+# report is always written. Files in OUT: gpu_report.md, gpu_check.log (all output), info.json, stages.jsonl,
+# results_synthetic.json, results_jpeg.json, pytest.xml.
+set -u
+cd "$(dirname "$0")/.."
+
+OUT=gpu_check_out
+WHEELS=.whl
+BUDGET=500
+WORKERS=16
+DRY=0
+PY=${PYTHON:-python3}
+VENV=${GPU_CHECK_VENV:-/tmp/gpu_check_venv}
+
+# ---- the install stage, run as its own process under timeout (bash gpu_check.sh --_install WHEELS VENV) --------
+if [ "${1:-}" = "--_install" ]; then
+    WHEELS=$2 VENV=$3
+    ds=$(ls "$WHEELS"/deepspeed-*.whl 2>/dev/null | head -1)
+    if [ -z "$ds" ]; then
+        echo "no deepspeed wheel in $WHEELS: run benchmarks/wheelhouse.sh where PyPI is reachable"
+        exit 3
+    fi
+    version=$(basename "$ds" | cut -d- -f2)
+    want=("deepspeed==$version")
+    "$PY" -c "import pytest" 2>/dev/null || want+=(pytest)
+    # A venv that sees the image's own packages (its torch): `venv --system-site-packages` would not, when python3
+    # is itself a venv (it would see the base interpreter's), so a .pth adds python3's site folders after our own.
+    rm -rf "$VENV"
+    if "$PY" -m venv --without-pip "$VENV"; then
+        sites=$("$PY" -c "import sys; print('; '.join(f'site.addsitedir({p!r})' for p in sys.path
+                          if p.endswith(('site-packages', 'dist-packages'))))")
+        purelib=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+        echo "import site; $sites" > "$purelib/_gpu_check_image_site.pth"
+        if ! "$VENV/bin/python" -m pip install --no-index --no-cache-dir --disable-pip-version-check \
+                --find-links "$WHEELS" "${want[@]}"; then
+            # pip also checks the requirements of the image's torch; if one of those is missing it cannot resolve
+            # offline. Then: deepspeed and every carried wheel whose distribution is absent, without resolving.
+            echo "resolving install failed; installing deepspeed and the absent distributions with --no-deps"
+            mapfile -t absent < <("$VENV/bin/python" - "$WHEELS" <<'PYEOF'
+import importlib.metadata as md
+import sys
+from pathlib import Path
+
+for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
+    name = wheel.name.split("-")[0]
+    try:
+        md.distribution(name)
+        if name == "deepspeed":
+            print(wheel)
+    except md.PackageNotFoundError:
+        print(wheel)
+PYEOF
+            )
+            "$VENV/bin/python" -m pip install --no-index --no-cache-dir --disable-pip-version-check --no-deps \
+                "${absent[@]}" || exit 4
+        fi
+        "$VENV/bin/python" -c "import deepspeed, pydantic, pytest, torch, torchvision
+print('installed: deepspeed', deepspeed.__version__, '| pydantic', pydantic.VERSION, '| pytest', pytest.__version__,
+      '| torch', torch.__version__, '(image) | torchvision', torchvision.__version__, '(image)')" || exit 5
+    else  # no venv module: into a folder on PYTHONPATH (the launcher tests then fail: no bin/deepspeed)
+        echo "python3 -m venv failed; installing into $VENV/site with --target instead"
+        "$PY" -m pip install --no-index --no-cache-dir --disable-pip-version-check --target "$VENV/site" \
+            --find-links "$WHEELS" "${want[@]}" || exit 6
+    fi
+    exit 0
+fi
+
+while [ $# -gt 0 ]; do
+    case $1 in
+        --out) OUT=$2; shift 2 ;;
+        --wheels) WHEELS=$2; shift 2 ;;
+        --budget) BUDGET=$2; shift 2 ;;
+        --workers) WORKERS=$2; shift 2 ;;
+        --dry-run) DRY=1; shift ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument '$1'; expected --out DIR, --wheels DIR, --budget SECONDS," \
+                "--workers N, --dry-run" >&2; exit 2 ;;
+    esac
+done
+case $BUDGET$WORKERS in *[!0-9]*) echo "gpu_check.sh: --budget and --workers take whole numbers" \
+    "(got '$BUDGET', '$WORKERS')" >&2; exit 2 ;; esac
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+[ -d "$WHEELS" ] && WHEELS=$(cd "$WHEELS" && pwd)
+LOG=$OUT/gpu_check.log
+STAGES=$OUT/stages.jsonl
+: > "$LOG"
+: > "$STAGES"
+rm -f "$OUT"/results_*.json "$OUT/pytest.xml" "$OUT/info.json" "$OUT/gpu_report.md"
+DEADLINE=$(( $(date +%s) + BUDGET ))
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true
+
+record() {  # record NAME RC SECONDS LIMIT [NOTE]
+    printf '{"stage": "%s", "rc": %s, "seconds": %s, "limit": %s, "note": "%s"}\n' "$1" "$2" "$3" "$4" "${5:-}" \
+        >> "$STAGES"
+}
+
+stage() {  # stage NAME LIMIT COMMAND...: COMMAND under timeout, output to the log, outcome to stages.jsonl
+    local name=$1 limit=$2 left rc t0 t1
+    shift 2
+    left=$(( DEADLINE - $(date +%s) - 15 ))  # 15 s kept for the report
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -lt 10 ]; then
+        echo "=== $name: skipped, the budget of $BUDGET s is spent" | tee -a "$LOG"
+        record "$name" null 0 "$limit" "the budget of $BUDGET s was spent"
+        return
+    fi
+    echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
+    t0=$(date +%s.%N)
+    timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1 < /dev/null
+    rc=$?
+    t1=$(date +%s.%N)
+    record "$name" "$rc" "$(awk "BEGIN {printf \"%.1f\", $t1 - $t0}")" "$limit"
+    echo "=== $name: rc $rc" | tee -a "$LOG"
+}
+
+# 1. wheels (the GPU image has torch but no deepspeed)
+if [ "$DRY" = 1 ]; then
+    record install null 0 0 "dry run: the current interpreter is used as it is"
+elif [ ! -d "$WHEELS" ]; then
+    record install null 0 0 "no wheel folder $WHEELS: the current interpreter is used as it is"
+else
+    stage install 120 bash "$0" --_install "$WHEELS" "$VENV"
+    if [ -x "$VENV/bin/python" ] && timeout 120 "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
+        PY=$VENV/bin/python
+    elif [ -d "$VENV/site/deepspeed" ]; then
+        export PYTHONPATH=$VENV/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+fi
+echo "python: $PY" >> "$LOG"
+
+# 2. the machine
+stage info 60 "$PY" -m benchmarks.gpu --info "$OUT/info.json" $([ "$DRY" = 1 ] && echo --smoke)
+
+# 3. ResNet-50 fp16, synthetic, channels_last, micro batch 256; 4. the JPEG pipeline alone, then end to end
+if [ "$DRY" = 1 ]; then
+    bench=(--smoke --workers 2)
+else
+    # 5 intervals of 32 steps x 256 images (2 rounds of 16 loader processes each) after a warm-up interval
+    bench=(--micro-batches 256 --no-largest --steps 32 --intervals 5 --workers "$WORKERS" --jpeg-images 1024)
+fi
+stage "resnet50 synthetic" 120 "$PY" -m benchmarks.gpu "${bench[@]}" --sources synthetic \
+    --json "$OUT/results_synthetic.json"
+stage "jpeg pipeline" 150 "$PY" -m benchmarks.gpu "${bench[@]}" --sources loader,jpeg --json "$OUT/results_jpeg.json"
+
+# 5. the gpu test tier: every test file with a gpu marker (on a CPU all of them are skipped)
+mapfile -t files < <(grep -l "mark.gpu" tests/test_*.py)
+if [ -z "${FASHION_MNIST_DIR:-}" ] && [ -f "$WHEELS/fashion-mnist/train-images-idx3-ubyte.gz" ]; then
+    export FASHION_MNIST_DIR=$WHEELS/fashion-mnist
+fi
+stage "pytest -m gpu" 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest.xml" "${files[@]}"
+
+# 6. the report, always
+if ! timeout 60 "$PY" -m benchmarks.gpu --report "$OUT" > /dev/null 2>> "$LOG" &&
+   ! timeout 60 python3 -m benchmarks.gpu --report "$OUT" > /dev/null 2>> "$LOG"; then
+    { echo "# GPU check report"; echo; echo "The report writer failed (see gpu_check.log); the stages:"; echo
+      sed 's/^/    /' "$STAGES"; } > "$OUT/gpu_report.md"
+fi
+echo "report: $OUT/gpu_report.md"
+grep -E "^\*\*GPU waited|^\| (synthetic|end to end|JPEG)|passed" "$OUT/gpu_report.md"
+exit 0
