@@ -195,3 +195,39 @@ def test_a_frozen_rank_makes_the_others_time_out_instead_of_hanging(tmp_path, fa
     assert timeout_s - 2 <= exit_after < timeout_s + 60, f"job ended {exit_after:.1f} s after the freeze"
     assert "error (rank 0): a collective waited --dist-timeout 0.25 min for another rank and gave up" in out
     print(f"frozen rank: job ended {exit_after:.1f} s after the freeze (timeout {timeout_s} s)")
+
+
+def test_sigterm_in_a_long_accumulation_is_acted_on_within_the_grace_period(tmp_path, fashion_mnist_dir):
+    """Goyal's recipes on few ranks accumulate hundreds of micro-steps per optimizer step (lars-32k on 2 ranks: 512),
+    longer than a scheduler's 30 s grace after SIGTERM. Here one step is 500 micro-steps per rank. SIGTERM to the
+    launcher in the middle of step 2: the ranks agree between micro-steps, put back the BatchNorm statistics the
+    partial step moved, save step 1 and exit well before step 2 could have finished; --resume redoes step 2 from its
+    first micro-batch and ends with the weights of an uninterrupted run, bit for bit."""
+    micro, accum = 4, 500
+    cfg = write_config(tmp_path / "c.json", sgd_config(micro * accum * 2, micro, scheduler=False, epochs=1))
+    common = ["--deepspeed_config", str(cfg), "--dataset", "fashion-mnist", "--data-dir", str(fashion_mnist_dir),
+              "--arch", "resnet_small", "--train-subset", str(3 * micro * accum * 2), "--val-subset", "64",
+              "--precision", "fp32", "--no-wandb", "--log-interval", "1", "--max-steps", "2"]
+    run = tmp_path / "run"
+    proc = start([*common, "--output-dir", str(run)])
+    wait_for_step(run, 1, proc)
+    time.sleep(1.0)  # well inside step 2 (a step of 500 micro-steps takes several seconds)
+    launcher = next(p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in " ".join(
+        p.cmdline()))
+    launcher.send_signal(signal.SIGTERM)
+    t_term = time.time()
+    out, _ = proc.communicate(timeout=60)
+    exit_after = time.time() - t_term
+    assert proc.returncode != 0
+    assert "SIGTERM: saving a checkpoint at step 1 and stopping (the step under way is dropped" in out, out[-3000:]
+    assert "exited unexpectedly" not in out
+    assert (run / "checkpoints" / "latest").read_text() == "step1"
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "step"] == [1]
+    assert exit_after < 15, f"ranks took {exit_after:.1f} s after SIGTERM (a scheduler kills after 30 s)"
+    print(f"SIGTERM mid-accumulation ({accum} micro-steps per step): all ranks out {exit_after:.1f} s after it")
+
+    launch([*common, "--output-dir", str(run), "--resume"])
+    launch([*common, "--output-dir", str(tmp_path / "ref")])
+    a = torch.load(run / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

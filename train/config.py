@@ -27,9 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Keys of our own that are removed before DeepSpeed sees the config.
-PROJECT_KEYS = ("training",)
-
 TRAINING_DEFAULTS: dict[str, Any] = {
     "epochs": 90,
     "label_smoothing": 0.0,
@@ -197,6 +194,7 @@ class Resolved:
     config_precision: str
     zero_stage: int
     notes: list[str] = field(default_factory=list)
+    precision_reason: str = ""  # why this precision (train/precision.py): recorded in config.json
     epoch_batches: list[int] = field(default_factory=list)  # the global batch of each epoch
 
     def batch_at(self, epoch: int) -> int:
@@ -208,6 +206,7 @@ class Resolved:
             "world_size": self.world_size, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
             "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
             "total_steps": self.total_steps, "precision": self.precision, "config_precision": self.config_precision,
+            "precision_reason": self.precision_reason,
             "zero_stage": self.zero_stage, "optimizer": self.optimizer.get("type"),
             "lr": peak_lr(self.optimizer, self.scheduler),
             "warmup_steps": sp.get("warmup_num_steps", 0),
@@ -236,6 +235,7 @@ def resolve(
     precision: str = "auto",
     supported_precisions: tuple[str, ...] = PRECISIONS,
     fast_precisions: tuple[str, ...] = PRECISIONS,
+    precision_reason: str = "",
 ) -> Resolved:
     """Resolve a loaded config for a run: batch arithmetic, precision fallback, epochs -> steps.
 
@@ -286,6 +286,9 @@ def resolve(
             raise ConfigError(f"--precision {precision} is not supported on this device; supported: "
                               f"{', '.join(p for p in PRECISIONS if p in supported_precisions)}")
         chosen = precision
+        if precision == "fp16" and "fp16" not in fast_precisions:
+            notes.append("WARNING: --precision fp16 on this device is emulated and slow (often 100x bf16's step "
+                         "time on a CPU); --precision auto picks bf16 or fp32 by measured speed")
     else:
         raise ConfigError(f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}")
     set_precision(cfg, chosen)
@@ -327,4 +330,4 @@ def resolve(
         ds_config=cfg, training=training, optimizer=optimizer, scheduler=scheduler, world_size=world_size,
         global_batch=global_batch, micro_batch=micro, grad_accum=accum, steps_per_epoch=steps_per_epoch,
         epochs=training["epochs"], total_steps=total_steps, precision=chosen, config_precision=wanted,
-        zero_stage=zero_stage, notes=notes, epoch_batches=epoch_batches)
+        zero_stage=zero_stage, notes=notes, precision_reason=precision_reason, epoch_batches=epoch_batches)

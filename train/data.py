@@ -172,6 +172,8 @@ class TensorData:
     so a resumed run draws the same ones.
     """
 
+    skipped = 0  # unreadable samples met in the current training pass: none in memory
+
     def __init__(self, name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
                  mean: float, std: float, channels: int, flip: bool, seed: int):
         self.name, self.train, self.val = name, train, val
@@ -344,7 +346,7 @@ class ImageFolderData:
         self.val = JpegFolder(val_samples, ValTransform(image_size, draft=draft), seed, random=False)
         self.workers = default_workers(int(os.environ.get("LOCAL_SIZE", "1"))) if workers is None else workers
         self.seed, self.uint8, self.prefetch_factor = seed, uint8, prefetch_factor
-        self.skipped = 0  # corrupt images seen by this rank
+        self.skipped = 0  # corrupt images this rank met in the current training pass (and its evaluation)
         self.info = DataInfo("imagenet", len(self.train), len(self.val), len(classes), 3, image_size)
 
     def normalize(self, x: torch.Tensor, dtype: torch.dtype = torch.float32,
@@ -362,6 +364,7 @@ class ImageFolderData:
             prefetch_factor=self.prefetch_factor if self.workers else None, worker_init_fn=_ignore_stop_signals)
 
     def train_batches(self, sampler: GlobalBatchSampler) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.skipped = 0
         for x, y, bad in self._loader(self.train, sampler, sampler.epoch):
             self.skipped += bad
             yield x, y

@@ -1,10 +1,72 @@
-"""Distributed start-up shared by the entry point and the test workers."""
+"""Distributed start-up shared by the entry points and the test workers: one process or many, CPU or GPU.
+
+:func:`init` is what an entry point calls first: it makes a plain ``python train/x.py`` a world of one, gives a CPU
+rank its share of the cores, starts DeepSpeed's process group with the run's collective timeout, frees DeepSpeed's
+CPU shared-memory names, and returns the :class:`World` (rank, size, printing on rank 0 only).
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def single_process_env() -> None:
+    """Let plain ``python train/<entry>.py`` run as a world of one (the launcher sets these for its ranks)."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+
+
+@dataclass
+class World:
+    """This rank's place in the job."""
+
+    rank: int
+    size: int
+    device_type: str  # "cpu", "cuda", ...
+    timeout: timedelta
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device_type == "cpu"
+
+    def say(self, *msg: Any) -> None:
+        """Print on rank 0 only."""
+        if self.is_main:
+            print(*msg, flush=True)
+
+
+def init(timeout_minutes: float) -> World:
+    """Start the process group (DeepSpeed's backend for the accelerator) with the run's collective timeout."""
+    single_process_env()
+    import deepspeed  # heavy: imported once the command line has been checked
+    from deepspeed.accelerator import get_accelerator
+
+    device_type = get_accelerator().device_name()
+    if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the node's cores shared among its ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    timeout = timedelta(minutes=timeout_minutes)
+    deepspeed.init_distributed(timeout=timeout)
+    world = World(torch.distributed.get_rank(), torch.distributed.get_world_size(), device_type, timeout)
+    if world.on_cpu:
+        torch.distributed.barrier()  # every rank has mapped every shared-memory buffer
+        release_cpu_shm_names()
+    return world
 
 
 def release_cpu_shm_names() -> int:
@@ -35,11 +97,19 @@ def set_collective_timeout(timeout: timedelta) -> int:
     torch's default instead, 30 minutes for gloo and 10 for NCCL, whatever the run asked for. Call after
     ``deepspeed.initialize``.
     """
-    import torch.distributed as dist
-
+    dist = torch.distributed
     c10d = dist.distributed_c10d
     set_timeout = getattr(dist, "set_timeout", None) or c10d._set_pg_timeout  # public from torch 2.12
     groups = list(c10d._world.pg_map)
     for group in groups:
         set_timeout(timeout, group)
     return len(groups)
+
+
+def signal_group(world: World) -> Any:
+    """The process group for agreeing on stop signals between micro-steps: a CPU all-reduce with no device sync.
+
+    On a CPU job the world group already is one (None); on GPUs a gloo group beside NCCL. Call on every rank."""
+    if world.on_cpu or torch.distributed.get_backend() == "gloo":
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=world.timeout)

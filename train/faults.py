@@ -8,12 +8,18 @@ rule. In all modes a skipped step leaves weights, optimizer state and the lr sch
 increments ``engine.skipped_steps``, which the step records log.
 
 Every optimizer step ends with one small all-reduce (:class:`StepAgreement`) so that all ranks take the same
-decision: stop for a signal, count a skipped step, stop after too many skipped steps in a row.
+decision: stop for a signal, count a skipped step, stop after too many skipped steps in a row. Between the
+micro-steps of a gradient accumulation the ranks also agree on signals (a one-number all-reduce on the CPU), so a
+step of hundreds of micro-batches cannot outlast a scheduler's grace period (30 s after SIGTERM, then SIGKILL).
+
+:class:`StepGuard` puts these together for a training loop: it is called once before and once after each
+micro-step and answers what to do (go on, the step was fine, it was skipped, stop, save and exit).
 """
 
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,6 +65,15 @@ class StepAgreement:
 
     def _raise(self, signum: int, frame: Any) -> None:
         self.signum, self.name = signum, signal.Signals(signum).name
+
+    def poll(self, group: Any = None) -> int:
+        """Agree on a signal between two micro-steps (a one-number all-reduce over ``group``); return it or 0."""
+        flag = torch.tensor([float(self.signum)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        signum = int(flag.item())
+        if signum and not self.signum:
+            self.signum, self.name = signum, signal.Signals(signum).name
+        return signum
 
     def after_step(self, bad: bool | torch.Tensor, device: Any) -> tuple[bool, int]:
         """Agree on whether this step was bad on any rank and on a signal; return both (signal number or 0).
@@ -109,3 +124,76 @@ class BadStepStreak:
                 f"optimizer state and BatchNorm statistics are those before step {self.first}; {where}. Usual "
                 f"causes: lr too high or warmup too short for the batch, fp16 overflow in the forward pass, bad input "
                 f"data")
+
+
+@dataclass
+class Verdict:
+    """What the loop does after a micro-step (:meth:`StepGuard.after_micro`)."""
+
+    completed: bool  # an optimizer step ended with this micro-step (taken or skipped)
+    bad: bool = False  # ... and it was skipped on some rank for a non-finite loss or gradients
+    give_up: bool = False  # ... and that made too many bad steps in a row: stop the run
+    signum: int = 0  # a stop signal the ranks agreed on: save and exit (mid-accumulation too)
+
+
+class StepGuard:
+    """The reliability rules around one optimizer step, for any DeepSpeed training loop::
+
+        x = guard.before_micro(x, step)      # snapshot BatchNorm statistics at a step's first micro-batch
+        loss = ...; engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        verdict = guard.after_micro(loss, boundary, step)
+
+    After a skipped step it puts the BatchNorm running statistics back (they move in the forward pass, and NaN
+    statistics would stay forever); with fp16 it counts non-finite losses (only those make a bad step: overflow
+    skips are how the loss scaler finds its scale); it agrees across ranks after every step and, with
+    accumulation, on signals between micro-steps; it counts bad steps in a row (:class:`BadStepStreak`).
+    ``inject_nan`` (1-based optimizer steps) makes this rank's inputs NaN there: a testing aid.
+    """
+
+    def __init__(self, engine: Any, *, max_skipped_steps: int, inject_nan: tuple[int, ...] | set[int] = (),
+                 signal_group: Any = None):
+        self.engine = engine
+        self.agreement = StepAgreement()
+        self.streak = BadStepStreak(max_skipped_steps)
+        self.inject_nan = set(inject_nan)
+        self.signal_group = signal_group  # a gloo group for polls on GPU jobs (no device synchronisation)
+        self.buffers = list(engine.module.buffers())
+        self._saved = [b.detach().clone() for b in self.buffers]
+        self._first_micro = True
+        self._skipped_before = 0
+        self._nonfinite = torch.zeros((), device=engine.device)  # this step's non-finite losses (fp16 rule)
+
+    def before_micro(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Call with each micro-batch's input before the forward; ``step`` is the number of steps completed."""
+        if self._first_micro:
+            if self.buffers:
+                torch._foreach_copy_(self._saved, self.buffers)
+            self._skipped_before = self.engine.skipped_steps
+            self._first_micro = False
+        return x * float("nan") if step + 1 in self.inject_nan else x
+
+    def after_micro(self, loss: torch.Tensor, boundary: bool, step: int) -> Verdict:
+        """Call after ``engine.step()`` with the micro-batch's loss, whether it was a step's last micro-batch, and
+        the number of steps completed before it."""
+        self._nonfinite += ~torch.isfinite(loss.detach())
+        if not boundary:  # between micro-steps: only a signal can interrupt
+            return Verdict(False, signum=self.agreement.poll(self.signal_group))
+        self._first_micro = True
+        skipped = self.engine.skipped_steps > self._skipped_before
+        if skipped:
+            self.restore_buffers()
+        bad, signum = self.agreement.after_step(
+            (self._nonfinite > 0).float() if self.engine.fp16_enabled() else float(skipped), self.engine.device)
+        self._nonfinite.zero_()
+        return Verdict(True, bad, self.streak.update(step + 1, bad), signum)
+
+    def restore_buffers(self) -> None:
+        """Put the BatchNorm statistics back to where they were before this step's first micro-batch."""
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self._saved)
+
+    @property
+    def signal_name(self) -> str:
+        return self.agreement.name

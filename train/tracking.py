@@ -14,9 +14,12 @@ import netrc
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import torch
 
 
 def git_commit() -> str | None:
@@ -113,3 +116,75 @@ class RunLog:
                 self.wandb.finish()
             except Exception as e:  # noqa: BLE001
                 self._wandb_failed("finish", e)
+
+
+class StepMeter:
+    """Training loss and accuracy of the steps between two records, without a host synchronisation per micro-step.
+
+    Sums stay on the device and are read, all-reduced over ranks (the global batch's loss, not rank 0's share), only
+    when a record is written. ``add`` takes the micro-batch's mean loss and its count of correct predictions out of
+    ``count`` (images for a classifier, masked tokens for a language model); a non-finite loss is counted apart.
+    """
+
+    def __init__(self, device: Any, world_size: int, rate_name: str = "images_per_sec"):
+        self.device, self.world_size, self.rate_name = device, world_size, rate_name
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        zeros = torch.zeros(2, device=self.device, dtype=torch.float64)
+        self.interval, self.epoch = zeros, zeros.clone()  # [sum of finite losses, their count]
+        self.correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.seen = 0  # samples of this rank this epoch
+        self.counted = 0  # what the accuracy counts (samples or tokens) on this rank this epoch
+        self.micro = self.steps = 0  # micro-batches and optimizer steps since the last record
+        self.t_epoch = self.t_log = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, count: int, samples: int) -> None:
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        self.interval += torch.stack([torch.where(finite, loss, 0.0), finite]).double()
+        self.correct += correct
+        self.counted += count
+        self.seen += samples
+        self.micro += 1
+
+    def step_record(self, *, step: int, epoch: float, samples: int, lr: float, batch: int, engine: Any,
+                    **extra: Any) -> dict[str, Any]:
+        """The ``step`` record of the steps since the last one (one all-reduce)."""
+        now = time.perf_counter()
+        sums = self.interval.clone()
+        torch.distributed.all_reduce(sums)
+        loss_sum, finite = sums.tolist()
+        rec = {"kind": "step", "step": step, "epoch": epoch, "samples": samples,
+               "loss": loss_sum / finite if finite else None, "lr": lr,
+               self.rate_name: self.steps * batch / max(now - self.t_log, 1e-9), "global_batch": batch,
+               "loss_scale": engine.optimizer.loss_scale if engine.fp16_enabled() else None,
+               "skipped_steps": engine.skipped_steps,
+               "nonfinite_losses": int(self.micro * self.world_size - finite),  # every rank runs as many micro-batches
+               **extra}
+        self.epoch += self.interval
+        self.interval.zero_()
+        self.t_log, self.steps, self.micro = now, 0, 0
+        return rec
+
+    def epoch_totals(self, skipped: int = 0) -> dict[str, float]:
+        """Loss, error (%) and counts of the whole epoch over all ranks (one all-reduce)."""
+        totals = torch.cat([self.epoch + self.interval, self.correct.view(1),
+                            torch.tensor([self.counted, self.seen, skipped], dtype=torch.float64,
+                                         device=self.device)])
+        torch.distributed.all_reduce(totals)
+        loss_sum, finite, correct, counted, seen, skipped_all = totals.tolist()
+        seconds = time.perf_counter() - self.t_epoch
+        return {"train_loss": loss_sum / max(1.0, finite), "train_error": 100 * (1 - correct / max(1.0, counted)),
+                "seen": seen, "skipped": skipped_all, "epoch_time": seconds,
+                self.rate_name: seen / max(seconds, 1e-9)}
+
+
+def progress_bar(enabled: bool, total: int, initial: int, desc: str) -> Any:
+    """A tqdm bar of optimizer steps on rank 0 (None elsewhere); sparse updates when stderr is not a terminal."""
+    if not enabled:
+        return None
+    from tqdm import tqdm  # only rank 0 draws
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0)

@@ -1,0 +1,102 @@
+"""The command line every entry point shares: the run's flags, their checks, and errors turned into messages.
+
+The JSON config owns the experiment; these flags own the run (where it writes, how long, how often it logs and
+saves, what it does on faults). An entry point adds its own flags (data, model) and calls :func:`run` with its
+``main``; every rank then ends with a one-line message and an exit code instead of a traceback for a fault the
+user can act on: 2 bad input, 3 too many skipped steps, 4 a collective time-out (a rank hung), 128 + N a signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from train.checkpoints import CheckpointError
+from train.config import ConfigError
+from train.data import DataError
+
+
+def int_at_least(low: int) -> Any:
+    """argparse type: an integer >= low, with a message naming the value otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, wandb_project: str = "largebatch") -> None:
+    """The flags of a run, the same for every entry point."""
+    p.add_argument("--deepspeed_config", required=True, metavar="FILE",
+                   help="the JSON file that defines the experiment (ds_configs/*.json)")
+    p.add_argument("--epochs", type=int_at_least(1), default=None, help="override the config's training.epochs")
+    p.add_argument("--max-steps", type=int_at_least(1), default=None,
+                   help="stop when the run's optimizer step count (from the run's start) reaches N")
+    p.add_argument("--micro-batch", type=int_at_least(1), default=None,
+                   help="override train_micro_batch_size_per_gpu (changes accumulation, not the global batch)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: the config's on a GPU; on a CPU bf16 where a timed probe shows it faster than fp32, "
+                        "else fp32 (never fp16: emulated); the choice and why go to config.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default=None, metavar="DIR", help="run folder (default runs/<run name>)")
+    p.add_argument("--run-name", default=None, help="default <config name>-seed<seed>, e.g. lars-32k-seed0")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    p.add_argument("--overwrite", action="store_true", help="allow reusing the folder of another run")
+    p.add_argument("--save-interval", type=int_at_least(0), default=0,
+                   help="also checkpoint every N optimizer steps (0: only at epoch ends and at the end)")
+    p.add_argument("--log-interval", type=int_at_least(1), default=10,
+                   help="log loss/lr/throughput every N steps")
+    p.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
+    p.add_argument("--wandb-project", default=wandb_project)
+    p.add_argument("--wandb-group", default=None, help="group of runs to compare (a study name)")
+    p.add_argument("--max-skipped-steps", type=int_at_least(0), default=10, metavar="N",
+                   help="stop after N optimizer steps in a row skipped for a non-finite loss or gradients; 0: never")
+    p.add_argument("--trusted-checkpoint", action="store_true",
+                   help="--resume: load checkpoint files with full pickle (weights_only=False); only for trusted files")
+    p.add_argument("--inject-nan", type=int_at_least(1), nargs="+", default=(), metavar="STEP",
+                   help="testing aid: rank 0's inputs are NaN in these optimizer steps (1-based)")
+    p.add_argument("--dist-timeout", type=positive_float, default=30.0,
+                   help="minutes a collective may wait for a dead rank before the run fails")
+    p.add_argument("--ds-log-level", default="WARNING", help="DeepSpeed's own log level")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
+
+
+def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Call ``main(args)``; turn the faults a user can act on into one message and an exit code."""
+    rank = os.environ.get("RANK", "0")
+    try:
+        main(args)
+    except (ConfigError, DataError) as e:
+        if rank == "0":  # every rank finds the same fault; say it once
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except CheckpointError as e:  # each rank reads its own files
+        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as e:  # gloo and NCCL (DistBackendError) time-outs
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        print(f"error (rank {rank}): a collective waited --dist-timeout {args.dist_timeout:g} min for another rank "
+              f"and gave up ({str(e).splitlines()[0][:200]}); a rank hung (stuck device, paused or lost machine). "
+              f"The job stops; --resume continues from the last checkpoint", file=sys.stderr, flush=True)
+        return 4
+    return 0

@@ -1,0 +1,92 @@
+"""From a resolved config and a model to a DeepSpeed engine that every entry point trains the same way.
+
+:func:`build_optimizer_and_schedule` builds our optimizers (optimizers/) and schedules (train/schedules.py) from the
+config's blocks and completes the DeepSpeed config: the one place, after :func:`train.config.resolve`, where what
+DeepSpeed is given is decided. :func:`build_engine` calls ``deepspeed.initialize`` and then applies what every run
+needs from us: layer-wise optimizers bound to the real layers behind DeepSpeed's flat partitions, the run's
+collective timeout on every process group, checkpoint loads that cannot run code, and DeepSpeed's skip rule for
+non-finite steps in the one mode that lacks it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+import optimizers
+from train.checkpoints import load_weights_only
+from train.config import ConfigError, Resolved
+from train.distributed import set_collective_timeout
+from train.faults import skip_nonfinite_steps
+from train.schedules import SCHEDULES
+
+
+def build_optimizer_and_schedule(resolved: Resolved, model: torch.nn.Module) -> tuple[Any, Any, dict[str, Any]]:
+    """Our optimizer and schedule (None where DeepSpeed builds its own), and the config DeepSpeed is given."""
+    ds_config = dict(resolved.ds_config)
+    ds_config.setdefault("steps_per_print", 10 ** 9)  # we print our own progress
+    opt_name = str(resolved.optimizer["type"])
+    optimizer = None
+    if opt_name.lower() in optimizers.KNOWN_OPTIMIZERS:
+        try:
+            optimizer = optimizers.build_optimizer(
+                opt_name, model, resolved.optimizer["params"],
+                exclude_norm_and_bias=resolved.training["exclude_norm_and_bias"])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"optimizer {opt_name}: {e}") from None
+        ds_config.pop("optimizer")
+        if resolved.zero_stage > 0:
+            ds_config["zero_allow_untested_optimizer"] = True
+    elif opt_name.lower() not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, opt_name):
+        known = sorted(set(optimizers.KNOWN_OPTIMIZERS) | set(DEEPSPEED_OPTIMIZERS))
+        raise ConfigError(f"unknown optimizer type {opt_name!r}; known: {', '.join(known)} "
+                          f"(or a torch.optim class name)")
+
+    schedule = None
+    if resolved.scheduler is not None:
+        sched_name = resolved.scheduler["type"]
+        if sched_name in SCHEDULES:
+            if optimizer is None:
+                raise ConfigError(f"scheduler {sched_name} needs one of our optimizers "
+                                  f"({', '.join(optimizers.KNOWN_OPTIMIZERS)}); got {opt_name}")
+            try:
+                schedule = SCHEDULES[sched_name](optimizer, **resolved.scheduler["params"])
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"scheduler {sched_name}: {e}") from None
+            ds_config.pop("scheduler")
+        elif sched_name not in VALID_LR_SCHEDULES and not hasattr(torch.optim.lr_scheduler, sched_name):
+            raise ConfigError(f"unknown scheduler type {sched_name!r}; known: "
+                              f"{', '.join(sorted(set(SCHEDULES) | set(VALID_LR_SCHEDULES)))} "
+                              f"(or a torch.optim.lr_scheduler class name)")
+    return optimizer, schedule, ds_config
+
+
+def build_engine(resolved: Resolved, model: torch.nn.Module, *, timeout: timedelta, trusted_checkpoint: bool,
+                 say: Any = print) -> tuple[Any, dict[str, Any]]:
+    """``deepspeed.initialize`` with our optimizer and schedule; return the engine and the config it was given."""
+    optimizer, schedule, ds_config = build_optimizer_and_schedule(resolved, model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
+        model_parameters=None if optimizer is not None else model.parameters())
+    if optimizer is not None:
+        say(optimizers.bind_deepspeed(engine))  # layer-wise optimizers learn the real layers behind flat partitions
+    set_collective_timeout(timeout)  # also for the groups DeepSpeed made (ZeRO's gradient all-reduce)
+    if not trusted_checkpoint:
+        load_weights_only(engine)  # checkpoint files load with torch.load(weights_only=True)
+    skip_nonfinite_steps(engine)  # fp32 without ZeRO: a non-finite gradient skips the step as in the other modes
+    if engine.train_micro_batch_size_per_gpu() != resolved.micro_batch or \
+            engine.gradient_accumulation_steps() != resolved.grad_accum:
+        raise RuntimeError(f"DeepSpeed derived micro batch {engine.train_micro_batch_size_per_gpu()} x "
+                           f"accumulation {engine.gradient_accumulation_steps()}, not {resolved.micro_batch} x "
+                           f"{resolved.grad_accum}")
+    return engine, ds_config
+
+
+def engine_dtype(engine: Any) -> torch.dtype:
+    """The dtype the engine's module computes in."""
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.half if engine.fp16_enabled() else torch.float32
