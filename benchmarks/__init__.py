@@ -1,9 +1,11 @@
 """Benchmarks: each module is one command that prints ratios against a named baseline measured in the same run.
 
     python -m benchmarks.pipeline      # JPEG input pipeline, images/s per core, vs torchvision ImageFolder + PIL
-    python -m benchmarks.train_step    # train/imagenet.py step on 2 CPU ranks vs a plain DDP loop
+    python -m benchmarks.train_step    # train/imagenet.py step on 2 CPU ranks vs a plain-torch loop, fp32 and bf16
+    python -m benchmarks.optimizer     # LARS/LAMB step vs torch.optim SGD/AdamW, our groups and all parameters
+    python -m benchmarks.noise_scale   # the gradient-noise-scale monitor's cost vs the loop without it
     python -m benchmarks.gpu           # ResNet-50 fp16 images/s and memory on one GPU (needs CUDA)
-    python -m optimizers.benchmark     # optimizer step (owned by optimizers/)
+    bash benchmarks/gpu_check.sh --out DIR  # one GPU, one command: wheels, gpu test tier, ResNet-50 + JPEG, report
 
 Results, with the machine and date, are in docs/benchmarks.md.
 """

@@ -50,3 +50,14 @@ def test_optimizer_benchmark_prints_both_cases_with_the_cpu_model():
     assert f"{cpu}, 1 thread, our groups" in out and f"{cpu}, 1 thread, all 62 tensors" in out, out
     assert out.count("x torch SGD (foreach)") >= 4 and out.count("x torch AdamW (foreach)") >= 4, out
     assert "x our SGD (foreach)" in out, out
+
+
+def test_noise_scale_benchmark_prints_each_interval_against_the_loop_without_the_monitor():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.noise_scale", "--steps", "2", "--repeats", "1",
+                           "--micro", "8"], cwd=REPO, capture_output=True, text=True, timeout=300, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"(off \(interval 0\)|interval \d+) +([\d.]+) CPU ms/step +x([\d.]+) of off", proc.stdout)
+    assert [r[0] for r in rows] == ["off (interval 0)", "interval 10", "interval 1"], proc.stdout
+    off = float(rows[0][1])
+    for _, ms, ratio in rows:  # each printed ratio is the printed times' quotient
+        assert abs(float(ratio) - float(ms) / off) < 0.01 * float(ms) / off + 0.002

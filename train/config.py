@@ -225,6 +225,29 @@ def peak_lr(optimizer: dict[str, Any], scheduler: dict[str, Any] | None) -> floa
     return None if lr is None else float(lr)
 
 
+def choose_precision(wanted: str, requested: str, supported: tuple[str, ...], fast: tuple[str, ...],
+                     notes: list[str]) -> str:
+    """The precision a run gets: ``requested`` if given (and supported), else the config's ``wanted`` if it is fast
+    here, else bf16 if fast, else fp32; warnings go to ``notes`` (one line each)."""
+    if requested == "auto":
+        if wanted in fast:
+            return wanted
+        chosen = "bf16" if "bf16" in fast else "fp32"
+        why = "not supported" if wanted not in supported else "not natively supported (emulated, slow)"
+        notes.append(f"WARNING: {wanted} is {why} on this device; running in {chosen} instead "
+                     f"(same optimizer math, different rounding; --precision forces one)")
+        return chosen
+    if requested not in PRECISIONS:
+        raise ConfigError(f"unknown precision {requested!r}; expected auto, {', '.join(PRECISIONS)}")
+    if requested not in supported:
+        raise ConfigError(f"--precision {requested} is not supported on this device; supported: "
+                          f"{', '.join(p for p in PRECISIONS if p in supported)}")
+    if requested == "fp16" and "fp16" not in fast:
+        notes.append("WARNING: --precision fp16 on this device is emulated and slow (often 100x bf16's step "
+                     "time on a CPU); --precision auto picks bf16 or fp32 by measured speed")
+    return requested
+
+
 def resolve(
     cfg: dict[str, Any],
     *,
@@ -274,23 +297,7 @@ def resolve(
     total_steps = sum(num_train // b for b in epoch_batches)
 
     wanted = config_precision(cfg)
-    if precision == "auto":
-        chosen = wanted
-        if wanted not in fast_precisions:
-            chosen = "bf16" if "bf16" in fast_precisions else "fp32"
-            why = "not supported" if wanted not in supported_precisions else "not natively supported (emulated, slow)"
-            notes.append(f"WARNING: {wanted} is {why} on this device; running in {chosen} instead "
-                         f"(same optimizer math, different rounding; --precision forces one)")
-    elif precision in PRECISIONS:
-        if precision not in supported_precisions:
-            raise ConfigError(f"--precision {precision} is not supported on this device; supported: "
-                              f"{', '.join(p for p in PRECISIONS if p in supported_precisions)}")
-        chosen = precision
-        if precision == "fp16" and "fp16" not in fast_precisions:
-            notes.append("WARNING: --precision fp16 on this device is emulated and slow (often 100x bf16's step "
-                         "time on a CPU); --precision auto picks bf16 or fp32 by measured speed")
-    else:
-        raise ConfigError(f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}")
+    chosen = choose_precision(wanted, precision, supported_precisions, fast_precisions, notes)
     set_precision(cfg, chosen)
     if chosen != "fp32":
         # DeepSpeed casts parameters but not buffers; batch norm's running statistics must match the input dtype.

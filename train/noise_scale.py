@@ -21,14 +21,12 @@ running statistics and the RNG state, so the training trajectory is exactly the 
 ``interval=0`` it does nothing at all. It relies on ``engine.module`` and ``torch.distributed`` only, so it works
 with ZeRO stages 0-2 in fp32, bf16 and fp16 (ZeRO-3 partitions the parameters themselves and is refused).
 
-    python -m train.noise_scale --bench    # the monitor's cost: step time with interval 0, 10 and 1
+    python -m benchmarks.noise_scale    # the monitor's cost: step time with interval 0, 10 and 1
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -207,102 +205,3 @@ class NoiseScaleMonitor:
         torch_dist.all_reduce(g, group=self.group)
         big = (g / world).square().sum()
         return {"g_small_sq": small_mean, "g_big_sq": big.item(), "b_small": n, "b_big": n * world}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Benchmark: the monitor's cost inside a DeepSpeed training loop, against the same loop without it.
-
-
-def _bench(args: argparse.Namespace) -> None:
-    import os
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    import logging
-
-    import deepspeed
-
-    from train.models import build_model
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed()
-    torch.distributed.barrier()  # then free DeepSpeed's CPU shared-memory names (train/distributed.py)
-    from train.distributed import release_cpu_shm_names
-
-    release_cpu_shm_names()
-    torch.manual_seed(0)
-    model = build_model(args.arch, 10, 1, 28)
-    cfg = {"train_batch_size": args.micro * args.accum * torch_dist.get_world_size(),
-           "train_micro_batch_size_per_gpu": args.micro, "zero_optimization": {"stage": args.zero},
-           "optimizer": {"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9}}, "steps_per_print": 10 ** 9,
-           "zero_allow_untested_optimizer": True}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    x = torch.randn(args.micro, 1, 28, 28, device=engine.device)
-    y = torch.randint(0, 10, (args.micro,), device=engine.device)
-
-    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(out.float(), target)
-
-    clock = time.perf_counter if engine.device.type == "cuda" else time.process_time
-    if engine.device.type != "cuda":
-        torch.set_num_threads(1)  # CPU time of spinning worker threads would blur the ratio on a busy machine
-
-    def run(interval: int, steps: int) -> tuple[float, float]:
-        """Seconds per optimizer step, and those of it spent inside the monitor. On CPU: CPU time of this process
-        with one thread, not wall time, so that other programs on a shared machine barely move the ratio."""
-        mon = NoiseScaleMonitor(engine, interval=interval)
-        inside = 0.0
-        start = clock()
-        for step in range(steps):
-            for _ in range(args.accum):
-                t = clock()
-                mon.maybe_measure(step, x, y, loss_fn)
-                inside += clock() - t
-                engine.backward(loss_fn(engine(x), y))
-                engine.step()
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (clock() - start) / steps, inside / steps
-
-    run(1, 3)  # warm-up, both paths
-    times: dict[int, list[tuple[float, float]]] = {0: [], args.interval: [], 1: []}
-    order = list(times)
-    for r in range(args.repeats):  # interleaved and rotated, so drifts in machine speed hit all settings alike
-        for interval in order[r % len(order):] + order[:r % len(order)]:
-            times[interval].append(run(interval, args.steps))
-
-    def median(v: list[float]) -> float:
-        return sorted(v)[len(v) // 2]
-
-    base = median([t for t, _ in times[0]])
-    unit = "ms" if clock is time.perf_counter else "CPU ms"
-    print(f"{args.arch}, micro {args.micro} x accumulation {args.accum}, ZeRO {args.zero}, "
-          f"{torch_dist.get_world_size()} rank(s), {engine.device}; median of {args.repeats} x {args.steps} steps")
-    for interval, ts in times.items():
-        t, inside = median([t for t, _ in ts]), median([i for _, i in ts])
-        label = "off (interval 0)" if interval == 0 else f"interval {interval}"
-        print(f"  {label:18s} {1000 * t:8.1f} {unit}/step  x{t / base:.3f} of off; "
-              f"{100 * inside / max(t - inside, 1e-12):5.1f}% of the training time spent in the monitor")
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Measure the noise-scale monitor's cost (see the module docstring).")
-    p.add_argument("--bench", action="store_true", required=True)
-    p.add_argument("--arch", default="resnet_small")
-    p.add_argument("--micro", type=int, default=32)
-    p.add_argument("--accum", type=int, default=1)
-    p.add_argument("--zero", type=int, default=0)
-    p.add_argument("--interval", type=int, default=10)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=5)
-    _bench(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
