@@ -1,0 +1,107 @@
+"""Which precision a run gets, independent of this host's instruction set.
+
+The rule (train/precision.py, train/config.py): on a CPU, --precision auto never picks fp16, even where DeepSpeed's
+CPU accelerator claims it (Xeons with avx512_fp16, where fp16 is emulated); bf16 only when a timed probe measures it
+at least 1.1x faster than fp32; else fp32. The claims and the probe's answer are inputs here, so every branch runs
+on any machine; one real run checks that what config.json records is consistent with the rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+
+import pytest
+import torch
+from conftest import run_single
+
+from train.config import choose_precision, resolve
+from train.precision import MIN_BF16_SPEEDUP, bf16_speedup, fast_precisions
+
+ALL = ("fp32", "fp16", "bf16")  # what DeepSpeed's CPU accelerator reports on an avx512_fp16 Xeon
+
+
+def fp16_config() -> dict:
+    return {"train_batch_size": 256, "train_micro_batch_size_per_gpu": 64, "fp16": {"enabled": True},
+            "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "training": {"epochs": 1}}
+
+
+def test_cpu_claiming_fp16_never_gets_it_automatically():
+    for speedup, want in ((2.4, "bf16"), (1.5, "bf16"), (1.05, "fp32"), (0.4, "fp32")):
+        fast, why = fast_precisions("cpu", ALL, lambda s=speedup: s)
+        assert "fp16" not in fast and ("bf16" in fast) == (speedup >= MIN_BF16_SPEEDUP)
+        assert f"bf16 measured {speedup:.2f}x" in why and "fp16 is never chosen automatically" in why
+        r = resolve(fp16_config(), world_size=2, num_train=60000, supported_precisions=ALL, fast_precisions=fast,
+                    precision_reason=why)
+        assert r.precision == want and r.config_precision == "fp16"
+        assert "fp16" not in r.ds_config and (r.ds_config.get("bf16") == {"enabled": True}) == (want == "bf16")
+        assert r.notes == [f"WARNING: fp16 is not natively supported (emulated, slow) on this device; running in "
+                           f"{want} instead (same optimizer math, different rounding; --precision forces one)"]
+        assert r.derived()["precision_reason"] == why
+
+
+def test_cpu_without_bf16_support_is_not_probed_and_gets_fp32():
+    def probe() -> float:
+        raise AssertionError("the probe must not run when bf16 is not supported")
+
+    fast, why = fast_precisions("cpu", ("fp32",), probe)
+    assert fast == ("fp32",) and "bf16 not supported" in why
+
+
+def test_gpu_runs_every_supported_precision_without_a_probe():
+    def probe() -> float:
+        raise AssertionError("no probe on a GPU")
+
+    fast, why = fast_precisions("cuda", ALL, probe)
+    assert fast == ALL and why.startswith("cuda:")
+    assert resolve(fp16_config(), world_size=4, num_train=10 ** 6, supported_precisions=ALL,
+                   fast_precisions=fast).precision == "fp16"
+
+
+def test_explicit_fp16_on_a_cpu_that_claims_it_is_obeyed_with_one_warning():
+    notes: list[str] = []
+    assert choose_precision("fp16", "fp16", ALL, ("fp32", "bf16"), notes) == "fp16"
+    assert len(notes) == 1 and "emulated and slow" in notes[0] and notes[0].startswith("WARNING: --precision fp16")
+    notes.clear()
+    assert choose_precision("fp16", "fp16", ALL, ALL, notes) == "fp16" and notes == []  # a GPU: no warning
+
+
+class DtypeTimedNet(torch.nn.Module):
+    """A model whose forward takes 60 ms in fp32 and 30 ms in bf16: the probe must measure a 2x speed-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.bn = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.060 if x.dtype == torch.float32 else 0.030)
+        return self.linear(self.bn(x))
+
+
+def test_the_probe_measures_the_ratio_of_step_times_and_leaves_the_model_untouched():
+    torch.manual_seed(0)
+    model = DtypeTimedNet()
+    before = copy.deepcopy(model.state_dict())
+    speedup = bf16_speedup(model, torch.randn(8, 4), torch.nn.functional.cross_entropy, torch.randint(0, 3, (8,)),
+                           seconds=1.0)
+    assert speedup == pytest.approx(2.0, rel=0.25)  # (60 ms + backward) / (30 ms + backward), backward ~0.1 ms
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.launcher
+def test_a_real_cpu_run_records_a_choice_consistent_with_its_probe(tmp_path, fashion_mnist_dir):
+    """demo.json asks for fp16: on this CPU the run gets bf16 or fp32 by the probe it records, never fp16."""
+    run = tmp_path / "r"
+    out = run_single(["--deepspeed_config", "ds_configs/demo.json", "--dataset", "fashion-mnist", "--data-dir",
+                      str(fashion_mnist_dir), "--arch", "resnet_small", "--train-subset", "256", "--val-subset",
+                      "64", "--max-steps", "1", "--output-dir", str(run), "--no-wandb"])
+    derived = json.loads((run / "config.json").read_text())["derived"]
+    speedup = float(re.search(r"bf16 measured ([\d.]+)x", derived["precision_reason"]).group(1))
+    assert derived["precision"] == ("bf16" if speedup >= MIN_BF16_SPEEDUP else "fp32")
+    assert f"precision: {derived['precision']} (config: fp16)" in out.stdout
+    assert f"precision choice: {derived['precision_reason']}" in out.stdout
