@@ -1,6 +1,6 @@
 """Published ResNet-50 ImageNet top-1 validation errors (%) by global batch, for the table's paper column.
 
-Sources (figures as gathered in shared/RESEARCH.md):
+Sources:
 
 * [Goyal] Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour" (arXiv:1706.02677),
   Table 1 / Fig. 3: SGD with the linear scaling rule (lr = 0.1 x B / 256) and gradual warmup over 5 epochs,

@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,8 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train.distributed import single_process_env  # noqa: E402
 
 ANCHOR = 2470.0  # images/s, ResNet-50 v1.5, A100 80GB, AMP, batch 256 (NVIDIA DeepLearningExamples)
 TARGET_SYNTHETIC = 3000.0  # images/s, ResNet-50 fp16 synthetic on one H100/H200 (issue 11)
@@ -356,12 +357,6 @@ def machine_info(dry_run: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -392,11 +387,7 @@ def main() -> None:
     bad = sorted(set(sources) - {"synthetic", "jpeg", "loader"})
     if bad:
         p.error(f"--sources: unknown {bad}; expected synthetic, jpeg, loader")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    single_process_env()
     if args.smoke:
         args.arch, args.precision, args.image_size, args.micro_batches = "resnet18", "fp32", 32, "4"
         args.steps, args.intervals, args.no_largest, args.jpeg_images = 1, 1, True, 16

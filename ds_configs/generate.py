@@ -1,7 +1,7 @@
 """Write every ds_configs/*.json from the recipe table below: `python ds_configs/generate.py`.
 
 The table is the one place the recipes live; tests/test_configs.py proves that the checked-in JSON equals what
-this script writes and that every config obeys the rule its row claims. Sources (see ../shared/RESEARCH.md):
+this script writes and that every config obeys the rule its row claims. Sources:
 
 * Goyal et al. 2017 (arXiv:1706.02677), "goyal": SGD, Nesterov momentum 0.9, weight decay 1e-4, linear scaling
   lr = 0.1 x batch / 256, gradual (linear) warmup from 0.1 over 5 epochs, lr / 10 at epochs 30, 60, 80 of 90,

@@ -3,7 +3,7 @@
 Every expected number is read here from the runs' own metrics.jsonl, independently of analysis.runs: the final
 error is the last epoch record's, the median-5 error the middle of the sorted last five (Goyal et al. 2017,
 arXiv:1706.02677: "median error of the final 5 epochs"), a group's spread the sample standard deviation. The
-published numbers come from shared/RESEARCH.md (Goyal et al. Table 1; torchlars).
+published numbers come from the papers (Goyal et al. 2017, Table 1; the torchlars reproduction's README).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def test_imagenet_runs_get_the_papers_numbers(runs_dir, tmp_path):
 
 
 def test_published_numbers_match_research_notes():
-    """shared/RESEARCH.md: Goyal et al. Table 1 / Fig. 3, 8k without warmup, torchlars accuracies."""
+    """Goyal et al. 2017, Table 1 / Fig. 3 and 8k without warmup (24.84); torchlars' reported accuracies."""
     from analysis.papers import paper_error
 
     goyal = {256: 23.60, 512: 23.48, 1024: 23.53, 2048: 23.49, 4096: 23.56, 8192: 23.74, 16384: 24.79,

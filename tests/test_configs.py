@@ -1,6 +1,6 @@
 """The config ladder: checked-in JSON equals the generator's output, and every config obeys its recipe's rule.
 
-Rules (see ../shared/RESEARCH.md): Goyal et al. 2017 (arXiv:1706.02677) lr = 0.1 x batch / 256, gradual warmup
+Rules: Goyal et al. 2017 (arXiv:1706.02677) lr = 0.1 x batch / 256, gradual warmup
 from 0.1 over 5 epochs, lr / 10 at epochs 30, 60, 80 of 90, Nesterov momentum 0.9, wd 1e-4, 32 images per
 worker; MLCommons LARS base lr 10.0 (< 16k, 5 warmup epochs), 25.0 (< 32k, 5), 31.2 (else, 25), poly power 2.
 """
