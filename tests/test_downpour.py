@@ -1,0 +1,188 @@
+"""Downpour SGD (train/downpour.py, train/parameter_server.py): real RPC processes on loopback, real data.
+
+Reference results are computed here independently: torch.optim.Adagrad / torch.optim.SGD on one model, fed the
+batches that train.data.GlobalBatchSampler gives (the data rule train/downpour.py documents: replica j of W takes
+slice j of each global batch of W x b samples).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, child_env, read_metrics, write_config
+
+from train import parameter_server as ps
+from train.data import GlobalBatchSampler, fashion_mnist
+from train.models import build_model
+
+SEED = 0
+LR, ACC0 = 0.05, 0.1
+
+
+def downpour_cfg(replicas: int, shards: int, optimizer: str = "adagrad", epochs: int = 1, **extra) -> dict:
+    return {"downpour": {"model": "mlp", "dataset": "fashion-mnist", "replicas": replicas, "shards": shards,
+                         "batch_per_replica": 32, "n_fetch": 1, "n_push": 1, "optimizer": optimizer, "lr": LR,
+                         "initial_accumulator_value": ACC0, "warmstart_steps": 0, "epochs": epochs, **extra}}
+
+
+def run_downpour(tmp_path, name: str, cfg: dict, *flags: str, check: bool = True, timeout: float = 300):
+    path = write_config(tmp_path / f"{name}.json", cfg)
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, "train/downpour.py", "--deepspeed_config", str(path), "--output-dir",
+                           str(out), "--no-wandb", "--val-subset", "500", "--log-interval", "5", *flags],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=child_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"downpour failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc, out
+
+
+def summary(out) -> dict:
+    recs = read_metrics(out)
+    assert recs[-1]["kind"] == "summary"
+    return recs[-1]
+
+
+@pytest.fixture(scope="module")
+def data(fashion_mnist_dir):
+    return fashion_mnist(fashion_mnist_dir, 1, SEED, flip=False)
+
+
+def replay(data, num_train: int, global_batch: int, steps: int, make_opt) -> dict[str, torch.Tensor]:
+    """One model, one optimizer, the run's global batches in order: the reference weights."""
+    torch.manual_seed(SEED)
+    model = build_model("mlp", 10, 1, 28)
+    opt = make_opt(model.parameters())
+    sampler = GlobalBatchSampler(num_train, global_batch, global_batch, 1, 0, SEED)
+    spe = sampler.steps_per_epoch
+    done = 0
+    for epoch in range(steps // spe + 1):
+        sampler.set_epoch(epoch)
+        for x, y in data.train_batches(sampler):
+            if done == steps:
+                break
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            done += 1
+    return model.state_dict()
+
+
+def assert_weights_equal(out, ref: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    got = torch.load(out / "model.pt", weights_only=True)
+    assert set(got) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=atol, rtol=0, msg=f"{k} differs from the reference")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In one process: the shard's math
+
+
+def test_shard_adagrad_equals_torch_adagrad_on_random_gradients():
+    g = torch.Generator().manual_seed(1)
+    p0 = torch.randn(5, 3, generator=g)
+    shard = ps.ParameterShard(0, {"w": p0}, {}, optimizer="adagrad", lr=LR, initial_accumulator_value=ACC0)
+    ref = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.Adagrad([ref], lr=LR, initial_accumulator_value=ACC0)
+    for _ in range(7):
+        grad = torch.randn(5, 3, generator=g) * 3
+        shard.push(0, {"w": grad}, {})
+        ref.grad = grad.clone()
+        opt.step()
+    torch.testing.assert_close(shard.params["w"], ref.detach(), atol=1e-7, rtol=0)
+    torch.testing.assert_close(shard.state_sum["w"], opt.state[ref]["sum"], atol=1e-6, rtol=0)
+
+
+def test_staleness_counts_updates_since_the_replicas_fetch():
+    shard = ps.ParameterShard(0, {"w": torch.zeros(2)}, {}, optimizer="sgd", lr=1.0)
+    shard.fetch(0)
+    shard.fetch(1)
+    taus = [shard.push(1, {"w": torch.ones(2)}, {}), shard.push(1, {"w": torch.ones(2)}, {}),
+            shard.push(0, {"w": torch.ones(2)}, {})]
+    assert taus == [0, 1, 2]  # replica 1 pushes twice on one fetch; replica 0 has missed both of them
+    assert shard.params["w"].tolist() == [-3.0, -3.0]
+    assert ps.tau_summary(taus)["tau_hist"] == [1, 1, 1]
+
+
+def test_partition_gives_every_shard_a_tensor_and_balances_by_size():
+    sizes = {"a": 100, "b": 10, "c": 60, "d": 50}
+    parts = ps.partition(sizes, ["buf"], 2)
+    assert sorted(sum(parts, [])) == ["a", "b", "buf", "c", "d"]
+    assert parts == [["a", "b", "buf"], ["c", "d"]]  # 100 -> 0, 60 -> 1, 50 -> 1 (60 < 100), 10 -> 0 (100 < 110)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: a message naming the value and what was expected, before any process starts
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"shards": 5}, "downpour.shards = 5 but model mlp has 4 parameter tensors; every shard needs at least one: "
+                    "use shards <= 4"),
+    ({"replicas": 0}, "downpour.replicas must be an integer >= 1, got 0"),
+    ({"n_push": 0}, "downpour.n_push must be an integer >= 1, got 0"),
+    ({"model": "vgg"}, "downpour.model 'vgg' is unknown; known: "),
+])
+def test_bad_input_is_refused_with_a_clear_message(tmp_path, override, message):
+    cfg = downpour_cfg(2, 2)
+    cfg["downpour"].update(override)
+    proc, out = run_downpour(tmp_path, "bad", cfg, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: {message}" in proc.stderr
+    assert not (out / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes over RPC
+
+
+@pytest.mark.launcher
+def test_one_replica_is_torch_adagrad_with_zero_staleness_and_resumes_exactly(tmp_path, data):
+    """1 replica, 2 shards, 320 samples = 10 steps of 32: the weights equal torch.optim.Adagrad on the same batches
+    (every push has tau 0); stopped after 4 steps and resumed from the parameter-server checkpoint, the same."""
+    cfg = downpour_cfg(1, 2)
+    ref = replay(data, 320, 32, 10, lambda p: torch.optim.Adagrad(p, lr=LR, initial_accumulator_value=ACC0))
+    _, whole = run_downpour(tmp_path, "whole", cfg, "--train-subset", "320")
+    assert_weights_equal(whole, ref)
+    s = summary(whole)
+    assert s["replica_steps"] == [10] and s["samples"] == 320
+    assert s["tau_hist"] == [20]  # 10 pushes x 2 shards, all with staleness 0
+    config = json.loads((whole / "config.json").read_text())
+    assert config["derived"]["global_batch"] == 32 and config["derived"]["optimizer"] == "Adagrad"
+
+    _, part = run_downpour(tmp_path, "part", cfg, "--train-subset", "320", "--max-steps", "4")
+    assert summary(part)["replica_steps"] == [4]
+    proc, part = run_downpour(tmp_path, "part", cfg, "--train-subset", "320", "--resume")
+    assert "resumed from" in proc.stdout and "replica steps [4]" in proc.stdout
+    assert_weights_equal(part, ref)  # the accumulators came back too: a fresh Adagrad state would differ
+    recs = read_metrics(part)
+    assert [r["kind"] for r in recs].count("summary") == 1 and recs[-1]["replica_steps"] == [10]
+
+
+@pytest.mark.launcher
+def test_replicas_with_a_barrier_are_synchronous_sgd(tmp_path, data):
+    """W = 2, n_fetch = n_push = 1, a barrier, plain SGD at the shards: both gradients are taken at the same
+    parameters and applied in turn, p - lr g1 - lr g2 = p - (2 lr) mean(g): synchronous SGD on 64 samples."""
+    ref = replay(data, 256, 64, 4, lambda p: torch.optim.SGD(p, lr=2 * LR))
+    _, out = run_downpour(tmp_path, "sync", downpour_cfg(2, 2, "sgd"), "--train-subset", "256", "--barrier")
+    assert_weights_equal(out, ref)
+    # Per round and shard the first push finds 0 updates since the fetch, the second 1: 4 rounds x 2 shards.
+    assert summary(out)["tau_hist"] == [8, 8]
+
+
+@pytest.mark.launcher
+def test_staleness_grows_with_replicas_and_a_killed_replica_leaves_the_run_finishing(tmp_path):
+    """Asynchronous W = 2 and W = 4 (one shard, 20 steps each): the mean staleness is above 0 and larger with 4.
+    In the W = 4 run replica 3 SIGKILLs itself after its step 5: the others finish their 20 steps, the run ends."""
+    _, two = run_downpour(tmp_path, "w2", downpour_cfg(2, 1), "--train-subset", str(2 * 32 * 20))
+    proc, four = run_downpour(tmp_path, "w4", downpour_cfg(4, 1), "--train-subset", str(4 * 32 * 20),
+                              "--kill-replica", "3@5", timeout=240)
+    assert "replica 3 died (signal 9) after step" in proc.stdout
+    s2, s4 = summary(two), summary(four)
+    assert s4["dead_replicas"] == [3]
+    assert s4["replica_steps"][:3] == [20, 20, 20] and s4["replica_steps"][3] <= 5
+    assert (four / "model.pt").exists() and read_metrics(four)[-2]["kind"] == "epoch"
+    assert 0 < s2["tau_mean"] < s4["tau_mean"], (s2["tau_mean"], s4["tau_mean"])

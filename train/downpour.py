@@ -1,0 +1,773 @@
+"""Downpour SGD (Dean et al. 2012, "Large Scale Distributed Deep Networks", sec. 4.1) on torch.distributed.rpc.
+
+    python train/downpour.py --deepspeed_config ds_configs/downpour/fmnist-w2-s2.json          # one machine
+    torchrun --nnodes 2 --nproc-per-node 3 --node-rank R --master-addr HOST --master-port 29500 \\
+        train/downpour.py --deepspeed_config ds_configs/downpour/fmnist-w4-s1.json               # a cluster
+
+One process per role, all in one RPC world of 1 + S + W workers: rank 0 the coordinator (starts the shards, logs,
+evaluates, checkpoints), ranks 1..S the parameter-server shards (train/parameter_server.py: a slice of the model
+and its Adagrad state each, updates applied as they arrive under a lock per shard), ranks S+1..S+W the model
+replicas. Replica j trains on its own slice of each step's samples (train.data.GlobalBatchSampler with W "ranks":
+replica j takes slice j of every global batch of W x b samples, so the replicas' data are disjoint) and, with no
+barrier between replicas:
+
+    every n_fetch steps: fetch the parameters from every shard (rpc_async to all, then wait)
+    forward, backward on its b samples; the gradient accumulates
+    every n_push steps:  push the accumulated (summed) gradient to every shard (rpc_async, not waited for until
+                         the next fetch), zero it
+
+Plain ``python train/downpour.py`` starts the 1 + S + W processes itself (torch.multiprocessing, spawn) on this
+machine; under torchrun (or any launcher that sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) each process takes
+the role of its rank and WORLD_SIZE must be 1 + S + W.
+
+The experiment is one JSON file with a ``downpour`` block (ds_configs/downpour/, written by
+ds_configs/generate.py): model, dataset, replicas W, shards S, batch_per_replica b, n_fetch, n_push, the shards'
+optimizer ("adagrad" or "sgd"), lr, initial_accumulator_value, warmstart_steps (Dean et al.: "warmstarting",
+one replica alone for its first steps before the others start), epochs (passes over the training set by all
+replicas together). The run writes what train/imagenet.py writes (config.json, metrics.jsonl with step, epoch and
+summary records, model.pt, wandb) plus the staleness tau of every push (its distribution per record) and the
+parameter server's checkpoint (checkpoints/ps.pt; ``--resume`` continues from it). A replica that dies (even by
+SIGKILL) is noted and the others go on; a dead shard stops the run (``--resume`` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (torchrun does this): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # agents report pipes closed by a shutdown as warnings
+warnings.filterwarnings("ignore", message="You are using a Backend")  # torch's own RPC start-up, not ours
+
+import torch  # noqa: E402
+from torch.distributed import rpc  # noqa: E402
+
+from train import cli  # noqa: E402
+from train import parameter_server as ps  # noqa: E402
+from train.checkpoints import CheckpointError, claim_output_dir, rewind_metrics  # noqa: E402
+from train.config import ConfigError, load_json  # noqa: E402
+
+COORDINATOR = "coordinator"
+DEFAULTS: dict[str, Any] = {"dataset": "fashion-mnist", "batch_per_replica": 32, "n_fetch": 1, "n_push": 1,
+                            "optimizer": "adagrad", "initial_accumulator_value": 0.1, "warmstart_steps": 0}
+REQUIRED = ("model", "replicas", "shards", "lr", "epochs")
+KNOWN = set(DEFAULTS) | set(REQUIRED)
+
+
+def replica_name(j: int) -> str:
+    return f"replica{j}"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_run_arguments(p)  # --max-steps: per replica; --log-interval/--save-interval: replica steps, all summed
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="Fashion-MNIST: folder of the four IDX files")
+    p.add_argument("--replicas", type=cli.int_at_least(0), default=None, help="override downpour.replicas (W)")
+    p.add_argument("--shards", type=cli.int_at_least(0), default=None, help="override downpour.shards (S)")
+    p.add_argument("--n-fetch", type=cli.int_at_least(0), default=None, help="override downpour.n_fetch")
+    p.add_argument("--n-push", type=cli.int_at_least(0), default=None, help="override downpour.n_push")
+    p.add_argument("--shard-optimizer", choices=ps.SHARD_OPTIMIZERS, default=None,
+                   help="override downpour.optimizer")
+    p.add_argument("--lr", type=cli.positive_float, default=None, help="override downpour.lr")
+    p.add_argument("--train-subset", type=cli.int_at_least(1), default=None,
+                   help="use only the first N training samples")
+    p.add_argument("--val-subset", type=cli.int_at_least(1), default=None,
+                   help="use only the first N validation samples")
+    p.add_argument("--replica-delay", nargs="+", default=(), metavar="J=SECONDS",
+                   help="a straggler: replica J sleeps SECONDS before each step")
+    p.add_argument("--barrier", action="store_true",
+                   help="plumbing check: all replicas fetch, then all push, round by round (with n_fetch = n_push "
+                        "= 1 and the sgd shard optimizer this is synchronous SGD at lr x W)")
+    p.add_argument("--kill-replica", default=None, metavar="J@STEP",
+                   help="testing aid: replica J sends itself SIGKILL after its step STEP")
+    p.add_argument("--replica-timeout", type=cli.positive_float, default=120.0,
+                   help="seconds without news from a replica (on another machine) before it counts as dead")
+    p.add_argument("--eval-batch", type=cli.int_at_least(1), default=1000, help="validation batch")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The experiment: config + overrides, checked before any process starts
+
+
+@dataclass
+class Setup:
+    """Everything every process needs, derived once from the config and the flags (picklable)."""
+
+    cfg: dict[str, Any]  # the downpour block after overrides
+    args: argparse.Namespace
+    num_train: int
+    num_val: int
+    param_shards: list[list[str]]
+    delays: dict[int, float] = field(default_factory=dict)
+    kill: tuple[int, int] | None = None
+
+    @property
+    def W(self) -> int:  # noqa: N802 (the paper's letter)
+        return int(self.cfg["replicas"])
+
+    @property
+    def S(self) -> int:  # noqa: N802
+        return int(self.cfg["shards"])
+
+    @property
+    def b(self) -> int:
+        return int(self.cfg["batch_per_replica"])
+
+    @property
+    def round_batch(self) -> int:
+        """Samples per update round (one step of every replica): the synchronous baseline's global batch."""
+        return self.W * self.b
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of each replica per pass over the training set (the replicas share each pass)."""
+        return self.num_train // self.round_batch
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.steps_per_epoch * int(self.cfg["epochs"])
+        return min(steps, self.args.max_steps) if self.args.max_steps else steps
+
+
+def _int_at_least(cfg: dict[str, Any], key: str, low: int) -> int:
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ConfigError(f"downpour.{key} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+def load_setup(args: argparse.Namespace) -> Setup:
+    """The config's downpour block with the flags' overrides, checked; raises ConfigError with what and why."""
+    from train.models import ARCHS, build_model
+
+    raw = load_json(args.deepspeed_config)
+    if not isinstance(raw.get("downpour"), dict):
+        raise ConfigError(f"{args.deepspeed_config}: no \"downpour\" block; expected a Downpour experiment "
+                          f"(ds_configs/downpour/*.json) with keys {', '.join(REQUIRED)}")
+    cfg = DEFAULTS | raw["downpour"]
+    unknown = sorted(set(cfg) - KNOWN)
+    missing = [k for k in REQUIRED if k not in cfg]
+    if unknown or missing:
+        raise ConfigError(f"{args.deepspeed_config}: downpour block " + (f"has unknown keys {unknown}" if unknown
+                          else f"lacks {missing}") + f"; expected keys {sorted(KNOWN)}")
+    for flag, key in (("replicas", "replicas"), ("shards", "shards"), ("n_fetch", "n_fetch"), ("n_push", "n_push"),
+                      ("shard_optimizer", "optimizer"), ("lr", "lr"), ("epochs", "epochs"),
+                      ("micro_batch", "batch_per_replica")):
+        if getattr(args, flag) is not None:
+            cfg[key] = getattr(args, flag)
+    for key in ("replicas", "shards", "n_fetch", "n_push", "batch_per_replica", "epochs"):
+        _int_at_least(cfg, key, 1)
+    _int_at_least(cfg, "warmstart_steps", 0)
+    if cfg["model"] not in ARCHS:
+        raise ConfigError(f"downpour.model {cfg['model']!r} is unknown; known: {', '.join(ARCHS)}")
+    if cfg["dataset"] != "fashion-mnist":
+        raise ConfigError(f"downpour.dataset {cfg['dataset']!r}: only 'fashion-mnist' is supported")
+    if cfg["optimizer"] not in ps.SHARD_OPTIMIZERS:
+        raise ConfigError(f"downpour.optimizer {cfg['optimizer']!r}: expected one of {', '.join(ps.SHARD_OPTIMIZERS)}")
+    for key in ("lr", "initial_accumulator_value"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+                key == "lr" and v == 0):
+            raise ConfigError(f"downpour.{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {v!r}")
+    model = build_model(cfg["model"], 10, 1, 28)
+    sizes = {k: v.numel() for k, v in model.named_parameters()}
+    if cfg["shards"] > len(sizes):
+        raise ConfigError(f"downpour.shards = {cfg['shards']} but model {cfg['model']} has {len(sizes)} parameter "
+                          f"tensors; every shard needs at least one: use shards <= {len(sizes)}")
+    buffers = [k for k, _ in model.named_buffers()]
+    delays = {}
+    for item in args.replica_delay:
+        j, _, sec = item.partition("=")
+        try:
+            delays[int(j)] = float(sec)
+        except ValueError:
+            raise ConfigError(f"--replica-delay {item!r}: expected J=SECONDS, e.g. 0=0.05") from None
+        if not 0 <= int(j) < cfg["replicas"] or not float(sec) >= 0:
+            raise ConfigError(f"--replica-delay {item!r}: J must be a replica (0..{cfg['replicas'] - 1}) and "
+                              f"SECONDS >= 0")
+    kill = None
+    if args.kill_replica:
+        try:
+            kj, ks = (int(v) for v in args.kill_replica.split("@"))
+        except ValueError:
+            raise ConfigError(f"--kill-replica {args.kill_replica!r}: expected J@STEP, e.g. 1@20") from None
+        kill = (kj, ks)
+    info = _data(args).info  # a missing or corrupt data set fails here, before any process starts
+    num_train = min(info.num_train, args.train_subset or info.num_train)
+    num_val = min(info.num_val, args.val_subset or info.num_val)
+    setup = Setup(cfg, args, num_train, num_val, ps.partition(sizes, buffers, cfg["shards"]), delays, kill)
+    if setup.steps_per_epoch < 1:
+        raise ConfigError(f"{num_train} training samples make no step of {setup.W} replicas x "
+                          f"{setup.b} samples; use more samples or fewer replicas")
+    return setup
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Starting the processes
+
+
+def rpc_options(setup: Setup) -> Any:
+    return rpc.TensorPipeRpcBackendOptions(num_worker_threads=max(16, 2 * setup.W + 8), rpc_timeout=300,
+                                           init_method="env://")
+
+
+def role_of(rank: int, setup: Setup) -> tuple[str, int]:
+    if rank == 0:
+        return COORDINATOR, 0
+    if rank <= setup.S:
+        return "shard", rank - 1
+    return "replica", rank - 1 - setup.S
+
+
+def child(rank: int, world_size: int, setup: Setup) -> None:
+    """A shard or a replica process (the coordinator is rank 0, the caller)."""
+    role, index = role_of(rank, setup)
+    if role == "shard":
+        ps.serve(rank, world_size, index, rpc_options(setup))
+    else:
+        run_replica(rank, world_size, index, setup)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(args: argparse.Namespace) -> dict[str, Any] | None:
+    setup = load_setup(args)
+    world_size = 1 + setup.S + setup.W
+    run_name = args.run_name or f"{Path(args.deepspeed_config).stem}-seed{args.seed}"
+    out_dir = Path(args.output_dir or Path("runs") / run_name)
+    if "RANK" in os.environ:  # a launcher started every process: take the role of this rank
+        rank, size = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "0"))
+        if size != world_size:
+            raise ConfigError(f"WORLD_SIZE={size} but the experiment needs 1 coordinator + {setup.S} shards + "
+                              f"{setup.W} replicas = {world_size} processes")
+        if rank:
+            child(rank, world_size, setup)
+            return None
+        return coordinate(setup, world_size, {}, run_name, out_dir)
+    refusal = claim_output_dir(out_dir, resume=args.resume, overwrite=args.overwrite)
+    if refusal:
+        raise SystemExit(f"error: {refusal}")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = {}
+    for rank in range(1, world_size):
+        procs[rank] = ctx.Process(target=child, args=(rank, world_size, setup), daemon=False)
+        procs[rank].start()
+    try:
+        return coordinate(setup, world_size, procs, run_name, out_dir)
+    finally:
+        for p in procs.values():
+            p.join(timeout=10)
+            if p.is_alive():  # only the processes this command started
+                p.kill()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A replica: fetch, compute, push
+
+
+def _call(to: str, func: Any, *args: Any) -> Any:
+    return rpc.rpc_sync(to, func, args=args, timeout=0)
+
+
+def run_replica(rank: int, world_size: int, j: int, setup: Setup) -> None:
+    from train.data import GlobalBatchSampler
+    from train.models import build_model
+
+    torch.set_num_threads(1)
+    rpc.init_rpc(replica_name(j), rank=rank, world_size=world_size, rpc_backend_options=rpc_options(setup))
+    cfg, args = setup.cfg, setup.args
+    data = _data(args)
+    model = build_model(cfg["model"], 10, 1, 28)
+    model.train()
+    params = dict(model.named_parameters())
+    sampler = GlobalBatchSampler(setup.num_train, setup.round_batch, setup.b, setup.W, j, args.seed)
+    start = _call(COORDINATOR, coord_start, j)  # blocks until the shards hold the (resumed) parameters
+    if start < 0:  # the coordinator failed before training began; it says why
+        rpc.shutdown(graceful=False)
+        return
+    if cfg["warmstart_steps"] and j > 0 and start < cfg["warmstart_steps"]:
+        _call(COORDINATOR, coord_wait_warmstart)
+    step, pushes, report = start, [], None
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples since the last report
+    delay = setup.delays.get(j, 0.0)
+    for epoch in range(start // setup.steps_per_epoch, int(cfg["epochs"])):
+        sampler.set_epoch(epoch, step % setup.steps_per_epoch if epoch == start // setup.steps_per_epoch else 0)
+        for x, y in data.train_batches(sampler):
+            if step >= setup.total_steps:
+                break
+            if delay:
+                time.sleep(delay)
+            if step == start or step % cfg["n_fetch"] == 0:
+                _wait_all(pushes)
+                pushes = []
+                fetch(model, setup, j)
+                if args.barrier:
+                    _call(COORDINATOR, coord_barrier, 2 * step)
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss.backward()  # gradients add up over the steps between pushes
+            step += 1
+            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+            if setup.kill and setup.kill == (j, step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step % cfg["n_push"] == 0 or step == setup.total_steps:
+                _wait_all(pushes)
+                pushes = push(model, params, setup, j)
+                if args.barrier:
+                    _wait_all(pushes)
+                    _call(COORDINATOR, coord_barrier, 2 * step + 1)
+                if report is not None:
+                    report.wait()
+                report = rpc.rpc_async(COORDINATOR, coord_report, args=(j, step, *sums.tolist()), timeout=0)
+                sums.zero_()
+    _wait_all(pushes)
+    if report is not None:
+        report.wait()
+    _call(COORDINATOR, coord_done, j, step, *sums.tolist())
+    rpc.shutdown(graceful=False)
+
+
+_DATA: Any = None
+
+
+def _data(args: argparse.Namespace) -> Any:
+    """Fashion-MNIST, read once per process (no flips: Dean et al. trained on the data as they were)."""
+    global _DATA
+    if _DATA is None:
+        from train.data import FASHION_MNIST_DEFAULT_DIR, fashion_mnist
+
+        _DATA = fashion_mnist(args.data_dir or FASHION_MNIST_DEFAULT_DIR, 1, args.seed, flip=False)
+    return _DATA
+
+
+def _wait_all(futures: list[Any]) -> None:
+    for f in futures:
+        f.wait()
+
+
+def fetch(model: torch.nn.Module, setup: Setup, j: int) -> None:
+    """Every shard's slice, fetched in parallel, into the replica's model."""
+    futures = [rpc.rpc_async(ps.shard_name(i), ps.rpc_fetch, args=(j,), timeout=0) for i in range(setup.S)]
+    state: dict[str, torch.Tensor] = {}
+    for f in futures:
+        state |= f.wait()
+    with torch.no_grad():
+        model.load_state_dict(state)
+
+
+def push(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], setup: Setup, j: int) -> list[Any]:
+    """Send each shard the gradients of its parameters and the current buffers; zero the gradients."""
+    buffers = dict(model.named_buffers())
+    futures = []
+    for i, names in enumerate(setup.param_shards):
+        grads = {n: params[n].grad.detach().clone() for n in names if n in params and params[n].grad is not None}
+        bufs = {n: buffers[n].detach().clone() for n in names if n in buffers}
+        futures.append(rpc.rpc_async(ps.shard_name(i), ps.rpc_push, args=(j, grads, bufs), timeout=0))
+    model.zero_grad(set_to_none=True)
+    return futures
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The coordinator: shards' initial state, replicas' progress, records, evaluation, checkpoints
+
+
+class Coordinator:
+    """The coordinator's shared state, read and written by its RPC threads and its main loop under one lock."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.cond = threading.Condition()
+        self.ready = False
+        self.failed = False
+        self.start_steps = [0] * setup.W
+        self.steps = [0] * setup.W  # steps each replica has reported
+        self.done = [False] * setup.W
+        self.dead = [False] * setup.W
+        self.last_seen = [time.monotonic()] * setup.W
+        self.interval = [0.0, 0.0, 0.0]  # loss sum, correct, samples since the last record
+        self.epoch_sums = [0.0, 0.0, 0.0]
+        self.barriers: dict[int, int] = {}
+
+    @property
+    def samples(self) -> int:
+        return sum(self.steps) * self.setup.b
+
+    def finished(self, j: int) -> bool:
+        return self.done[j] or self.dead[j]
+
+
+_COORD: Coordinator | None = None
+
+
+def coord_start(j: int) -> int:
+    c = _COORD
+    with c.cond:
+        c.cond.wait_for(lambda: c.ready or c.failed)
+        c.last_seen[j] = time.monotonic()
+        return -1 if c.failed else c.start_steps[j]
+
+
+def coord_report(j: int, step: int, loss_sum: float, correct: float, samples: float) -> None:
+    c = _COORD
+    with c.cond:
+        c.steps[j] = step
+        c.last_seen[j] = time.monotonic()
+        for k, v in enumerate((loss_sum, correct, samples)):
+            c.interval[k] += v
+            c.epoch_sums[k] += v
+        if j == 0 and c.setup.cfg["warmstart_steps"]:
+            c.cond.notify_all()  # replicas waiting for the warmstart (the main loop polls, no need to wake it)
+
+
+def coord_done(j: int, step: int, loss_sum: float, correct: float, samples: float) -> None:
+    coord_report(j, step, loss_sum, correct, samples)
+    with _COORD.cond:
+        _COORD.done[j] = True
+        _COORD.cond.notify_all()
+
+
+def coord_wait_warmstart() -> None:
+    """Dean et al.'s warmstart: the other replicas start once replica 0 has done ``warmstart_steps`` steps."""
+    c = _COORD
+    with c.cond:
+        c.cond.wait_for(lambda: c.steps[0] >= c.setup.cfg["warmstart_steps"] or c.finished(0))
+
+
+def coord_barrier(key: int) -> None:
+    c = _COORD
+    with c.cond:
+        c.barriers[key] = c.barriers.get(key, 0) + 1
+        c.cond.notify_all()
+        c.cond.wait_for(lambda: c.barriers[key] >= sum(not c.finished(j) for j in range(c.setup.W)))
+
+
+@dataclass
+class State:
+    """Where the coordinator's records stand (saved in the checkpoint)."""
+
+    epochs_logged: int = 0
+    next_log: int = 0
+    next_save: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    t_log: float = field(default_factory=time.perf_counter)
+    t_epoch: float = field(default_factory=time.perf_counter)
+    samples_log: int = 0
+    samples_epoch: int = 0
+    wall_before: float = 0.0  # wall time of the runs this one resumes
+    taus_interval: list[int] = field(default_factory=list)
+    taus_epoch: list[int] = field(default_factory=list)
+    taus_all: list[int] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
+
+def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: str, out_dir: Path) -> dict[str, Any]:
+    """Rank 0: start the shards, release the replicas, record until every replica is done or dead, finish."""
+    global _COORD
+    from train.models import build_model
+
+    args = setup.args
+    if procs:
+        torch.set_num_threads(1)
+    refusal = None if procs else claim_output_dir(out_dir, resume=args.resume, overwrite=args.overwrite)
+    _COORD = c = Coordinator(setup)
+    rpc.init_rpc(COORDINATOR, rank=0, world_size=world_size, rpc_backend_options=rpc_options(setup))
+    try:
+        if refusal:
+            raise SystemExit(f"error: {refusal}")
+        torch.manual_seed(args.seed)
+        model = build_model(setup.cfg["model"], 10, 1, 28)
+        state = State(next_log=args.log_interval, next_save=args.save_interval or 0)
+        checkpoint = out_dir / "checkpoints" / "ps.pt"
+        saved = load_checkpoint(checkpoint, setup) if args.resume and checkpoint.exists() else None
+        start_shards(model, setup, saved)
+        wandb_id = None
+        if saved:
+            c.start_steps, c.steps = list(saved["replica_steps"]), list(saved["replica_steps"])
+            state.epochs_logged, wandb_id = saved["epochs_logged"], saved.get("wandb_id")
+            state.wall_before, state.taus_all = saved["wall_time"], list(saved["taus"])
+            state.samples_log = state.samples_epoch = c.samples
+            state.history = [r for r in rewind_metrics(out_dir / "metrics.jsonl", sum(c.steps))
+                             if r["kind"] == "epoch"]
+            state.next_log = (sum(c.steps) // args.log_interval + 1) * args.log_interval
+            print(f"resumed from {checkpoint}: replica steps {c.steps}, {c.samples:,} samples", flush=True)
+        print(describe(setup), flush=True)
+        log = start_log(setup, out_dir, run_name, wandb_id)
+        with c.cond:
+            c.ready = True
+            c.cond.notify_all()
+        watch(c, setup, state, log, model, procs, out_dir)
+        return finish(c, setup, state, log, model, out_dir)
+    finally:
+        with c.cond:
+            c.failed = not c.ready  # replicas still waiting to start are told to go
+            c.cond.notify_all()
+        for i in range(setup.S):
+            try:
+                rpc.rpc_sync(ps.shard_name(i), ps.rpc_stop, timeout=10)
+            except Exception:  # noqa: BLE001 (a dead shard cannot be stopped)
+                pass
+        rpc.shutdown(graceful=False)
+
+
+def start_shards(model: torch.nn.Module, setup: Setup, saved: dict[str, Any] | None) -> None:
+    """Give every shard its slice of the initial model (then, on --resume, the checkpointed state)."""
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    options = {"optimizer": setup.cfg["optimizer"], "lr": float(setup.cfg["lr"]),
+               "initial_accumulator_value": float(setup.cfg["initial_accumulator_value"])}
+    for i, names in enumerate(setup.param_shards):
+        _call(ps.shard_name(i), ps.rpc_create, i, {n: params[n].detach() for n in names if n in params},
+              {n: buffers[n].detach() for n in names if n in buffers}, options)
+        if saved:
+            _call(ps.shard_name(i), ps.rpc_load, saved["shards"][i])
+
+
+def load_checkpoint(path: Path, setup: Setup) -> dict[str, Any]:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}; start afresh with --overwrite") from None
+    if len(saved["shards"]) != setup.S or len(saved["replica_steps"]) != setup.W:
+        raise ConfigError(f"--resume: {path} holds {len(saved['shards'])} shards and {len(saved['replica_steps'])} "
+                          f"replicas, this run has S = {setup.S}, W = {setup.W}; resume with the run's config")
+    return saved
+
+
+def save_checkpoint(c: Coordinator, setup: Setup, state: State, log: Any, out_dir: Path) -> None:
+    """The parameter server's state (every shard's parameters, accumulators, version) and the replicas' steps.
+
+    Taken while the replicas run: a push in flight may be in a shard's state before its replica's report reached
+    the coordinator, so a resumed replica may redo a step or two (asynchronous SGD takes that in its stride)."""
+    with c.cond:
+        steps = list(c.steps)
+    shards = [_call(ps.shard_name(i), ps.rpc_state) for i in range(setup.S)]
+    path = out_dir / "checkpoints" / "ps.pt"
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name("ps.pt.tmp")
+    torch.save({"shards": shards, "replica_steps": steps, "epochs_logged": state.epochs_logged,
+                "wall_time": state.wall(), "taus": state.taus_all, "wandb_id": log.wandb_id}, tmp)
+    os.replace(tmp, path)
+
+
+def describe(setup: Setup) -> str:
+    cfg = setup.cfg
+    return "\n".join([
+        f"Downpour SGD: {setup.W} replicas x {setup.b} samples = {setup.round_batch} samples per update round; "
+        f"{setup.S} parameter-server shards ({', '.join(str(len(n)) for n in setup.param_shards)} tensors)",
+        f"data: fashion-mnist, {setup.num_train:,} training samples -> {setup.steps_per_epoch:,} steps/epoch per "
+        f"replica x {cfg['epochs']} epochs" + (f", stopping at step {setup.total_steps}" if setup.args.max_steps
+                                                else ""),
+        f"shards: {cfg['optimizer']} lr {cfg['lr']}" + (f", initial accumulator {cfg['initial_accumulator_value']}"
+                                                       if cfg["optimizer"] == "adagrad" else "") +
+        f"; fetch every {cfg['n_fetch']}, push every {cfg['n_push']} steps; warmstart {cfg['warmstart_steps']} steps"
+        + (f"; delays {setup.delays}" if setup.delays else "") + ("; barrier (synchronous)" if setup.args.barrier
+                                                                  else "")])
+
+
+def derived(setup: Setup) -> dict[str, Any]:
+    cfg = setup.cfg
+    return {"global_batch": setup.round_batch, "dataset": cfg["dataset"], "num_train": setup.num_train,
+            "num_val": setup.num_val, "arch": cfg["model"], "optimizer": "Adagrad" if cfg["optimizer"] == "adagrad"
+            else "SGD", "lr": cfg["lr"], "epochs": cfg["epochs"], "steps_per_epoch": setup.steps_per_epoch,
+            "total_steps": setup.total_steps, "replicas": setup.W, "shards": setup.S, "n_fetch": cfg["n_fetch"],
+            "n_push": cfg["n_push"], "batch_per_replica": setup.b, "warmstart_steps": cfg["warmstart_steps"],
+            "world_size": 1 + setup.S + setup.W, "replica_delays": setup.delays, "barrier": setup.args.barrier,
+            "warmup_steps": 0}
+
+
+def start_log(setup: Setup, out_dir: Path, run_name: str, wandb_id: str | None) -> Any:
+    from train.tracking import RunLog, git_commit
+
+    args = setup.args
+    summary_cfg = {"run_name": run_name, "group": args.wandb_group, "config_file": str(args.deepspeed_config),
+                   "args": vars(args), "derived": derived(setup), "downpour": setup.cfg,
+                   "optimizer": {"type": derived(setup)["optimizer"], "params": {"lr": setup.cfg["lr"]}},
+                   "scheduler": None, "training": {"recipe": f"downpour-{setup.cfg['optimizer']}",
+                                                   "epochs": setup.cfg["epochs"]},
+                   "param_shards": setup.param_shards, "git_commit": git_commit()}
+    (out_dir / "config.json").write_text(json.dumps(summary_cfg, indent=2, default=str) + "\n")
+    return RunLog(out_dir, use_wandb=not args.no_wandb, project=args.wandb_project, group=args.wandb_group,
+                  name=run_name, tags=["downpour", setup.cfg["optimizer"], f"W{setup.W}", f"S{setup.S}"],
+                  config=summary_cfg, resume_id=wandb_id)
+
+
+def drain_taus(setup: Setup, state: State) -> None:
+    for i in range(setup.S):
+        _, taus = _call(ps.shard_name(i), ps.rpc_drain_taus)
+        for group in (state.taus_interval, state.taus_epoch, state.taus_all):
+            group.extend(taus)
+
+
+def watch(c: Coordinator, setup: Setup, state: State, log: Any, model: torch.nn.Module, procs: dict[int, Any],
+          out_dir: Path) -> None:
+    """Until every replica is done or dead: note deaths, write step and epoch records, save checkpoints."""
+    args, epoch_samples = setup.args, setup.steps_per_epoch * setup.round_batch
+    while True:
+        with c.cond:
+            c.cond.wait(timeout=0.2)
+            check_alive(c, setup, procs)
+            total, samples, all_done = sum(c.steps), c.samples, all(map(c.finished, range(setup.W)))
+        if all_done:
+            return
+        if samples >= (state.epochs_logged + 1) * epoch_samples:
+            epoch_record(c, setup, state, log, model)
+            save_checkpoint(c, setup, state, log, out_dir)
+        elif total >= state.next_log:
+            step_record(c, setup, state, log)
+            state.next_log = (total // args.log_interval + 1) * args.log_interval
+        if args.save_interval and total >= state.next_save:
+            save_checkpoint(c, setup, state, log, out_dir)
+            state.next_save = (total // args.save_interval + 1) * args.save_interval
+
+
+def check_alive(c: Coordinator, setup: Setup, procs: dict[int, Any]) -> None:
+    """A replica process that exited without saying done, or (on other machines) went silent, is dead."""
+    for rank, p in procs.items():
+        role, index = role_of(rank, setup)
+        if p.exitcode is None:
+            continue
+        if role == "shard":
+            raise SystemExit(f"error: parameter-server shard {index} died (exit code {p.exitcode}); the run stops. "
+                             f"--resume continues from the last parameter-server checkpoint")
+        if not c.finished(index):
+            c.dead[index] = True
+            how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+            print(f"replica {index} died ({how}) after step {c.steps[index]}; the other replicas go on", flush=True)
+            c.cond.notify_all()
+    if not procs:
+        for j in range(setup.W):
+            if not c.finished(j) and time.monotonic() - c.last_seen[j] > setup.args.replica_timeout:
+                c.dead[j] = True
+                print(f"replica {j}: no news for {setup.args.replica_timeout:g} s after step {c.steps[j]}; counted "
+                      f"as dead, the other replicas go on", flush=True)
+                c.cond.notify_all()
+
+
+def _rates(c: Coordinator, sums: list[float]) -> tuple[float | None, float | None]:
+    loss_sum, correct, n = sums
+    return (loss_sum / n, 100 * (1 - correct / n)) if n else (None, None)
+
+
+def step_record(c: Coordinator, setup: Setup, state: State, log: Any) -> None:
+    drain_taus(setup, state)
+    with c.cond:
+        total, samples, (loss, _) = sum(c.steps), c.samples, _rates(c, c.interval)
+        c.interval = [0.0, 0.0, 0.0]
+        alive = sum(not d for d in c.dead)
+    now = time.perf_counter()
+    rec = {"kind": "step", "step": total, "epoch": samples / (setup.steps_per_epoch * setup.round_batch),
+           "samples": samples, "loss": loss, "lr": setup.cfg["lr"],
+           "images_per_sec": (samples - state.samples_log) / max(now - state.t_log, 1e-9),
+           "global_batch": setup.round_batch, "wall_time": state.wall(), "replicas_alive": alive,
+           **ps.tau_summary(state.taus_interval)}
+    state.t_log, state.samples_log, state.taus_interval = now, samples, []
+    log.log(rec)
+
+
+def epoch_record(c: Coordinator, setup: Setup, state: State, log: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """Training totals since the last epoch record, the parameters fetched from the shards, evaluated."""
+    step_record(c, setup, state, log)
+    with c.cond:
+        total, samples, (loss, err) = sum(c.steps), c.samples, _rates(c, c.epoch_sums)
+        c.epoch_sums = [0.0, 0.0, 0.0]
+    now = time.perf_counter()
+    epoch_time, seen = now - state.t_epoch, samples - state.samples_epoch
+    load_from_shards(model, setup)
+    val = evaluate(model, setup)
+    state.epochs_logged = samples // (setup.steps_per_epoch * setup.round_batch)  # whole passes recorded
+    rec = {"kind": "epoch", "epoch": samples / (setup.steps_per_epoch * setup.round_batch), "step": total,
+           "samples": samples, "train_loss": loss, "train_error": err, **val, "epoch_time": epoch_time,
+           "images_per_sec": seen / max(epoch_time, 1e-9), "lr": setup.cfg["lr"], "wall_time": state.wall(),
+           **{k: v for k, v in ps.tau_summary(state.taus_epoch).items() if k != "tau_hist"},
+           "tau_hist": ps.tau_summary(state.taus_epoch).get("tau_hist")}
+    state.taus_epoch, state.t_epoch, state.samples_epoch = [], time.perf_counter(), samples
+    state.history.append(rec)
+    log.log(rec)
+    print(f"epoch {rec['epoch']:.3g}/{setup.cfg['epochs']} | train loss {_fmt(loss)} | val top-1 error "
+          f"{val['val_top1_error']:.2f}% | staleness mean {rec.get('tau_mean', float('nan')):.2f} max "
+          f"{rec.get('tau_max', '-')} | {epoch_time:.1f} s, {rec['images_per_sec']:.0f} samples/s", flush=True)
+    return rec
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def load_from_shards(model: torch.nn.Module, setup: Setup) -> None:
+    state: dict[str, torch.Tensor] = {}
+    for i in range(setup.S):
+        shard = _call(ps.shard_name(i), ps.rpc_state)
+        state |= shard["params"] | shard["buffers"]
+    with torch.no_grad():
+        model.load_state_dict(state)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, setup: Setup) -> dict[str, float]:
+    """Top-1/top-5 error (%) and loss over the validation samples (the first --val-subset of the test set)."""
+    data = _data(setup.args)
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)
+    for x, y in data.val_batches(list(range(setup.num_val)), setup.args.eval_batch):
+        logits = model(x).float()
+        hit = logits.topk(5, dim=1).indices == y[:, None]
+        sums += torch.tensor([hit[:, 0].sum(), hit.any(1).sum(), y.numel(),
+                              torch.nn.functional.cross_entropy(logits, y, reduction="sum")], dtype=torch.float64)
+    model.train()
+    c1, c5, n, loss = sums.tolist()
+    return {"val_top1_error": 100 * (1 - c1 / n), "val_top5_error": 100 * (1 - c5 / n), "val_loss": loss / n,
+            "val_samples": int(n)}
+
+
+def finish(c: Coordinator, setup: Setup, state: State, log: Any, model: torch.nn.Module,
+           out_dir: Path) -> dict[str, Any]:
+    """The last epoch record (if samples came after the last one), the checkpoint, model.pt, the summary."""
+    drain_taus(setup, state)
+    if c.samples > state.samples_epoch or not state.history:
+        epoch_record(c, setup, state, log, model)
+    else:
+        load_from_shards(model, setup)
+    save_checkpoint(c, setup, state, log, out_dir)
+    torch.save({k: v.detach().float() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+               out_dir / "model.pt")
+    last = [h["val_top1_error"] for h in state.history[-5:]]
+    result = {"steps": sum(c.steps), "samples": c.samples, "final_val_top1_error": state.history[-1]["val_top1_error"],
+              "final_val_top5_error": state.history[-1]["val_top5_error"],
+              "median5_val_top1_error": statistics.median(last), "wall_time": state.wall(),
+              "replica_steps": list(c.steps), "dead_replicas": [j for j in range(setup.W) if c.dead[j]],
+              **{k: v for k, v in ps.tau_summary(state.taus_all).items() if k != "tau_hist"},
+              "tau_hist": ps.tau_summary(state.taus_all).get("tau_hist")}
+    log.log({"kind": "summary", **result})
+    log.summary({k: v for k, v in result.items() if not isinstance(v, list)})
+    log.close()
+    print(f"done: {json.dumps(result)}; run folder {out_dir}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    from train import downpour  # the module, not this script: RPC names its functions train.downpour.*
+
+    sys.exit(cli.run(downpour.main, downpour.get_args_parser().parse_args()))

@@ -1,0 +1,195 @@
+"""The parameter server of Downpour SGD: S shards, each an RPC worker holding a slice of the model and its optimizer.
+
+Dean et al. 2012, "Large Scale Distributed Deep Networks" (NeurIPS), sec. 4.1: "the model parameters are sharded
+across [...] parameter server shards"; each model replica "asynchronously fetches [...] parameters" and "pushes
+[its] gradient to the parameter server", and each shard "applies updates to its subset of the parameters"
+independently. Adagrad (Duchi et al. 2011) is applied at the shards, per parameter:
+
+    G <- G + g * g                 (G starts at ``initial_accumulator_value``)
+    p <- p - lr * g / (sqrt(G) + eps)
+
+exactly as ``torch.optim.Adagrad`` (lr_decay 0, weight_decay 0, its default eps 1e-10) does it; plain SGD
+(``p <- p - lr * g``) is offered to show why Dean et al. chose Adagrad. Each shard applies one push at a time under
+its own lock, so a push is never half-applied; shards do not wait for each other.
+
+Staleness is measured, not assumed: a shard counts the updates it has applied (its ``version``) and remembers the
+version each replica last fetched; a push reports ``tau = version - version at that replica's last fetch`` before
+it is applied. With one replica that fetches after every push, tau is always 0.
+
+BatchNorm statistics (buffers) are not gradients: a push carries the replica's current buffers and the shard keeps
+the latest ones (the last replica to push wins); the parameters are the only thing the optimizer updates.
+
+This module imports only torch: a shard process never loads the data or torchvision.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+import torch
+
+SHARD_OPTIMIZERS = ("adagrad", "sgd")
+
+
+def shard_name(i: int) -> str:
+    return f"ps{i}"
+
+
+def partition(param_sizes: dict[str, int], buffer_names: list[str], shards: int) -> list[list[str]]:
+    """Assign every parameter tensor (greedily by size, largest first, to the least-loaded shard) and every buffer
+    (round robin) to one of ``shards`` shards. The caller checks ``shards <= len(param_sizes)``."""
+    load = [0] * shards
+    names: list[list[str]] = [[] for _ in range(shards)]
+    for name in sorted(param_sizes, key=lambda n: (-param_sizes[n], list(param_sizes).index(n))):
+        i = min(range(shards), key=lambda s: (load[s], s))
+        names[i].append(name)
+        load[i] += param_sizes[name]
+    for k, name in enumerate(buffer_names):
+        names[k % shards].append(name)
+    return names
+
+
+def adagrad_update(p: torch.Tensor, g: torch.Tensor, state_sum: torch.Tensor, lr: float, eps: float) -> None:
+    """One Adagrad step on one tensor, in place (the formula of the module docstring)."""
+    state_sum.addcmul_(g, g, value=1.0)
+    p.addcdiv_(g, state_sum.sqrt().add_(eps), value=-lr)
+
+
+class ParameterShard:
+    """One shard: its parameters, their optimizer state, the version counter and the staleness record."""
+
+    def __init__(self, index: int, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], *,
+                 optimizer: str, lr: float, initial_accumulator_value: float = 0.0, eps: float = 1e-10):
+        if optimizer not in SHARD_OPTIMIZERS:
+            raise ValueError(f"shard optimizer {optimizer!r} unknown; known: {', '.join(SHARD_OPTIMIZERS)}")
+        self.index = index
+        self.params = {k: v.detach().clone().float() for k, v in params.items()}
+        self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
+        self.optimizer, self.lr, self.eps = optimizer, float(lr), float(eps)
+        self.state_sum = {k: torch.full_like(v, float(initial_accumulator_value)) for k, v in self.params.items()}
+        self.version = 0  # updates applied
+        self.fetched: dict[int, int] = {}  # replica -> version at its last fetch
+        self.taus: list[int] = []  # staleness of the pushes since the coordinator last drained them
+        self.lock = threading.Lock()
+
+    def fetch(self, replica: int) -> dict[str, torch.Tensor]:
+        """The shard's parameters and buffers (copies, taken under the lock); remembers the version fetched."""
+        with self.lock:
+            self.fetched[replica] = self.version
+            return {k: v.clone() for k, v in (self.params | self.buffers).items()}
+
+    def push(self, replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int:
+        """Apply one replica's gradient; return its staleness tau (updates applied since that replica fetched)."""
+        with self.lock:
+            tau = self.version - self.fetched.get(replica, 0)
+            for name, g in grads.items():
+                p = self.params[name]
+                if self.optimizer == "adagrad":
+                    adagrad_update(p, g, self.state_sum[name], self.lr, self.eps)
+                else:
+                    p.add_(g, alpha=-self.lr)
+            for name, b in buffers.items():
+                self.buffers[name].copy_(b)
+            self.version += 1
+            self.taus.append(tau)
+            return tau
+
+    def drain_taus(self) -> tuple[int, list[int]]:
+        with self.lock:
+            taus, self.taus = self.taus, []
+            return self.version, taus
+
+    def state_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return {"index": self.index, "params": {k: v.clone() for k, v in self.params.items()},
+                    "buffers": {k: v.clone() for k, v in self.buffers.items()},
+                    "state_sum": {k: v.clone() for k, v in self.state_sum.items()}, "version": self.version,
+                    "optimizer": self.optimizer, "lr": self.lr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with self.lock:
+            if set(state["params"]) != set(self.params) or set(state["buffers"]) != set(self.buffers):
+                raise ValueError(f"shard {self.index}: the checkpoint holds tensors {sorted(state['params'])}, "
+                                 f"this shard {sorted(self.params)}; resume with the run's model and shard count")
+            for group in ("params", "buffers", "state_sum"):
+                for k, v in state[group].items():
+                    getattr(self, group)[k].copy_(v)
+            self.version = int(state["version"])
+            self.fetched = {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shard process: its RPC endpoints (called by name from the replicas and the coordinator) and its main
+
+
+_SHARD: ParameterShard | None = None
+_STOP = threading.Event()
+_READY = threading.Event()
+
+
+def _shard() -> ParameterShard:
+    if not _READY.wait(timeout=600):
+        raise RuntimeError("the parameter-server shard was never given its parameters by the coordinator")
+    assert _SHARD is not None
+    return _SHARD
+
+
+def rpc_create(index: int, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+               options: dict[str, Any]) -> int:
+    """Coordinator -> shard: hold these tensors (the initial model's slice)."""
+    global _SHARD
+    _SHARD = ParameterShard(index, params, buffers, **options)
+    _READY.set()
+    return sum(v.numel() for v in params.values())
+
+
+def rpc_fetch(replica: int) -> dict[str, torch.Tensor]:
+    return _shard().fetch(replica)
+
+
+def rpc_push(replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int:
+    return _shard().push(replica, grads, buffers)
+
+
+def rpc_drain_taus() -> tuple[int, list[int]]:
+    return _shard().drain_taus()
+
+
+def rpc_state() -> dict[str, Any]:
+    return _shard().state_dict()
+
+
+def rpc_load(state: dict[str, Any]) -> int:
+    _shard().load_state_dict(state)
+    return _shard().version
+
+
+def rpc_stop() -> bool:
+    _STOP.set()
+    return True
+
+
+def serve(rank: int, world_size: int, index: int, rpc_options: Any) -> None:
+    """A shard's whole life: join the RPC world, answer calls until the coordinator says stop."""
+    from torch.distributed import rpc
+
+    torch.set_num_threads(1)
+    rpc.init_rpc(shard_name(index), rank=rank, world_size=world_size, rpc_backend_options=rpc_options)
+    _STOP.wait()
+    time.sleep(0.2)  # let the answer to rpc_stop leave before the agent goes
+    rpc.shutdown(graceful=False)
+
+
+def tau_summary(taus: list[int]) -> dict[str, Any]:
+    """The staleness distribution of some pushes: mean, median, 90th percentile, max, and counts of 0, 1, 2, ..."""
+    if not taus:
+        return {"tau_count": 0}
+    s = sorted(taus)
+    hist = [0] * (s[-1] + 1)
+    for t in s:
+        hist[t] += 1
+    return {"tau_count": len(s), "tau_mean": sum(s) / len(s), "tau_median": s[(len(s) - 1) // 2],
+            "tau_p90": s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)], "tau_max": s[-1], "tau_hist": hist}
