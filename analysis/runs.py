@@ -98,6 +98,8 @@ class Run:
         recipe = str((self.config.get("training") or {}).get("recipe") or "")
         if recipe.startswith("study-") and recipe[len("study-"):] in STUDY_METHODS:
             return STUDY_METHODS[recipe[len("study-"):]]  # the study's configs say which method they are
+        if isinstance(self.config.get("downpour"), dict):  # train/downpour.py: asynchronous, W replicas
+            return f"Downpour SGD, {self.optimizer} at the shards"
         if (self.config.get("training") or {}).get("batch_increase"):
             return f"{self.optimizer.upper()}, batch increase (Smith et al.)"
         return method_label(self.optimizer, self.scaling, self.warmup)

@@ -15,7 +15,10 @@ import pytest
 import torch
 from conftest import REPO, child_env, read_metrics, write_config
 
+from analysis.runs import load_run
+from train import downpour
 from train import parameter_server as ps
+from train.config import ConfigError
 from train.data import GlobalBatchSampler, fashion_mnist
 from train.models import build_model
 
@@ -129,10 +132,18 @@ def test_partition_gives_every_shard_a_tensor_and_balances_by_size():
 def test_bad_input_is_refused_with_a_clear_message(tmp_path, override, message):
     cfg = downpour_cfg(2, 2)
     cfg["downpour"].update(override)
-    proc, out = run_downpour(tmp_path, "bad", cfg, check=False, timeout=120)
+    path = write_config(tmp_path / "bad.json", cfg)
+    args = downpour.get_args_parser().parse_args(["--deepspeed_config", str(path), "--no-wandb"])
+    with pytest.raises(ConfigError) as e:
+        downpour.load_setup(args)
+    assert str(e.value).startswith(message)
+
+
+def test_bad_input_on_the_command_line_exits_2_before_any_process_starts(tmp_path):
+    proc, out = run_downpour(tmp_path, "bad", downpour_cfg(2, 2), "--replicas", "0", check=False, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert f"error: {message}" in proc.stderr
-    assert not (out / "config.json").exists()
+    assert "error: downpour.replicas must be an integer >= 1, got 0" in proc.stderr
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,6 +163,8 @@ def test_one_replica_is_torch_adagrad_with_zero_staleness_and_resumes_exactly(tm
     assert s["tau_hist"] == [20]  # 10 pushes x 2 shards, all with staleness 0
     config = json.loads((whole / "config.json").read_text())
     assert config["derived"]["global_batch"] == 32 and config["derived"]["optimizer"] == "Adagrad"
+    run = load_run(whole)  # analysis.compare reads it beside the synchronous runs
+    assert run.method == "Downpour SGD, Adagrad at the shards" and run.batch == 32 and run.epochs_done == 1
 
     _, part = run_downpour(tmp_path, "part", cfg, "--train-subset", "320", "--max-steps", "4")
     assert summary(part)["replica_steps"] == [4]
