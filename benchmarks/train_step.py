@@ -31,11 +31,15 @@ imagenet.py keeps them NCHW (DeepSpeed flattens them) and its inputs NHWC (its d
 Timing: images/s per logging interval, the clock read at the same points (every ``--log-interval`` optimizer
 steps, after the step); the first interval (warm-up) is dropped and the median of the others is the run's figure.
 imagenet.py's own figure is its metrics.jsonl ``images_per_sec``; start-up, evaluation and checkpoints are outside
-the intervals. Baseline and imagenet.py alternate within each round (which goes first alternates between rounds),
-and the ratios printed are medians of the rounds' ratios; the load average (``uptime``) is printed with each round,
-since other jobs on the machine move wall-clock rates by 2-3x. ``--short-steps N`` adds CPU seconds per optimizer
-step (all ranks): each side runs a second time N steps long, and the difference of the two runs' CPU times over the
-difference of their steps cancels start-up and shut-down.
+the intervals. Over the same intervals, CPU seconds per optimizer step (user + system, all threads of both ranks):
+the baseline reads ``time.process_time()`` in each rank at its logging points; for imagenet.py this script reads the
+CPU times of the launcher's process tree (launchers and ranks) each time a step record reaches metrics.jsonl. Other
+jobs on the machine move wall-clock rates by 2-3x; they move CPU time per step much less (gloo waits block rather
+than spin), so the CPU ratio is the steadier figure. Baseline and imagenet.py alternate within each round (which goes
+first alternates between rounds), the ratios printed are medians of the rounds' ratios, and the load average
+(``uptime``) is printed with each round. ``--short-steps N`` adds the older whole-run measure: each side runs a
+second time N steps long, and the difference of the two runs' CPU times over the difference of their steps cancels
+start-up and shut-down.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import psutil  # a dependency of DeepSpeed
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,10 +107,23 @@ def child_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def tree_cpu(root: psutil.Process) -> float:
+    """User + system CPU seconds of ``root`` and its live descendants (the launchers and both ranks)."""
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def run_imagenet(tmp: Path, args: argparse.Namespace, precision: str, tag: str, steps: int
-                 ) -> tuple[list[float], float]:
-    """One train/imagenet.py run through the deepspeed launcher: images/s of its logging intervals, and the CPU
-    seconds of the launcher and both ranks."""
+                 ) -> tuple[list[float], list[float], float]:
+    """One train/imagenet.py run through the deepspeed launcher: images/s of its logging intervals, CPU seconds per
+    optimizer step in each interval (all processes, read when the interval's record reaches metrics.jsonl), and the
+    CPU seconds of the whole run (launcher and both ranks)."""
     cfg = tmp / "bench.json"
     cfg.write_text(json.dumps(config(args.micro_batch * args.accum * 2, args.micro_batch)))
     out = tmp / f"run-{tag}-{precision}-{steps}"
@@ -115,18 +133,41 @@ def run_imagenet(tmp: Path, args: argparse.Namespace, precision: str, tag: str, 
            str(args.log_interval), "--val-subset", "64", "--no-wandb", "--output-dir", str(out), "--seed", "0",
            "--channels-last" if args.layout == "channels_last" else "--no-channels-last"]
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    metrics = out / "metrics.jsonl"
     c0 = child_cpu()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        root = psutil.Process(proc.pid)
+        samples, seen, size, t_end = [], 0, 0, time.monotonic() + 900
+        while proc.poll() is None:  # one CPU reading per new step record: the ranks are just past that step
+            if time.monotonic() > t_end:
+                proc.kill()
+                raise SystemExit(f"train/imagenet.py did not finish in 900 s: {' '.join(cmd)}")
+            new_size = metrics.stat().st_size if metrics.exists() else 0
+            if new_size != size:
+                size = new_size
+                n = metrics.read_text().count('"kind": "step"')
+                if n > seen:
+                    samples.append((n, tree_cpu(root)))
+                    seen = n
+            time.sleep(0.005)
+        log.seek(0)
+        output = log.read()
     cpu = child_cpu() - c0
     if proc.returncode != 0:
-        raise SystemExit(f"train/imagenet.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["images_per_sec"] for r in recs if r["kind"] == "step"][1:], cpu
+        raise SystemExit(f"train/imagenet.py failed ({proc.returncode}):\n{output[-5000:]}")
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rates = [r["images_per_sec"] for r in recs if r["kind"] == "step"]
+    # consecutive records only (a record the poll missed would merge two intervals), the first interval dropped
+    cpu_steps = [(c1 - c0_) / args.log_interval for (n0, c0_), (n1, c1) in zip(samples, samples[1:], strict=False)
+                 if n1 == n0 + 1]
+    return rates[1:], cpu_steps, cpu
 
 
 def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, precision: str, steps: int,
                queue: object) -> None:
-    """The baseline: one DDP rank; puts the images/s of each logging interval (rank 0) on ``queue``."""
+    """The baseline: one DDP rank; puts its rank, the images/s of each logging interval and its CPU seconds at each
+    logging point (all its threads) on ``queue``."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -156,7 +197,7 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, preci
     accum = args.accum
     sampler = GlobalBatchSampler(4096, args.micro_batch * accum * world, args.micro_batch, world, rank, seed=0)
     batches = data.train_batches(sampler)
-    rates, t_log, step = [], time.perf_counter(), 0
+    rates, cpu_marks, t_log, step = [], [], time.perf_counter(), 0
     while step < steps:
         for a in range(accum):
             x, y = next(batches)
@@ -179,15 +220,16 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, preci
         step += 1
         if step % args.log_interval == 0:
             now = time.perf_counter()
+            cpu_marks.append(time.process_time())
             rates.append(args.log_interval * args.micro_batch * accum * world / (now - t_log))
             t_log = now
-    if rank == 0:
-        queue.put(rates[1:])
+    queue.put((rank, rates[1:], cpu_marks))
     dist.destroy_process_group()
 
 
-def run_ddp(args: argparse.Namespace, precision: str, steps: int) -> tuple[list[float], float]:
-    """The baseline's 2 ranks: images/s of their logging intervals and their CPU seconds."""
+def run_ddp(args: argparse.Namespace, precision: str, steps: int) -> tuple[list[float], list[float], float]:
+    """The baseline's 2 ranks: rank 0's images/s per logging interval, CPU seconds per optimizer step in each
+    interval (both ranks), and the CPU seconds of the whole run."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -195,7 +237,10 @@ def run_ddp(args: argparse.Namespace, precision: str, steps: int) -> tuple[list[
     c0 = child_cpu()
     mp.start_processes(ddp_worker, args=(2, free_port(), args, precision, steps, queue), nprocs=2, join=True,
                        start_method="spawn")
-    return queue.get(), child_cpu() - c0
+    got = dict((rank, (rates, marks)) for rank, rates, marks in (queue.get(), queue.get()))
+    both = [sum(m) for m in zip(got[0][1], got[1][1], strict=True)]
+    cpu_steps = [(b - a) / args.log_interval for a, b in zip(both, both[1:], strict=False)]
+    return got[0][0], cpu_steps, child_cpu() - c0
 
 
 def measure(tmp: Path, args: argparse.Namespace, precision: str, round_: int) -> dict[str, float]:
@@ -205,10 +250,11 @@ def measure(tmp: Path, args: argparse.Namespace, precision: str, round_: int) ->
     order = ("base", "ours") if round_ % 2 == 0 else ("ours", "base")
     row: dict[str, float] = {}
     for side in order:
-        rates, cpu_long = sides[side](args.steps)
+        rates, cpu_steps, cpu_long = sides[side](args.steps)
         row[f"{side}_wall"] = statistics.median(rates)
+        row[f"{side}_cpu_step"] = statistics.median(cpu_steps)
         if args.short_steps:
-            _, cpu_short = sides[side](args.short_steps)
+            _, _, cpu_short = sides[side](args.short_steps)
             row[f"{side}_cpu"] = (cpu_long - cpu_short) / (args.steps - args.short_steps)
     return row
 
@@ -247,6 +293,9 @@ def main() -> None:
     if args.steps < 2 * args.log_interval:
         raise SystemExit(f"--steps {args.steps} gives fewer than 2 logging intervals of {args.log_interval} steps; "
                          f"the first is dropped as warm-up, so at least {2 * args.log_interval} are needed")
+    if args.steps % args.log_interval:
+        raise SystemExit(f"--steps {args.steps} must be a multiple of --log-interval {args.log_interval} (equal "
+                         f"intervals on both sides)")
     if not 0 <= args.short_steps < args.steps:
         raise SystemExit(f"--short-steps {args.short_steps} must be 0 (off) or less than --steps {args.steps}")
     precisions = list(dict.fromkeys(args.precision))
@@ -264,9 +313,10 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
                 line = (f"  round {r + 1} {prec}: images/s {baseline_name(args, prec)} {row['base_wall']:7.1f}, "
                         f"train/imagenet.py {row['ours_wall']:7.1f} (step time "
-                        f"{row['base_wall'] / row['ours_wall']:.3f}x)")
+                        f"{row['base_wall'] / row['ours_wall']:.3f}x) | CPU s/step {row['base_cpu_step']:.4f}, "
+                        f"{row['ours_cpu_step']:.4f} ({row['ours_cpu_step'] / row['base_cpu_step']:.3f}x)")
                 if args.short_steps:
-                    line += (f" | CPU s/step plain DDP {row['base_cpu']:.4f}, train/imagenet.py "
+                    line += (f" | differential CPU s/step plain DDP {row['base_cpu']:.4f}, train/imagenet.py "
                              f"{row['ours_cpu']:.4f} ({row['ours_cpu'] / row['base_cpu']:.3f}x)")
                 print(f"{line}; {load()}", flush=True)
 
@@ -280,6 +330,11 @@ def main() -> None:
         print(f"{prec}: median images/s {baseline_name(args, prec)} {base:.1f}, train/imagenet.py {ours:.1f}; "
               f"step time train/imagenet.py / plain torch {statistics.median(wall):.3f}x (median of {len(rs)} "
               f"interleaved rounds; min {min(wall):.3f}x, max {max(wall):.3f}x; target <= 1.05x)")
+        cpu_step = [row["ours_cpu_step"] / row["base_cpu_step"] for row in rs]
+        print(f"{prec}: CPU seconds per optimizer step in the same intervals (both ranks, all threads): plain torch "
+              f"{statistics.median(r['base_cpu_step'] for r in rs):.4f}, train/imagenet.py "
+              f"{statistics.median(r['ours_cpu_step'] for r in rs):.4f}; ratio {statistics.median(cpu_step):.3f}x "
+              f"(median; min {min(cpu_step):.3f}x, max {max(cpu_step):.3f}x)")
         if args.short_steps:
             cpu = [row["ours_cpu"] / row["base_cpu"] for row in rs]
             print(f"{prec}: CPU seconds per step (both ranks; runs of {args.steps} minus runs of "
