@@ -113,7 +113,8 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, fashion_mnist_dir
     assert not marker.exists()
     run_single([*args, "--resume", "--trusted-checkpoint"])
     assert marker.exists()
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["args"]["trusted_checkpoint"] is True
+    resumes = (tmp_path / "run" / "resumes.jsonl").read_text().splitlines()  # config.json keeps the first start's
+    assert json.loads(resumes[-1])["args"]["trusted_checkpoint"] is True
 
     # A truncated file: named, with what to do, no traceback.
     model_file.write_bytes(model_file.read_bytes()[:1000])

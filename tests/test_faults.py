@@ -39,7 +39,7 @@ def run_args(tmp_path: Path, fashion_mnist_dir: Path, cfg: dict, precision: str)
     return ["--deepspeed_config", str(write_config(tmp_path / "c.json", cfg)), "--dataset", "fashion-mnist",
             "--data-dir", str(fashion_mnist_dir), "--arch", "resnet_small", "--train-subset", "640",
             "--val-subset", "64", "--precision", precision, "--no-wandb", "--log-interval", "1", "--save-interval", "1",
-            "--output-dir", str(tmp_path / "run")]
+            "--keep-checkpoints", "0", "--output-dir", str(tmp_path / "run")]  # every step's checkpoint is compared
 
 
 def checkpoint_tensors(tag_dir: Path) -> dict[str, torch.Tensor]:

@@ -175,3 +175,52 @@ def test_a_wandb_failure_leaves_metrics_jsonl_running(tmp_path, monkeypatch, cap
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
         {"kind": "step", "samples": 32, "loss": None, "lr": 0.1}]
     assert os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_a_wandb_server_that_never_answers_costs_bounded_time_and_no_rank_times_out(tmp_path, fashion_mnist_dir):
+    """WANDB_BASE_URL points at a loopback listener that accepts connections and never answers (a hung server or a
+    proxy black hole); wandb online. wandb.init alone would wait its 90 s init_timeout while rank 1 waits in the
+    first collective and, with --dist-timeout 0.25 (15 s), gives up calling rank 0 hung. With --wandb-timeout 5 rank
+    0 gives the server 5 s, says so in one line, logs offline instead, and the 2-rank run ends normally."""
+    import socket
+    import threading
+    import time
+
+    from conftest import launch
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted: list[socket.socket] = []
+
+    def accept_and_hang() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])  # never read, never answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_hang, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    env = wandb_env(tmp_path) | {"WANDB_MODE": "online", "WANDB_BASE_URL": url}
+    run = tmp_path / "run"
+    args = ["--deepspeed_config", "ds_configs/demo.json", "--dataset", "fashion-mnist", "--data-dir",
+            str(fashion_mnist_dir), "--arch", "mlp", "--train-subset", "512", "--val-subset", "64", "--precision",
+            "fp32", "--max-steps", "2", "--output-dir", str(run), "--wandb-timeout", "5", "--dist-timeout", "0.25"]
+    t0 = time.time()
+    try:
+        proc = launch(args, env=env, check=False, timeout=300)
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()
+    took = time.time() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert accepted, "wandb never contacted the server"
+    assert f"WARNING: the wandb server {url} did not answer within 5 s (" in out
+    assert f"logging offline to {run / 'wandb'} (upload later with `wandb sync`)" in out
+    assert "a rank hung" not in out
+    assert len(list(run.glob("wandb/offline-run-*/run-*.wandb"))) == 1
+    assert [r["kind"] for r in read_metrics(run)][-1] == "summary"
+    print(f"hung wandb server: run of 2 steps done in {took:.1f} s (wandb waited 5 s, then offline)")

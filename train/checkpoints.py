@@ -6,24 +6,31 @@ engine load with ``weights_only=True`` instead, allowing only the few plain Deep
 (loss scaler settings, the ZeRO stage enum, fragment addresses). A file that needs anything else is refused with
 a message naming the class; ``--trusted-checkpoint`` loads it the old way.
 
-Saving is two-phase (:class:`Checkpointer`): every rank writes its files under a new tag and fsyncs them, an
-all-reduce, then rank 0 replaces ``latest`` with the new tag atomically (:func:`write_atomically`). A crash at any
-point of a save leaves ``latest`` naming the previous complete checkpoint. A tag ``latest`` names is never written
-again, and the checkpointer remembers the last *good* tag (finite weights, saved outside a run of skipped steps)
-for a run that gives up.
+Saving is two-phase (:class:`Checkpointer`): every rank writes its files under a new tag and fsyncs them, the
+ranks exchange how it went, then rank 0 replaces ``latest`` with the new tag atomically (:func:`write_atomically`).
+A crash at any point of a save leaves ``latest`` naming the previous complete checkpoint; a rank that cannot write
+(a full disk) stops every rank with one message, the partial tag removed and ``latest`` unchanged. A tag ``latest``
+names is never written again, and the checkpointer remembers the last *good* tag (finite weights, saved outside a
+run of skipped steps) for a run that gives up. After each save only the newest ``keep`` checkpoints stay, besides
+the one ``latest`` names and the last good one (:meth:`Checkpointer.prune`).
 
-The run folder: :func:`claim_run_folder` never lets a run write into another run's folder unless asked
-(``--resume`` continues it, ``--overwrite`` replaces it); :func:`check_resume_layout` refuses to resume ZeRO
-partitions into another stage or world size; :func:`rewind_metrics` drops the records a crash made us redo.
+The run folder: :func:`claim_run_folder` locks it for one job (:func:`lock_run_folder`), never lets a run write into
+another run's folder unless asked (``--resume`` continues it, ``--overwrite`` replaces it), refuses a ``latest``
+that names no checkpoint of the folder (:func:`resume_tag`), and proves that every rank sees the same folder
+(:func:`check_shared_folder`); :func:`check_resume_layout` refuses to resume ZeRO partitions into another stage or
+world size, or into another precision; :func:`rewind_metrics` drops the records a crash made us redo.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
 import re
+import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,9 +41,18 @@ import torch
 
 from train.config import ConfigError, Resolved
 
+DEFAULT_KEEP = 3  # the newest checkpoints kept (--keep-checkpoints); 'latest' and the last good one stay too
+TAG = re.compile(r"step(\d+)")  # the tags this project writes
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded safely; the message says which file and what to do."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint that could not be written (a full disk); every rank raises it, rank 0 with the message."""
+
+    exit_code = 5
 
 
 def safe_globals() -> list[Any]:
@@ -106,6 +122,34 @@ def latest_tag(ckpt_dir: Path) -> str | None:
         return None
 
 
+def checkpoint_tags(ckpt_dir: Path) -> list[str]:
+    """The checkpoints in ``ckpt_dir`` (folders holding a model file), oldest step first, other names last."""
+    found = [d.name for d in ckpt_dir.iterdir() if (d / "mp_rank_00_model_states.pt").is_file()] \
+        if ckpt_dir.is_dir() else []
+    return sorted(found, key=lambda t: (0, int(m.group(1)), "") if (m := TAG.fullmatch(t)) else (1, 0, t))
+
+
+def resume_tag(ckpt_dir: Path) -> str | None:
+    """The tag 'latest' names, checked: a plain name of a checkpoint folder inside ``ckpt_dir``; None without
+    'latest'. DeepSpeed joins whatever 'latest' holds to the folder and fails with a bare AssertionError."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    if tag in (".", "..") or "/" in tag or "\\" in tag or tag != tag.strip():
+        why = "a path, not the name of a checkpoint folder in it (tags are plain names such as step10)"
+    elif not (ckpt_dir / tag).is_dir():
+        why = "which is not a folder there"
+    elif not (ckpt_dir / tag / "mp_rank_00_model_states.pt").is_file():
+        why = "a folder without a model file (mp_rank_00_model_states.pt): not a checkpoint of this run"
+    else:
+        return tag
+    tags = checkpoint_tags(ckpt_dir)
+    raise CheckpointError(
+        f"--resume: {ckpt_dir / 'latest'} names {tag!r}, {why}; the checkpoints there: "
+        f"{', '.join(tags) if tags else 'none'}. Write one of them into {ckpt_dir / 'latest'}, or start afresh with "
+        f"--overwrite")
+
+
 @dataclass
 class Position:
     """Where a run is: what a checkpoint records and ``--resume`` restores."""
@@ -123,11 +167,13 @@ class Checkpointer:
     RunLog, or None) receives one ``checkpoint`` record per save.
     """
 
-    def __init__(self, engine: Any, out_dir: Path, rank: int, extra_state: Callable[[], dict[str, Any]]):
+    def __init__(self, engine: Any, out_dir: Path, rank: int, extra_state: Callable[[], dict[str, Any]], *,
+                 keep: int = DEFAULT_KEEP):
         self.engine = engine
         self.dir = out_dir / "checkpoints"
         self.rank = rank
         self.extra_state = extra_state
+        self.keep = keep  # newest checkpoints kept after each save; 0: all
         self.log: Any = None
         self.good_tag: str | None = None  # the last checkpoint with finite weights saved outside a bad-step streak
         self.last_saved = -1  # the step of the last save (never save the same step twice)
@@ -135,35 +181,88 @@ class Checkpointer:
     def save(self, pos: Position, steps_per_epoch: int, *, good: bool = True) -> None:
         """Save ``pos`` on every rank; 'latest' moves to the new tag only after every rank has flushed its files.
 
-        ``good``: the step was not in a streak of skipped steps (a candidate for :attr:`good_tag`)."""
+        ``good``: the step was not in a streak of skipped steps (a candidate for :attr:`good_tag`). A rank that
+        cannot write its files (a full disk, a file-size limit) makes every rank raise :class:`CheckpointSaveError`
+        with 'latest' unchanged."""
         if pos.global_step == self.last_saved:  # on disk already, and 'latest' may name it: never rewrite it
             return
         if pos.step_in_epoch >= steps_per_epoch:  # the epoch is complete: resume at the next one's start
             pos = Position(pos.epoch + 1, 0, pos.global_step, pos.samples)
         tag = f"step{pos.global_step}"
         t_save = time.perf_counter()
-        self.engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False,
-                                    client_state={**asdict(pos), **self.extra_state()})
-        fsync_files(self.dir / tag, [f.name for f in (self.dir / tag).iterdir()
-                                     if f"zero_pp_rank_{self.rank}_" in f.name
-                                     or (self.rank == 0 and f.name.startswith("mp_rank_"))])  # what this rank wrote
+        error = self._write(tag, pos)
         tensors = [t for t in [*self.engine.module.parameters(), *self.engine.module.buffers()]
                    if t.is_floating_point()]
-        finite = torch.stack([t.isfinite().all() for t in tensors]).all().float().view(1)
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)  # also: every rank's files are on disk
+        finite = bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+        outcomes: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(outcomes, (finite, error))  # also: every rank's files are on disk
+        failed = {rank: err for rank, (_, err) in enumerate(outcomes) if err}
+        if failed:
+            self._abandon(tag, failed)
+        finite = all(f for f, _ in outcomes)
         if self.rank == 0:
             write_atomically(self.dir / "latest", tag)
         torch.distributed.barrier()
         self.last_saved = pos.global_step
-        if good and finite.item() == 1.0:
+        if good and finite:
             self.good_tag = tag
+        removed = self.prune() if self.rank == 0 else []
         if self.log:
             self.log.log({"kind": "checkpoint", "step": pos.global_step, "samples": pos.samples, "tag": tag,
-                          "seconds": time.perf_counter() - t_save, "finite": finite.item() == 1.0}, to_wandb=False)
+                          "seconds": time.perf_counter() - t_save, "finite": finite, "removed": removed},
+                         to_wandb=False)
+
+    def _write(self, tag: str, pos: Position) -> str | None:
+        """This rank's files of ``tag``, written and flushed; the error's first line if that failed, else None."""
+        try:
+            self.engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False,
+                                        client_state={**asdict(pos), **self.extra_state()})
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            if isinstance(e, torch.distributed.DistBackendError) or "timeout" in str(e).lower() \
+                    or "timed out" in str(e).lower():
+                raise  # a collective gave up (cli.run's message), not a write
+            torch.distributed.barrier()  # the barrier DeepSpeed's save ends with, which this rank did not reach
+            return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+        try:
+            fsync_files(self.dir / tag, [f.name for f in (self.dir / tag).iterdir()
+                                         if f"zero_pp_rank_{self.rank}_" in f.name
+                                         or (self.rank == 0 and f.name.startswith("mp_rank_"))])  # this rank's
+        except OSError as e:  # a full disk may show only when the data reaches it (NFS, fsync)
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    def _abandon(self, tag: str, failed: dict[int, str]) -> None:
+        """Remove the partial ``tag`` (rank 0; it frees the space it took) and stop every rank."""
+        if self.rank != 0:
+            raise CheckpointSaveError("")
+        shutil.rmtree(self.dir / tag, ignore_errors=True)  # 'latest' never names a tag being written
+        errors = "; ".join(f"rank {r}: {e}" for r, e in sorted(failed.items()))
+        previous = latest_tag(self.dir)
+        where = (f"'latest' still names {previous}, from which --resume continues" if previous
+                 else "no checkpoint was completed before it")
+        raise CheckpointSaveError(
+            f"checkpoint {tag} could not be written to {self.dir} ({errors}): is the disk full? It was removed; "
+            f"{where}. Free space there or keep fewer checkpoints (--keep-checkpoints)")
+
+    def prune(self) -> list[str]:
+        """Delete the checkpoints beyond the newest :attr:`keep` up to the one 'latest' names (rank 0, after a save);
+        never the one 'latest' names nor the last good one; tags after 'latest' (a run rewound by hand) stay.
+        Return the tags removed."""
+        latest = latest_tag(self.dir)
+        match = TAG.fullmatch(latest or "")
+        if not self.keep or match is None:
+            return []
+        ours = [t for t in checkpoint_tags(self.dir) if (m := TAG.fullmatch(t)) and int(m.group(1)) <= int(
+            match.group(1))]
+        removed = [t for t in ours[:-self.keep] if t not in (latest, self.good_tag)]
+        for tag in removed:
+            shutil.rmtree(self.dir / tag, ignore_errors=True)
+        return removed
 
     def resume(self) -> tuple[Position, dict[str, Any]]:
         """Load the checkpoint 'latest' names; return its position and everything else it holds."""
-        path, client = self.engine.load_checkpoint(str(self.dir))
+        tag = resume_tag(self.dir)  # a clear message for a 'latest' that names no checkpoint of this folder
+        path, client = self.engine.load_checkpoint(str(self.dir), tag=tag) if tag else (None, None)
         if path is None:
             raise SystemExit(f"--resume: no checkpoint in {self.dir} (the run stopped before its first save, or the "
                              f"folder is not a run); pass --overwrite instead of --resume to start this run afresh")
@@ -185,19 +284,87 @@ class Checkpointer:
 
 
 def claim_run_folder(out_dir: Path, rank: int, *, resume: bool, overwrite: bool) -> None:
-    """Rank 0 claims the run folder and every rank learns the answer (a refusal stops them all, with the reason)."""
-    refusal = claim_output_dir(out_dir, resume=resume, overwrite=overwrite) if rank == 0 else None
-    refused = torch.tensor([1.0 if refusal else 0.0])
-    torch.distributed.broadcast(refused, src=0)  # every rank stops, not only rank 0 (alone on a node it would hang)
-    if refused.item():
-        raise SystemExit(refusal or f"rank 0 cannot use the run folder {out_dir}; its message says why")
+    """Rank 0 locks and claims the run folder and every rank learns the answer (a refusal stops them all, with the
+    reason); then every rank proves it sees the same folder (:func:`check_shared_folder`)."""
+    refusal = None
+    if rank == 0:
+        refusal = lock_run_folder(out_dir) or claim_output_dir(out_dir, resume=resume, overwrite=overwrite)
+        if refusal is None and resume:
+            try:
+                resume_tag(out_dir / "checkpoints")  # a broken 'latest' is refused before anything heavy starts
+            except CheckpointError as e:
+                refusal = str(e)
+    answer = [refusal]
+    torch.distributed.broadcast_object_list(answer, src=0)  # every rank stops, not only rank 0
+    if answer[0]:
+        raise SystemExit(answer[0] if rank == 0 else f"rank 0 cannot use the run folder {out_dir}; its message "
+                                                     f"says why")
+    check_shared_folder(out_dir, rank)
+
+
+_LOCKS: dict[Path, int] = {}  # run folder -> the open lock file, held until the process ends
+
+
+def lock_run_folder(out_dir: Path) -> str | None:
+    """Take an exclusive ``flock`` on ``out_dir/.lock`` for the life of this process (rank 0): a second job on the
+    same folder, started at the same moment or later, is refused. flock works on local file systems and on NFS v4
+    (and v3 with lockd); the kernel releases the lock when the process ends, killed or not.
+
+    Returns why the folder cannot be used, or None once it is locked."""
+    if out_dir.exists() and not out_dir.is_dir():
+        return f"--output-dir {out_dir} exists and is not a folder; choose another --output-dir"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ".lock"
+    if path.resolve() in _LOCKS:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return (f"--output-dir {out_dir} is in use by another job ({holder}; lock {path}); wait for it to end, "
+                f"or choose another --output-dir / --run-name")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+              .encode(), 0)
+    _LOCKS[path.resolve()] = fd
+    return None
+
+
+def check_shared_folder(out_dir: Path, rank: int) -> None:
+    """Every rank must see the run folder rank 0 claimed (ZeRO ranks write their own checkpoint files there and
+    --resume reads them back): rank 0 writes a random token into it, every rank reads it after a collective, and
+    all stop with a message naming the ranks and hosts that do not see it. Without this, a folder local to each
+    node trains unnoticed, and its --resume waits out --dist-timeout."""
+    token = [secrets.token_hex(16) if rank == 0 else None]
+    torch.distributed.broadcast_object_list(token, src=0)
+    probe = out_dir / f".shared-check-{token[0]}"  # a new name: no cached lookup of an older one can answer
+    if rank == 0:
+        write_atomically(probe, token[0])
+    torch.distributed.barrier()
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    answers: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(answers, (socket.gethostname(), seen))
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"{r} ({host})" for r, (host, ok) in enumerate(answers) if not ok]
+    if blind:
+        raise ConfigError(
+            f"--output-dir {out_dir} is not one folder shared by every node: rank(s) {', '.join(blind)} do not see "
+            f"the file rank 0 ({answers[0][0]}) wrote there. Every rank writes its checkpoint files into the run "
+            f"folder and --resume reads them all back: give --output-dir a path on a file system every node mounts "
+            f"(NFS, Lustre, GPFS)")
 
 
 def claim_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> str | None:
     """Never write into another run's folder unless asked (--resume continues it, --overwrite replaces it).
 
     Returns why the folder cannot be used, or None once it is ready."""
-    if out_dir.exists() and not out_dir.is_dir():
+    if out_dir.exists() and not out_dir.is_dir():  # also in lock_run_folder (this is also called alone)
         return f"--output-dir {out_dir} exists and is not a folder; choose another --output-dir"
     cfg = out_dir / "config.json"
     if cfg.exists() and not (resume or overwrite):
@@ -212,19 +379,24 @@ def claim_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> str | N
 
 
 def check_resume_layout(saved_config: Path, resolved: Resolved) -> None:
-    """Refuse to resume a ZeRO checkpoint into another stage or world size (its partitions would not fit)."""
+    """Refuse to resume a ZeRO checkpoint into another stage or world size (its partitions would not fit), or any
+    checkpoint into another precision: its optimizer files differ (fp32 ZeRO partitions or BF16_Optimizer's fp32
+    master copies), and a bf16 or fp16 model rounds the fp32 weights it resumes. ``--precision auto`` may resolve
+    differently on another machine (train/precision.py measures); the message names the flag that resumes as
+    written."""
     try:
         before = json.loads(saved_config.read_text())["derived"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return  # no record of the layout; DeepSpeed's own checks apply
-    now = {"zero_stage": resolved.zero_stage, "world_size": resolved.world_size}
+    now = {"zero_stage": resolved.zero_stage, "world_size": resolved.world_size, "precision": resolved.precision}
     changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) is not None and before.get(k) != v}
     if "world_size" in changed and max(before.get("zero_stage", 0), resolved.zero_stage) == 0:
         del changed["world_size"]  # without ZeRO every rank holds the whole state
     if changed:
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        flag = f"--precision {changed['precision'][0]}, " if "precision" in changed else ""
         raise ConfigError(f"--resume: the checkpoints in {saved_config.parent} were written with another layout "
-                          f"({what}); resume with the config and rank count of the run, or start afresh with "
+                          f"({what}); resume with {flag}the config and rank count of the run, or start afresh with "
                           f"--overwrite")
 
 

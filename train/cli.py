@@ -3,19 +3,22 @@
 The JSON config owns the experiment; these flags own the run (where it writes, how long, how often it logs and
 saves, what it does on faults). An entry point adds its own flags (data, model) and calls :func:`run` with its
 ``main``; every rank then ends with a one-line message and an exit code instead of a traceback for a fault the
-user can act on: 2 bad input, 3 too many skipped steps, 4 a collective time-out (a rank hung), 128 + N a signal.
+user can act on: 2 bad input, 3 too many skipped steps, 4 a collective time-out (a rank hung), 5 a checkpoint that
+could not be written (a full disk), 128 + N a signal.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from train.checkpoints import CheckpointError
+from train.checkpoints import DEFAULT_KEEP, CheckpointError, CheckpointSaveError
 from train.config import ConfigError
 from train.data import DataError
 
@@ -63,11 +66,17 @@ def add_run_arguments(p: argparse.ArgumentParser, *, wandb_project: str = "large
     p.add_argument("--overwrite", action="store_true", help="allow reusing the folder of another run")
     p.add_argument("--save-interval", type=int_at_least(0), default=0,
                    help="also checkpoint every N optimizer steps (0: only at epoch ends and at the end)")
+    p.add_argument("--keep-checkpoints", type=int_at_least(0), default=DEFAULT_KEEP, metavar="N",
+                   help="keep the newest N checkpoints (besides the one 'latest' names and the last good one); "
+                        "0: keep all")
     p.add_argument("--log-interval", type=int_at_least(1), default=10,
                    help="log loss/lr/throughput every N steps")
     p.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
     p.add_argument("--wandb-project", default=wandb_project)
     p.add_argument("--wandb-group", default=None, help="group of runs to compare (a study name)")
+    p.add_argument("--wandb-timeout", type=positive_float, default=60.0, metavar="SECONDS",
+                   help="the longest rank 0 waits for the wandb server at the start (then it logs offline) and at "
+                        "the end; at most half of --dist-timeout")
     p.add_argument("--max-skipped-steps", type=int_at_least(0), default=10, metavar="N",
                    help="stop after N optimizer steps in a row skipped for a non-finite loss or gradients; 0: never")
     p.add_argument("--trusted-checkpoint", action="store_true",
@@ -80,15 +89,43 @@ def add_run_arguments(p: argparse.ArgumentParser, *, wandb_project: str = "large
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
 
 
+def run_dir(args: argparse.Namespace) -> Path:
+    """The run folder: ``--output-dir``, else runs/<run name> (``--run-name``, else <config name>-seed<seed>)."""
+    return Path(args.output_dir or Path("runs") / (args.run_name or f"{Path(args.deepspeed_config).stem}-seed"
+                                                                    f"{args.seed}"))
+
+
+def recorded_precision(args: argparse.Namespace) -> str | None:
+    """``--precision`` for this start: with ``--resume`` and ``auto``, the precision the run was written in (from its
+    config.json), since auto measures the machine and may choose otherwise on another one; else as given."""
+    if not (getattr(args, "resume", False) and getattr(args, "precision", None) == "auto"):
+        return getattr(args, "precision", None)
+    try:
+        return str(json.loads((run_dir(args) / "config.json").read_text())["derived"]["precision"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return args.precision  # no record: auto decides, and --resume's own checks apply
+
+
 def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
-    """Call ``main(args)``; turn the faults a user can act on into one message and an exit code."""
+    """Call ``main(args)``; turn the faults a user can act on into one message and an exit code. A resumed run
+    keeps the precision it was written in when ``--precision`` is auto (:func:`recorded_precision`)."""
     rank = os.environ.get("RANK", "0")
+    precision = recorded_precision(args)
+    if precision != getattr(args, "precision", None):
+        if rank == "0":
+            print(f"--resume with --precision auto: {precision}, the precision the run was written in",
+                  flush=True)
+        args.precision = precision
     try:
         main(args)
     except (ConfigError, DataError) as e:
         if rank == "0":  # every rank finds the same fault; say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except CheckpointSaveError as e:  # rank 0's message names every rank's error
+        if str(e):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return CheckpointSaveError.exit_code
     except CheckpointError as e:  # each rank reads its own files
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2

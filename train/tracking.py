@@ -2,8 +2,12 @@
 
 Every record goes to both with one step axis, ``samples`` (training samples seen), the axis DeepSpeed's own
 monitor uses, so wandb never drops a record as out of order. A wandb failure prints one warning and turns wandb
-off for the rest of the run; training never depends on it. Nothing secret (API keys, the environment) is
-written to the run folder.
+off for the rest of the run; training never depends on it. A wandb server that does not answer costs at most
+``timeout`` seconds at the start (then the run logs offline, for ``wandb sync`` later) and at the end. Nothing
+secret (API keys, the environment) is written to the run folder.
+
+:func:`write_run_config` writes config.json once, for the run's first start; every ``--resume`` adds a line to
+resumes.jsonl beside it (arguments, host, world size, commit), so the settings a run started with are never lost.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import math
 import netrc
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +25,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+
+from train.checkpoints import latest_tag, write_atomically
 
 
 def git_commit() -> str | None:
@@ -47,6 +54,23 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def write_run_config(out_dir: Path, config: dict[str, Any], *, resumed: bool = False) -> None:
+    """config.json for a run's first start (atomically); on a resume that finds one, keep it and append this
+    start's record to resumes.jsonl: the checkpoint resumed from, its arguments, host, world size and commit."""
+    path = out_dir / "config.json"
+    if not resumed or not path.exists():
+        write_atomically(path, json.dumps(config, indent=2, default=str) + "\n")
+        return
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": latest_tag(out_dir / "checkpoints"),
+              "host": socket.gethostname(),
+              "world_size": config.get("derived", {}).get("world_size"), "git_commit": config.get("git_commit"),
+              "args": config.get("args"), "precision": config.get("derived", {}).get("precision")}
+    with open(out_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe: non-finite floats become None (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -58,7 +82,7 @@ class RunLog:
     """Writes records to ``metrics.jsonl`` and to wandb. Create it on rank 0 only."""
 
     def __init__(self, out_dir: Path, *, use_wandb: bool, project: str, group: str | None, name: str,
-                 tags: list[str], config: dict[str, Any], resume_id: str | None = None):
+                 tags: list[str], config: dict[str, Any], resume_id: str | None = None, timeout: float = 60.0):
         self.path = out_dir / "metrics.jsonl"
         self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed in close())
         self.wandb = None
@@ -68,10 +92,20 @@ class RunLog:
                 import wandb
 
                 mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
-                self.wandb = wandb.init(
-                    project=project, group=group, name=name, tags=tags, config=config, dir=str(out_dir),
-                    mode=mode, id=resume_id, resume="allow" if resume_id else None,
-                    settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+                start = dict(project=project, group=group, name=name, tags=tags, config=config, dir=str(out_dir),
+                             id=resume_id, resume="allow" if resume_id else None)
+                settings = dict(console="off", x_disable_stats=True, silent=True, init_timeout=timeout,
+                                finish_timeout=timeout)
+                try:
+                    self.wandb = wandb.init(mode=mode, settings=wandb.Settings(**settings), **start)
+                except Exception as e:  # noqa: BLE001 (wandb raises CommError, TimeoutError, UsageError...)
+                    if mode != "online":
+                        raise
+                    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+                    print(f"WARNING: the wandb server {url} did not answer within {timeout:g} s "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); logging offline to "
+                          f"{out_dir / 'wandb'} (upload later with `wandb sync`)", file=sys.stderr, flush=True)
+                    self.wandb = wandb.init(mode="offline", settings=wandb.Settings(**settings), **start)
                 self.wandb_id = self.wandb.id
                 wandb.define_metric("samples")
                 wandb.define_metric("*", step_metric="samples")
