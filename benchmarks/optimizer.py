@@ -10,12 +10,16 @@ gives every parameter a random gradient, and times ``step()`` in two cases:
 * ``all``: every parameter decayed and adapted, as a user calls ``LARS(model.parameters())`` (and as timm's Lars
   is usually timed).
 
-Each case builds the baselines (``torch.optim.SGD(momentum=0.9, foreach=True)``, ``torch.optim.AdamW(
-foreach=True)``), our optimizers on both paths, and our ``SGD`` (the same in-place momentum code as LARS without
-the trust ratio: LARS's ratio against it is what the layer-wise norms cost). Rounds step every optimizer once, in
-turn, from the same weights, so machine load hits all of them alike; two rounds of warm-up allocate the state.
-A ratio is the median over rounds of (time / the baseline's time in the same round). The CPU model (from
-/proc/cpuinfo), thread count and load average are printed with the figures.
+Each case times two families: ``torch.optim.SGD(momentum=0.9, foreach=True)`` with LARS on both paths and our
+``SGD`` (the same in-place momentum code as LARS without the trust ratio: LARS's ratio against it is what the
+layer-wise norms cost), then ``torch.optim.AdamW(foreach=True)`` with LAMB on both paths. A round steps every
+optimizer of the family once, in turn, from the same weights, so machine load hits all of them alike; two rounds
+of warm-up allocate the state. A ratio is the median over rounds of (time / the baseline's time in the same
+round), for the wall clock and for the CPU time of the process (which time taken by other jobs on the machine
+does not inflate). Beside each median time: the minor page faults per step (torch's SGD and AdamW allocate
+parameter-sized temporaries every step; whether those land on fresh pages depends on the allocator's history, and
+the faults say when they did). The CPU model (from /proc/cpuinfo), thread count and load average are printed with
+the figures.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
 
 from optimizers import LAMB, LARS, SGD, build_param_groups
 
@@ -61,6 +70,10 @@ OPTIMIZERS: dict[str, tuple[str | None, Factory]] = {
 }
 #: Extra ratios printed beside the baseline's: (optimizer, reference).
 EXTRA = {"LARS (foreach)": "our SGD (foreach)"}
+#: Optimizers timed in one round-robin: each baseline with its candidates. Apart, so that AdamW's and LAMB's
+#: buffers do not change which of SGD's allocations land on fresh pages.
+FAMILIES = [[n for n, (b, _) in OPTIMIZERS.items() if n == base or b == base]
+            for base in (n for n, (b, _) in OPTIMIZERS.items() if b is None)]
 
 
 def cpu_model() -> str:
@@ -79,8 +92,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_case(model: torch.nn.Module, case: str, repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per step of each optimizer in ``OPTIMIZERS``, ``repeats`` interleaved rounds after 2 warm-up ones."""
+def _minor_faults() -> int:
+    """Page faults served without I/O so far: what a fresh parameter-sized buffer costs the kernel to map."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def time_case(model: torch.nn.Module, case: str, names: list[str], repeats: int,
+              device: torch.device) -> dict[str, list[tuple[float, float, int]]]:
+    """(wall seconds, CPU seconds of the process, minor page faults) of each step of each optimizer in ``names``:
+    ``repeats`` interleaved rounds after 2 warm-up rounds."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def groups() -> list[dict[str, Any]]:
@@ -89,42 +109,47 @@ def time_case(model: torch.nn.Module, case: str, repeats: int, device: torch.dev
         return [{"params": params}]  # what LARS(model.parameters(), weight_decay=...) gets
 
     originals = [p.detach().clone() for p in params]
-    optimizers = {name: make(groups()) for name, (_, make) in OPTIMIZERS.items()}
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    optimizers = {name: OPTIMIZERS[name][1](groups()) for name in names}
+    times: dict[str, list[tuple[float, float, int]]] = {name: [] for name in optimizers}
     with torch.no_grad():
         for rnd in range(repeats + 2):
             for name, opt in optimizers.items():
                 for p, w in zip(params, originals, strict=True):
                     p.copy_(w)  # every optimizer steps from the same weights
                 _sync(device)
+                faults = _minor_faults()
+                cpu = time.process_time()
                 start = time.perf_counter()
                 opt.step()
                 _sync(device)
                 if rnd >= 2:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append((time.perf_counter() - start, time.process_time() - cpu,
+                                        _minor_faults() - faults))
         for p, w in zip(params, originals, strict=True):
             p.copy_(w)
     return times
 
 
-def ratio(times: dict[str, list[float]], name: str, base: str) -> tuple[float, float, float]:
-    """Median, min and max over rounds of ``times[name][r] / times[base][r]``."""
-    per_round = [a / b for a, b in zip(times[name], times[base], strict=True)]
+def ratio(times: dict[str, list[tuple[float, float, int]]], name: str, base: str,
+          clock: int = 0) -> tuple[float, float, float]:
+    """Median, min and max over rounds of ``times[name][r] / times[base][r]`` (``clock`` 0: wall, 1: CPU)."""
+    per_round = [a[clock] / b[clock] for a, b in zip(times[name], times[base], strict=True)]
     return statistics.median(per_round), min(per_round), max(per_round)
 
 
-def report(times: dict[str, list[float]]) -> list[str]:
+def report(times: dict[str, list[tuple[float, float, int]]]) -> list[str]:
+    """One line per optimizer: median wall ms, CPU ms and page faults per step; wall and CPU ratios."""
     lines = []
-    for name, (base, _) in OPTIMIZERS.items():
-        ms = statistics.median(times[name]) * 1e3
+    for name in times:
+        base = OPTIMIZERS[name][0]
+        wall, cpu, faults = (statistics.median(t[k] for t in times[name]) for k in range(3))
+        text = f"  {name:22s} {wall * 1e3:7.1f} ms wall {cpu * 1e3:7.1f} ms CPU {faults:6.0f} faults  "
         if base is None:
-            lines.append(f"  {name:22s} {ms:8.1f} ms  baseline")
+            lines.append(text + "baseline")
             continue
-        med, lo, hi = ratio(times, name, base)
-        text = f"  {name:22s} {ms:8.1f} ms  {med:5.2f}x {base} (rounds {lo:.2f}-{hi:.2f})"
-        if name in EXTRA:
-            m2, lo2, hi2 = ratio(times, name, EXTRA[name])
-            text += f"; {m2:.2f}x {EXTRA[name]} ({lo2:.2f}-{hi2:.2f})"
+        for ref in [base] + ([EXTRA[name]] if name in EXTRA else []):
+            (w, lo, hi), (c, _, _) = ratio(times, name, ref, 0), ratio(times, name, ref, 1)
+            text += f"{'' if ref == base else '; '}{w:.2f}x wall (rounds {lo:.2f}-{hi:.2f}), {c:.2f}x CPU {ref}"
         lines.append(text)
     return lines
 
@@ -156,16 +181,18 @@ def main(argv: list[str] | None = None) -> None:
     where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"{args.arch}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters in {len(params)} tensors; "
           f"device {device} ({where}); torch {torch.__version__}; weight decay {WEIGHT_DECAY}; {args.repeats} rounds")
-    print("ratio: median over rounds of (step time / the baseline's step time in the same round)")
+    print("ratio: median over rounds of (step time / the baseline's step time in the same round); wall clock and "
+          "CPU time of the process (less disturbed by other jobs on the machine)")
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         for case in args.cases:
-            times = time_case(model, case, args.repeats, device)
             what = (f"our groups ({adapted} of {len(params)} tensors decayed and adapted)" if case == "groups"
                     else f"all {len(params)} tensors decayed and adapted, LARS(model.parameters())")
-            load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-            print(f"\n{where}, {threads} thread{'s' if threads > 1 else ''}, {what}; load average {load}")
-            print("\n".join(report(times)))
+            print(f"\n{where}, {threads} thread{'s' if threads > 1 else ''}, {what}")
+            for family in FAMILIES:
+                times = time_case(model, case, family, args.repeats, device)
+                load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+                print("\n".join(report(times)) + f"   [load average {load}]")
 
 
 if __name__ == "__main__":

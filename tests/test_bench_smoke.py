@@ -48,8 +48,8 @@ def test_optimizer_benchmark_prints_both_cases_with_the_cpu_model():
     cpu = names[0] if names else (platform.processor() or platform.machine())
     out = proc.stdout
     assert f"{cpu}, 1 thread, our groups" in out and f"{cpu}, 1 thread, all 62 tensors" in out, out
-    assert out.count("x torch SGD (foreach)") >= 4 and out.count("x torch AdamW (foreach)") >= 4, out
-    assert "x our SGD (foreach)" in out, out
+    assert out.count("x CPU torch SGD (foreach)") == 6 and out.count("x CPU torch AdamW (foreach)") == 4, out
+    assert out.count("x CPU our SGD (foreach)") == 2 and out.count(" faults ") == 14, out
 
 
 def test_noise_scale_benchmark_prints_each_interval_against_the_loop_without_the_monitor():
