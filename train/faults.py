@@ -19,6 +19,7 @@ micro-step and answers what to do (go on, the step was fine, it was skipped, sto
 from __future__ import annotations
 
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,44 +52,51 @@ def skip_nonfinite_steps(engine: Any) -> bool:
 
 
 class StepAgreement:
-    """What all ranks agree on after each optimizer step, with one 2-element all-reduce.
+    """What all ranks agree on: stop signals, and (fp16) whether a step was bad, with one 3-number all-reduce.
 
     SIGTERM/SIGINT (a preempted job) raise a flag here; the ranks agree to save the same step and stop even when
     the signal reached only some of them (the deepspeed launcher signals its ranks one after another and kills a
     rank still alive 30 s later). Loader workers ignore the signals (train.data), so they cannot end a rank first.
+
+    The all-reduce runs every :attr:`every` micro-steps, a number the ranks agree on in the same all-reduce so that
+    about :data:`AGREE_SECONDS` pass between two agreements whatever the step time: a signal is acted on within
+    seconds, also in the middle of a long gradient accumulation, while a fast step pays for no collective at all.
+    The tensor is on the CPU (a gloo group beside NCCL on GPU jobs): no device synchronisation.
     """
 
-    def __init__(self) -> None:
+    AGREE_SECONDS = 1.0  # between two agreements; a scheduler's grace after SIGTERM is 30 s
+
+    def __init__(self, group: Any = None) -> None:
         self.signum, self.name = 0, ""
+        self.group = group
+        self.every = 1  # micro-steps between agreements (the first micro-step agrees, and measures)
+        self._count, self._since = 0, time.perf_counter()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._raise)
 
     def _raise(self, signum: int, frame: Any) -> None:
         self.signum, self.name = signum, signal.Signals(signum).name
 
-    def poll(self, group: Any = None) -> int:
-        """Agree on a signal between two micro-steps (a one-number all-reduce over ``group``); return it or 0."""
-        flag = torch.tensor([float(self.signum)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
-        signum = int(flag.item())
-        if signum and not self.signum:
-            self.signum, self.name = signum, signal.Signals(signum).name
-        return signum
+    def due(self) -> bool:
+        """Count one micro-step; True when the ranks agree after it (the same answer on every rank)."""
+        self._count += 1
+        return self._count >= self.every
 
-    def after_step(self, bad: bool | torch.Tensor, device: Any) -> tuple[bool, int]:
-        """Agree on whether this step was bad on any rank and on a signal; return both (signal number or 0).
+    def agree(self, bad: bool = False) -> tuple[bool, int]:
+        """All-reduce (max) [bad on any rank, the largest signal number, seconds per micro-step]; return the first
+        two and set the next interval from the third.
 
         Act on the returned signal, not on ``self.signum``: a signal arriving after the all-reduce reaches some
         ranks before their check and others after it; the agreed value is the same everywhere, and a later
-        signal is agreed on at the next step."""
-        flags = torch.zeros(2, device=device)  # [a rank had a bad step, the largest signal number seen]
-        flags[0] = bad
-        flags[1] = float(self.signum)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        bad_any, signum = flags.tolist()
+        signal is agreed on next time."""
+        seconds = (time.perf_counter() - self._since) / max(self._count, 1)
+        flags = torch.tensor([float(bad), float(self.signum), seconds], dtype=torch.float64)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        bad_any, signum, slowest = flags.tolist()
+        self.every = max(1, min(100_000, int(self.AGREE_SECONDS / max(slowest, 1e-6))))
+        self._count, self._since = 0, time.perf_counter()
         if signum and not self.signum:
-            self.signum = int(signum)
-            self.name = signal.Signals(self.signum).name
+            self.signum, self.name = int(signum), signal.Signals(int(signum)).name
         return bad_any > 0, int(signum)
 
 
@@ -155,10 +163,9 @@ class StepGuard:
     def __init__(self, engine: Any, *, max_skipped_steps: int, inject_nan: tuple[int, ...] | set[int] = (),
                  signal_group: Any = None):
         self.engine = engine
-        self.agreement = StepAgreement()
+        self.agreement = StepAgreement(signal_group)
         self.streak = BadStepStreak(max_skipped_steps)
         self.inject_nan = set(inject_nan)
-        self.signal_group = signal_group  # a gloo group for polls on GPU jobs (no device synchronisation)
         self.buffers = list(engine.module.buffers())
         self._saved = [b.detach().clone() for b in self.buffers]
         self._first_micro = True
@@ -177,16 +184,21 @@ class StepGuard:
     def after_micro(self, loss: torch.Tensor, boundary: bool, step: int) -> Verdict:
         """Call after ``engine.step()`` with the micro-batch's loss, whether it was a step's last micro-batch, and
         the number of steps completed before it."""
-        self._nonfinite += ~torch.isfinite(loss.detach())
+        fp16 = self.engine.fp16_enabled()
+        if fp16:
+            self._nonfinite += ~torch.isfinite(loss.detach())
+        due = self.agreement.due()
         if not boundary:  # between micro-steps: only a signal can interrupt
-            return Verdict(False, signum=self.agreement.poll(self.signal_group))
+            return Verdict(False, signum=self.agreement.agree()[1] if due else 0)
         self._first_micro = True
         skipped = self.engine.skipped_steps > self._skipped_before
         if skipped:
             self.restore_buffers()
-        bad, signum = self.agreement.after_step(
-            (self._nonfinite > 0).float() if self.engine.fp16_enabled() else float(skipped), self.engine.device)
-        self._nonfinite.zero_()
+        if fp16:  # the loss scaler's overflow skips are normal; a bad step is a non-finite loss on any rank
+            bad, signum = self.agreement.agree(bool(self._nonfinite.item() > 0))
+            self._nonfinite.zero_()
+        else:  # DeepSpeed decided the skip from the all-reduced gradients: the same answer on every rank
+            bad, signum = skipped, self.agreement.agree()[1] if due else 0
         return Verdict(True, bad, self.streak.update(step + 1, bad), signum)
 
     def restore_buffers(self) -> None:
