@@ -152,27 +152,27 @@ def test_bad_input_on_the_command_line_exits_2_before_any_process_starts(tmp_pat
 
 @pytest.mark.launcher
 def test_one_replica_is_torch_adagrad_with_zero_staleness_and_resumes_exactly(tmp_path, data):
-    """1 replica, 2 shards, 320 samples = 10 steps of 32: the weights equal torch.optim.Adagrad on the same batches
-    (every push has tau 0); stopped after 4 steps and resumed from the parameter-server checkpoint, the same."""
+    """1 replica, 2 shards, 320 samples = 10 steps of 32, stopped after 4 steps: the weights equal
+    torch.optim.Adagrad on the same 4 batches (every push has tau 0); resumed from the parameter-server checkpoint,
+    they equal torch.optim.Adagrad after all 10."""
     cfg = downpour_cfg(1, 2)
-    ref = replay(data, 320, 32, 10, lambda p: torch.optim.Adagrad(p, lr=LR, initial_accumulator_value=ACC0))
-    _, whole = run_downpour(tmp_path, "whole", cfg, "--train-subset", "320")
-    assert_weights_equal(whole, ref)
-    s = summary(whole)
-    assert s["replica_steps"] == [10] and s["samples"] == 320
-    assert s["tau_hist"] == [20]  # 10 pushes x 2 shards, all with staleness 0
-    config = json.loads((whole / "config.json").read_text())
-    assert config["derived"]["global_batch"] == 32 and config["derived"]["optimizer"] == "Adagrad"
-    run = load_run(whole)  # analysis.compare reads it beside the synchronous runs
-    assert run.method == "Downpour SGD, Adagrad at the shards" and run.batch == 32 and run.epochs_done == 1
-
+    adagrad = lambda p: torch.optim.Adagrad(p, lr=LR, initial_accumulator_value=ACC0)  # noqa: E731
     _, part = run_downpour(tmp_path, "part", cfg, "--train-subset", "320", "--max-steps", "4")
-    assert summary(part)["replica_steps"] == [4]
+    assert_weights_equal(part, replay(data, 320, 32, 4, adagrad))
+    s = summary(part)
+    assert s["replica_steps"] == [4] and s["samples"] == 4 * 32
+    assert s["tau_hist"] == [8]  # 4 pushes x 2 shards, all with staleness 0
+    config = json.loads((part / "config.json").read_text())
+    assert config["derived"]["global_batch"] == 32 and config["derived"]["optimizer"] == "Adagrad"
+    run = load_run(part)  # analysis.compare reads it beside the synchronous runs
+    assert run.method == "Downpour SGD, Adagrad at the shards" and run.batch == 32 and run.epochs_done == 0.4
+
     proc, part = run_downpour(tmp_path, "part", cfg, "--train-subset", "320", "--resume")
     assert "resumed from" in proc.stdout and "replica steps [4]" in proc.stdout
-    assert_weights_equal(part, ref)  # the accumulators came back too: a fresh Adagrad state would differ
+    assert_weights_equal(part, replay(data, 320, 32, 10, adagrad))  # a fresh Adagrad state would differ
     recs = read_metrics(part)
     assert [r["kind"] for r in recs].count("summary") == 1 and recs[-1]["replica_steps"] == [10]
+    assert recs[-1]["tau_hist"] == [20]
 
 
 @pytest.mark.launcher
@@ -199,3 +199,12 @@ def test_staleness_grows_with_replicas_and_a_killed_replica_leaves_the_run_finis
     assert s4["replica_steps"][:3] == [20, 20, 20] and s4["replica_steps"][3] <= 5
     assert (four / "model.pt").exists() and read_metrics(four)[-2]["kind"] == "epoch"
     assert 0 < s2["tau_mean"] < s4["tau_mean"], (s2["tau_mean"], s4["tau_mean"])
+
+
+@pytest.mark.launcher
+def test_warmstart_lets_one_replica_train_alone_first(tmp_path):
+    """Dean et al.'s warmstart: replica 1 starts once replica 0 has done warmstart_steps steps. With 20 (all of
+    replica 0's steps) the replicas never overlap, so no push can find another replica's update: staleness 0."""
+    proc, out = run_downpour(tmp_path, "warm", downpour_cfg(2, 1, warmstart_steps=20), "--train-subset", "1280")
+    s = summary(out)
+    assert s["replica_steps"] == [20, 20] and s["tau_hist"] == [40]

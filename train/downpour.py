@@ -98,6 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-timeout", type=cli.positive_float, default=120.0,
                    help="seconds without news from a replica (on another machine) before it counts as dead")
     p.add_argument("--eval-batch", type=cli.int_at_least(1), default=1000, help="validation batch")
+    p.add_argument("--evals-per-epoch", type=cli.int_at_least(1), default=1,
+                   help="evaluate (an epoch record, fractional epoch) K times per pass over the training set")
     return p
 
 
@@ -632,7 +634,7 @@ def watch(c: Coordinator, setup: Setup, state: State, log: Any, model: torch.nn.
             total, samples, all_done = sum(c.steps), c.samples, all(map(c.finished, range(setup.W)))
         if all_done:
             return
-        if samples >= (state.epochs_logged + 1) * epoch_samples:
+        if samples >= (state.epochs_logged + 1) * epoch_samples / args.evals_per_epoch:
             epoch_record(c, setup, state, log, model)
             save_checkpoint(c, setup, state, log, out_dir)
         elif total >= state.next_log:
@@ -697,7 +699,8 @@ def epoch_record(c: Coordinator, setup: Setup, state: State, log: Any, model: to
     epoch_time, seen = now - state.t_epoch, samples - state.samples_epoch
     load_from_shards(model, setup)
     val = evaluate(model, setup)
-    state.epochs_logged = samples // (setup.steps_per_epoch * setup.round_batch)  # whole passes recorded
+    # evaluation points passed (whole epochs with the default --evals-per-epoch 1)
+    state.epochs_logged = samples * setup.args.evals_per_epoch // (setup.steps_per_epoch * setup.round_batch)
     rec = {"kind": "epoch", "epoch": samples / (setup.steps_per_epoch * setup.round_batch), "step": total,
            "samples": samples, "train_loss": loss, "train_error": err, **val, "epoch_time": epoch_time,
            "images_per_sec": seen / max(epoch_time, 1e-9), "lr": setup.cfg["lr"], "wall_time": state.wall(),
