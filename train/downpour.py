@@ -28,6 +28,11 @@ replicas together). The run writes what train/imagenet.py writes (config.json, m
 summary records, model.pt, wandb) plus the staleness tau of every push (its distribution per record) and the
 parameter server's checkpoint (checkpoints/ps.pt; ``--resume`` continues from it). A replica that dies (even by
 SIGKILL) is noted and the others go on; a dead shard stops the run (``--resume`` continues).
+
+The run flags are train/cli.py's, shared with train/imagenet.py; here ``--max-steps`` counts each replica's steps,
+``--log-interval`` and ``--save-interval`` the replicas' steps summed, ``--micro-batch`` overrides
+batch_per_replica, and the DeepSpeed-only ones (``--precision``, ``--inject-nan``, ``--max-skipped-steps``,
+``--dist-timeout``, ``--trusted-checkpoint``, ``--ds-log-level``) have no effect: the model runs in fp32.
 """
 
 from __future__ import annotations
