@@ -69,7 +69,8 @@ def build_optimizer(name: str, model: torch.nn.Module, params: Mapping[str, Any]
                     exclude_norm_and_bias: bool = True) -> torch.optim.Optimizer:
     """Build optimizer ``name`` over ``model``'s parameters with options ``params`` (a DeepSpeed-style dict).
 
-    ``params["weight_decay"]`` (default 0) goes to the decayed group; with ``exclude_norm_and_bias`` normalisation
+    ``params["weight_decay"]`` (default 0 for every optimizer, LAMB included, whose class default is 0.01) goes to
+    the decayed group; with ``exclude_norm_and_bias`` normalisation
     parameters and biases form a second group with no weight decay and no trust ratio (``build_param_groups``).
     Other keys are the class's keyword arguments (see ``KNOWN_OPTIMIZERS`` and each class); unknown keys, and keys
     contradicting the variant's preset (``"larc"`` with ``clip=False``), raise ValueError.

@@ -82,21 +82,33 @@ class NormPlan:
     """How the per-segment norms of one param group combine into per-layer norms.
 
     ``layer_index is None``: each segment is a whole layer (plain per-parameter tensors) and nothing is summed.
+    ``dtype``/``device``: of the norms, also when this rank holds no segment of the group (only padding) and still
+    takes part in the group's ``all_reduce``.
     """
 
     layer_index: Tensor | None = None
     num_layers: int = 0
     process_group: Any = None
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def layer_norms(xs: Sequence[Tensor], ys: Sequence[Tensor], plan: NormPlan, foreach: bool) -> tuple[Tensor, Tensor]:
     """Norms of the layers that segments ``xs[i]``/``ys[i]`` belong to, as two vectors of ``len(xs)`` (>= fp32).
 
     One norm kernel per segment, one ``index_add_`` and at most one ``all_reduce`` for all layers; no host sync.
+    Norms are computed in fp32 at least (an fp16 norm overflows above 65,504). With no segments at all (no
+    gradient this step, or a rank whose share of the group is only padding) the vectors are empty, and a bound
+    group's ``all_reduce`` still takes place: every rank of the group must enter it every step.
     """
     tensors = list(xs) + list(ys)
-    if not foreach:
-        stacked = torch.stack([torch.linalg.vector_norm(t) for t in tensors])
+    dtype = plan.dtype
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if not tensors:
+        stacked = torch.zeros(0, dtype=dtype, device=plan.device)
+    elif not foreach:
+        stacked = torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors])
     elif all(_blas_dot_norm(t) for t in tensors):
         # On CPU torch's norm kernel runs on one thread whatever torch.get_num_threads() says (torch 2.14: 245 us
         # for 2.4M floats at 1 and at 2 threads), while BLAS's dot uses them all (175 us, then 91 us) and, summing
@@ -104,8 +116,8 @@ def layer_norms(xs: Sequence[Tensor], ys: Sequence[Tensor], plan: NormPlan, fore
         flats = [t.view(-1) for t in tensors]
         stacked = torch.stack([torch.dot(f, f) for f in flats]).sqrt_()
     else:
-        stacked = torch.stack(torch._foreach_norm(tensors))  # on CUDA: one fused kernel for all tensors
-    stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))  # bf16/fp16 norms in fp32
+        stacked = torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))  # on CUDA: one fused kernel
+    stacked = stacked.to(dtype)
     n = len(xs)
     if plan.layer_index is None:
         return stacked[:n], stacked[n:]
@@ -164,11 +176,25 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:  # overridden by subclasses
         pass
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` copy; refused once ``bind_deepspeed`` has bound flat layouts."""
+        bound = [layout for ref, layout in self._layouts.values() if ref() is not None]
+        if bound:
+            raise TypeError(
+                f"{type(self).__name__} is bound to {len(bound)} DeepSpeed flat partition(s) (bind_deepspeed): the "
+                "layouts name tensors of this process and its data-parallel process group, which a copy or a pickle "
+                "cannot carry, and the copy would step each flat partition as one layer. Save state_dict() (or "
+                "engine.save_checkpoint), build a new optimizer and engine, and call bind_deepspeed on it.")
+        return super().__getstate__()
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_constructed", {})
-        self.__dict__.setdefault("_layouts", {})
-        self.__dict__.setdefault("_constructed_shapes", set())
+        super().__setstate__(state)  # also called by torch's load_state_dict, on this very object
+        if "_constructed" not in self.__dict__:  # a copy or an unpickled object: it steps the tensors it holds
+            self._constructed, self._constructed_shapes, self._layouts = {}, set(), {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._constructed[id(p)] = weakref.ref(p)
+                    self._constructed_shapes.add(p.shape)
 
     # -- layouts ---------------------------------------------------------------------------------------------------
     def set_layout(self, tensor: Tensor, layout: FlatLayout) -> None:
@@ -235,21 +261,22 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             stepped.append(p)
             counts.append(len(views[0]))
             layouts.append(layout)
-        return params, grads, states, stepped, counts, self._plan(layouts, params)
+        return params, grads, states, stepped, counts, self._plan(layouts, stepped)
 
     @staticmethod
-    def _plan(layouts: list[FlatLayout | None], params: list[Tensor]) -> NormPlan:
+    def _plan(layouts: list[FlatLayout | None], stepped: list[Tensor]) -> NormPlan:
+        dtype = torch.promote_types(stepped[0].dtype, torch.float32) if stepped else torch.float32
+        device = stepped[0].device if stepped else torch.device("cpu")
         bound = [layout for layout in layouts if layout is not None]
         if not bound:
-            return NormPlan()
+            return NormPlan(dtype=dtype, device=device)
         if len(bound) != len(layouts):
             raise RuntimeError("a param group mixes tensors with and without a flat layout; bind all or none")
         first = bound[0]
         if any(b.num_layers != first.num_layers or b.process_group is not first.process_group for b in bound):
             raise RuntimeError("tensors of one param group are bound to different layer counts or process groups")
-        device = params[0].device if params else torch.device("cpu")
         index = torch.cat([b.layer_index(device) for b in bound]) if len(bound) > 1 else first.layer_index(device)
-        return NormPlan(index, first.num_layers, first.process_group)
+        return NormPlan(index, first.num_layers, first.process_group, dtype, device)
 
 
 def expand(values: Sequence[Any], counts: Sequence[int]) -> list[Any]:

@@ -17,8 +17,15 @@ each model parameter lies in the flat buffer (the model's low-precision paramete
 that with this rank's partition, and gives the inner optimizer a ``FlatLayout`` (segments, layer ids, the
 data-parallel group) for each flat partition. Per-parameter fp32 copies are declared whole layers, and the
 zero-gradient step that FP16_UnfusedOptimizer takes inside ``deepspeed.initialize`` is undone. Any other
-wrapper (ZeRO-3, ZeRO-Offload, the fused FP16_Optimizer, ...) raises instead of silently computing norms over
-flat chunks.
+wrapper (ZeRO-3, ZeRO-Offload, the fused FP16_Optimizer, ...), and tensor or pipeline parallelism
+(``engine.mpu``), raise instead of silently computing norms over flat chunks or shards.
+
+Exact means: the weights of plain PyTorch stepping the same optimizer on the mean gradient, when every parameter
+has a gradient every step. Under ZeRO-1/2 a parameter without one (an unused branch) gets a zero gradient in the
+flat buffer and is stepped: LARS applies its weight decay, LAMB advances its moments and applies its weight decay,
+momentum keeps moving it, where plain PyTorch skips it. Stages agree with ZeRO-0 to fp32 rounding (the sums over
+ranks and micro-steps are taken in another order), not bit for bit; tests/test_optimizers_deepspeed.py measures
+both against float64.
 """
 
 from __future__ import annotations
@@ -169,13 +176,11 @@ def _undo_init_step(engine: Any, wrapper: Any) -> bool:
     (LAMB: ``u = wd * w`` with trust ratio ``1 / wd`` shrinks every weight by ``lr``), the momentum buffers start
     at ``wd * w`` and LAMB's step count at 1. The model's low-precision parameters are not touched by it and the
     fp32 copies were cloned from them, so copying them back and dropping the optimizer state restores exactly the
-    state before that step. Done only before the first training step (``engine.global_steps == 0``).
+    state before that step. Done only before the first training step (``engine.global_steps == 0``), and always
+    then: a stateless optimizer (momentum 0 with weight decay) leaves no state behind, but its weights moved too.
     """
     inner = wrapper.optimizer
     if engine.global_steps != 0:
-        return False
-    stepped = [hp for hp_group in wrapper.fp32_groups for hp in hp_group if hp in inner.state and inner.state[hp]]
-    if not stepped:
         return False
     with torch.no_grad():
         for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
@@ -202,6 +207,21 @@ def _bind_unfused(engine: Any, wrapper: Any, layer_of: dict[int, int]) -> DeepSp
     return DeepSpeedBinding(type(wrapper).__name__, layout, count, count, undid_init_step=repaired)
 
 
+def _refuse_model_parallel(engine: Any, inner: Any) -> None:
+    """Layer-wise optimizers with tensor or pipeline parallelism (``engine.mpu``): not supported yet.
+
+    A tensor-parallel rank holds a shard of a layer; its norm is not the layer's norm, and a trust ratio from it
+    differs from rank to rank. Elementwise optimizers (SGD) are exact on shards and pass.
+    """
+    mpu = getattr(engine, "mpu", None)
+    if mpu is not None and isinstance(inner, LayerwiseOptimizer):
+        raise NotImplementedError(
+            f"bind_deepspeed: the engine has a model-parallel unit (engine.mpu = {type(mpu).__name__}: tensor or "
+            f"pipeline parallelism); {type(inner).__name__} would take a tensor-parallel shard of a layer for the "
+            "whole layer and compute its trust ratio over the shard. Layer-wise optimizers support data parallelism "
+            "only (ZeRO 0/1/2); use SGD, or run without engine.mpu.")
+
+
 def bind_deepspeed(engine: Any) -> DeepSpeedBinding:
     """Bind the layer-wise optimizer inside ``engine`` (from ``deepspeed.initialize``) to the real layers.
 
@@ -209,7 +229,8 @@ def bind_deepspeed(engine: Any) -> DeepSpeedBinding:
     optimizers without trust ratios (SGD, torch optimizers) and for fp32 runs without ZeRO. Under
     FP16_UnfusedOptimizer (fp16/bf16 without ZeRO) it also undoes, for any optimizer, the zero-gradient step that
     wrapper takes during ``deepspeed.initialize`` (see ``_undo_init_step``). Raises ``NotImplementedError`` for
-    wrappers whose layout it does not know rather than let a trust ratio be computed over a flat chunk of layers.
+    wrappers whose layout it does not know, and for a layer-wise optimizer under tensor or pipeline parallelism
+    (``engine.mpu``), rather than let a trust ratio be computed over a flat chunk of layers or a shard of one.
     """
     wrapper = engine.optimizer
     if wrapper is None:
@@ -218,12 +239,14 @@ def bind_deepspeed(engine: Any) -> DeepSpeedBinding:
         name = type(wrapper).__name__
         if not isinstance(wrapper, LayerwiseOptimizer):
             return DeepSpeedBinding(name, "not layer-wise")
+        _refuse_model_parallel(engine, wrapper)
         model_params = {id(p) for p in engine.module.parameters()}
         if any(id(p) not in model_params for g in wrapper.param_groups for p in g["params"]):
             raise RuntimeError("bind_deepspeed: the optimizer steps tensors that are not the model's parameters")
         return DeepSpeedBinding(name, "model parameters")
     inner = getattr(wrapper, "optimizer", None)
     kind = type(wrapper).__name__
+    _refuse_model_parallel(engine, inner)
     params = list(engine.module.parameters())
     layer_of = {id(p): i for i, p in enumerate(params)}
     if kind == "FP16_UnfusedOptimizer":  # for every optimizer: the init-step repair is not about trust ratios

@@ -10,13 +10,20 @@ For each layer ``l`` (one model parameter tensor) at step ``t``::
     m_hat = m_t / (1 - beta1^t),  v_hat = v_t / (1 - beta2^t)          (bias_correction=True)
     u_l = m_hat / (sqrt(v_hat) + eps) + wd * w_l                        (decoupled weight decay, as AdamW)
     r_l = ||w_l|| / ||u_l||            (1 if ||w_l|| == 0 or ||u_l|| == 0)
-    r_l = min(r_l, max_trust_ratio)    (if max_trust_ratio is set: the paper's clipping function phi)
+    r_l = min(r_l, max_trust_ratio)    (if max_trust_ratio is set: a clamp on the ratio)
     w_l <- w_l - lr * r_l * u_l
+
+``max_trust_ratio`` clamps the ratio, as NVIDIA's and DeepSpeed's fused LAMB do (``max_coeff``, default 10 there,
+with ``min_coeff`` 0.01). It is not the paper's scaling function phi, which is applied to the weight norm,
+``r_l = phi(||w_l||) / ||u_l||`` with e.g. ``phi(z) = min(max(z, gamma_l), gamma_u)``: a bound on ``||w_l||``
+bounds the ratio only together with ``||u_l||``. Left unset, ``phi(z) = z``, the paper's choice in its experiments.
 
 Param groups with ``adapt=False`` skip the ratio (``r_l = 1``): AdamW with that group's ``weight_decay``.
 
 Defaults: ``lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, max_trust_ratio=None`` (the paper's BERT
-settings: eps 1e-6, wd 0.01; phi(z) = z). Keyword names follow torch.optim.AdamW.
+settings: eps 1e-6, wd 0.01; phi(z) = z). Keyword names follow torch.optim.AdamW. The weight-decay default is the
+class's only: ``optimizers.build_optimizer("lamb", model, params)`` (and so every config) takes ``weight_decay``
+from ``params`` with a default of 0, as for every optimizer there; set it explicitly (0.01 for the paper's BERT).
 
 What differs from other implementations: timm's Lamb clips the global gradient norm inside the optimizer by
 default, and DeepSpeed's FusedLamb clamps the ratio to [0.01, 10]; neither happens here unless asked for
@@ -74,6 +81,8 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     ||w|| / ||u'|| times u', so s only survives where the ratio is 1 or clamped. This saves the passes that
     form m_hat and v_hat."""
     if not params:
+        if plan is not None:
+            layer_norms(params, params, plan, foreach=True)  # a bound group's all_reduce needs every rank
         return
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -90,9 +99,16 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
         # allocation (torch._foreach_div) costs more than the extra pass on CPU, where large blocks come back as
         # fresh pages every step.
         part = torch._foreach_sqrt([exp_avg_sqs[i] for i in idx])
-        torch._foreach_add_(part, eps * math.sqrt(bc2))
-        torch._foreach_reciprocal_(part)
-        torch._foreach_mul_(part, [exp_avgs[i] for i in idx])
+        if eps * math.sqrt(bc2) * torch.finfo(params[idx[0]].dtype).max > 1.0:
+            torch._foreach_add_(part, eps * math.sqrt(bc2))
+            torch._foreach_reciprocal_(part)
+            torch._foreach_mul_(part, [exp_avgs[i] for i in idx])
+        else:  # fp16: 1 / (sqrt(v) + eps sqrt(bc2)) would overflow (above 65,504) where v = 0, and eps sqrt(bc2)
+            # underflow; divide m by sqrt(v^) + eps as the single-tensor path does, then scale to u'.
+            torch._foreach_mul_(part, 1.0 / math.sqrt(bc2))
+            torch._foreach_add_(part, eps)
+            part = torch._foreach_div([exp_avgs[i] for i in idx], part)
+            torch._foreach_mul_(part, 1.0 / math.sqrt(bc2))
         if weight_decay != 0.0:
             torch._foreach_add_(part, [params[i] for i in idx], alpha=weight_decay / scale)
         if plan is None:

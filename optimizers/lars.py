@@ -14,6 +14,12 @@ then momentum SGD along ``d_l`` exactly as ``optimizers.sgd`` (torch form ``v = 
 Nesterov optional; ``lr_in_momentum=True`` gives the paper's Algorithm 1 form ``v = m v + lr d; w -= v`` with
 Goyal's momentum correction, identical to the torch form when ``momentum_correction=True``).
 
+The MLCommons reference LARS (ResNet-50) is the Algorithm 1 form without the correction: the lr inside
+the velocity (``v = m v + lr trust_l (g + wd w); w -= v``) and the velocity not rescaled when the lr changes.
+Reproduce it with ``lr_in_momentum=True, momentum_correction=False`` (eta 0.001, momentum 0.9, poly(2) decay;
+batch-norm parameters and biases excluded, as ``build_param_groups`` does). During warmup and decay the lr changes
+every step, so it is not the torch form; with a constant lr the two are equal.
+
 Param groups with ``adapt=False`` skip the trust ratio (``trust_l = 1``): plain SGD-momentum with their own
 ``weight_decay``. ``build_param_groups`` puts batch-norm parameters and biases there with ``weight_decay=0``
 (MLPerf reference, timm).
@@ -63,13 +69,13 @@ def lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tenso
     """
     foreach = foreach is not False
     ratios = None
-    if plan is not None and params:
+    if plan is not None:  # also with no segments here: a bound group's all_reduce needs every rank (layer_norms)
         w_norm, g_norm = layer_norms(params, grads, plan, foreach=foreach)
         # LARC: min(trust / lr, 1) is trust with coefficient eta / lr, clamped at 1; at lr = 0 it is 1.
         coefficient = (trust_coefficient / lr if lr > 0.0 else math.inf) if clip else trust_coefficient
         ratio = trust_ratio(w_norm, g_norm, coefficient=coefficient, weight_decay=weight_decay, eps=eps,
                             max_ratio=1.0 if clip else None)
-        ratios = list(ratio.to(params[0].dtype).unbind(0))
+        ratios = list(ratio.to(params[0].dtype).unbind(0)) if params else []
     apply_momentum(params, grads, momentum_buffers, fresh=fresh, scales=scales, lr=lr, momentum=momentum,
                    dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, lr_in_momentum=lr_in_momentum,
                    foreach=foreach, ratios=ratios)

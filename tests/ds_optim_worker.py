@@ -12,6 +12,13 @@ For bound variants it also saves a checkpoint before the last step, takes the la
 and takes the last step again (``resumed``). Rank 0 saves the full fp32 master weights of every run (gathered
 with DeepSpeed's own ``safe_get_full_fp32_param``, not with this project's layouts) to ``--out``.
 
+The ``*-acc`` modes (``ACC_MODES``) are the gradient-accumulation set-up: a well-conditioned model (tanh, no batch
+norm, a squared loss), ``ACC_GAS`` micro-steps per step, inputs in channels_last as ``train/imagenet.py`` feeds
+them, three adapted param groups' worth of structure (two adapted groups, one of them so small that some ranks hold
+only its padding when run on 4 ranks, and a group without adaptation), and the variants of ``ACC_VARIANTS``: SGD,
+LARS, LARC, LARS in the lr-in-velocity form, LAMB, and in ZeRO-1/2 ``*_noreduce``: bound, but each rank's partial
+layer norms are used as if they were whole (the all-reduce removed): a negative control that must fail.
+
 The model and data helpers are importable without DeepSpeed: the test computes its plain-PyTorch reference with
 them.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -38,6 +46,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lamb": ("lamb", {"lr": 0.01, "weight_decay": 0.01}),
 }
 CPU_MODES = ("fp32-z0", "fp32-z1", "fp32-z2", "bf16-z0", "bf16-z1", "bf16-z1-fp32acc", "bf16-z2")
+ACC_MODES = ("fp32-z0-acc", "fp32-z1-acc", "fp32-z2-acc")
+ACC_GAS = 2
+ACC_STEPS = 3
+ACC_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("sgd", {"lr": 0.2, "momentum": 0.9, "weight_decay": 1e-3}),
+    "lars": ("lars", {"lr": 2.0, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02}),
+    "larc": ("larc", {"lr": 2.0, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02}),
+    # The MLCommons reference LARS: lr inside the velocity, no momentum correction (the lr changes every step here).
+    "lars_velocity": ("lars", {"lr": 2.0, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02,
+                               "lr_in_momentum": True, "momentum_correction": False}),
+    "lamb": ("lamb", {"lr": 0.02, "weight_decay": 0.01}),
+}
+ACC_NEGATIVE = ("lars", "lamb")  # run as f"{name}_noreduce" in ZeRO-1/2
 GPU_MODES = ("fp16-z0", "fp16-z1", "fp16-z2")
 FLATTENING_MODES = ("fp32-z1", "fp32-z2", "bf16-z1", "bf16-z1-fp32acc", "bf16-z2", "fp16-z1", "fp16-z2")
 
@@ -57,6 +78,68 @@ def make_model(seed: int = 0) -> nn.Module:
     with torch.no_grad():
         model[4].weight.mul_(10.0)
     return model
+
+
+def make_acc_model(seed: int = 0) -> nn.Module:
+    """Conv (bias) + tanh + Linear + tanh + Linear(12 -> 1): smooth, no batch norm, a squared loss.
+
+    fp32 rounding stays at its own size through a few steps here (on a ResNet with batch norm over a few samples it
+    grows by orders of magnitude per step, so a test there cannot tell rounding from error).
+    """
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 12), nn.Tanh(),
+                         nn.Linear(12, 1, bias=False))
+
+
+def acc_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two adapted groups (conv + first Linear weights; the 12-element last weight, with twice the weight decay)
+    and one without adaptation or decay (the biases). On 4 ranks ZeRO pads the 12-element group to 16: the last
+    rank holds only padding of it."""
+    conv, fc1, fc2 = model[0], model[3], model[5]
+    return [{"params": [conv.weight, fc1.weight], "weight_decay": weight_decay},
+            {"params": [fc2.weight], "weight_decay": 2 * weight_decay},
+            {"params": [conv.bias, fc1.bias], "weight_decay": 0.0, "adapt": False}]
+
+
+def build_acc_optimizer(variant: str, model: nn.Module) -> torch.optim.Optimizer:
+    name, params = ACC_VARIANTS[variant]
+    spec = optimizers.optimizer_spec(name)
+    kwargs = {**params, **spec.preset}
+    groups = acc_param_groups(model, kwargs.pop("weight_decay"))
+    if spec.cls is optimizers.SGD:
+        for g in groups:
+            g.pop("adapt", None)
+    return spec.cls(groups, **kwargs)
+
+
+def acc_batch(step: int, rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-batch ``micro`` of rank ``rank`` at step ``step``; targets from a fixed smooth teacher."""
+    gen = torch.Generator().manual_seed(10000 + 100 * step + 10 * rank + micro)
+    x = torch.randn(MICRO_BATCH, 3, 8, 8, generator=gen)
+    teacher = torch.Generator().manual_seed(7)
+    y = torch.tanh(x.flatten(1) @ torch.randn(3 * 8 * 8, 1, generator=teacher) / 8.0)
+    return x, y
+
+
+def acc_reference_weights(variant: str, world_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Plain PyTorch in ``dtype``: each step's gradient is the mean over every rank's ACC_GAS micro-batches, as
+    DeepSpeed's is (loss / accumulation steps, averaged over ranks). Every parameter gets a gradient every step."""
+    model = make_acc_model().to(dtype)
+    opt = build_acc_optimizer(variant, model)
+    base = ACC_VARIANTS[variant][1]["lr"]
+    for step in range(ACC_STEPS):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(base, step, ACC_STEPS)
+        opt.zero_grad()
+        for r in range(world_size):
+            for m in range(ACC_GAS):
+                x, y = acc_batch(step, r, m)
+                loss = nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype))
+                (loss / (world_size * ACC_GAS)).backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not missing, f"parameters without a gradient: {missing}"
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +166,8 @@ def reference_weights(variant: str, world_size: int, steps: int) -> dict[str, to
         opt.zero_grad()
         loss = sum(nn.functional.cross_entropy(model(x), y) for x, y in (batch(step, r) for r in range(world_size)))
         (loss / world_size).backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not missing, f"parameters without a gradient: {missing}"  # the exactness claim's condition
         opt.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -91,7 +176,7 @@ def ds_config(mode: str) -> dict[str, Any]:
     precision, stage, *extra = mode.split("-")
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": ACC_GAS if "acc" in extra else 1,
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": int(stage[1])},
         "steps_per_print": 10**6,
@@ -109,7 +194,7 @@ def ds_config(mode: str) -> dict[str, Any]:
         cfg["data_types"]["grad_accum_dtype"] = "fp32"
     if mode.endswith("z1") or mode.endswith("z1-fp32acc"):
         cfg["zero_optimization"]["parameter_alignment"] = True  # padding between parameters, not only at the end
-    if mode.endswith("z2"):
+    if stage == "z2":
         cfg["zero_optimization"].update(round_robin_gradients=True, reduce_bucket_size=2000,
                                         allgather_bucket_size=2000)  # reordered flat buffer, several buckets
     return cfg
@@ -154,6 +239,35 @@ def full_fp32_weights(engine: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def layout_check(engine: Any, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Whether the bound layouts, summed over all ranks (collective), cover each layer exactly: per layer, the
+    segment lengths add up to its size and the squares of the segment values to its squared norm, both compared
+    with DeepSpeed's own full weights. (Padding staying zero proves nothing: a zero weight with a zero gradient
+    gets a zero update under any layout.)"""
+    import deepspeed.comm as dist
+
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    names = [n for n, _ in engine.module.named_parameters()]
+    counts = torch.zeros(len(names), dtype=torch.float64, device=engine.device)
+    squares = torch.zeros(len(names), dtype=torch.float64, device=engine.device)
+    bound = 0
+    for group in inner.param_groups:
+        for t in group["params"]:
+            layout = inner.layout_of(t) if isinstance(inner, optimizers.LayerwiseOptimizer) else None
+            if layout is None:
+                continue
+            bound += 1
+            for seg in layout.segments:
+                counts[seg.layer] += seg.numel
+                squares[seg.layer] += t.detach().view(-1).narrow(0, seg.start, seg.numel).double().pow(2).sum()
+    dist.all_reduce(counts)
+    dist.all_reduce(squares)
+    want = torch.tensor([float(weights[n].double().pow(2).sum()) for n in names], dtype=torch.float64)
+    sizes = [weights[n].numel() for n in names]
+    return {"bound": bound, "counts_exact": counts.cpu().tolist() == [float(n) for n in sizes],
+            "norm_error": float(((squares.cpu() - want).abs() / want.clamp_min(1e-30)).max())}
+
+
 def padding_is_zero(engine: Any) -> bool:
     """Whether every padding element of every bound flat partition is still exactly zero."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -179,6 +293,51 @@ def train_step(engine: Any, step: int, rank: int, dtype: torch.dtype, base_lr: f
     loss = nn.functional.cross_entropy(logits.float(), y.to(device))
     engine.backward(loss)
     engine.step()
+
+
+def run_acc(mode: str, variant: str) -> dict[str, Any]:
+    """A gradient-accumulation run (``ACC_MODES``): ACC_STEPS steps of ACC_GAS micro-steps, channels_last inputs."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    noreduce = variant.endswith("_noreduce")
+    base_variant = variant.removesuffix("_noreduce")
+    model = make_acc_model()
+    opt = build_acc_optimizer(base_variant, model)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(mode))
+    binding = optimizers.bind_deepspeed(engine)
+    if noreduce:  # negative control: each rank's partial norm of a split layer taken as the layer's norm
+        inner = engine.optimizer.optimizer
+        for group in inner.param_groups:
+            for t in group["params"]:
+                inner.layout_of(t).process_group = None
+    rank = dist.get_rank()
+    base = ACC_VARIANTS[base_variant][1]["lr"]
+    for step in range(ACC_STEPS):
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr_at(base, step, ACC_STEPS)
+        for m in range(ACC_GAS):
+            x, y = acc_batch(step, rank, m)
+            loss = nn.functional.mse_loss(engine(x.contiguous(memory_format=torch.channels_last)), y)
+            engine.backward(loss)
+            engine.step()
+    weights = full_fp32_weights(engine)
+    result: dict[str, Any] = {"binding": str(binding), "weights": weights, "global_steps": int(engine.global_steps),
+                              "skipped_steps": int(engine.skipped_steps)}
+    if "z0" not in mode and isinstance(opt, optimizers.LayerwiseOptimizer):
+        here = torch.tensor([binding.layers_here, len(binding.split_layers)], device=engine.device)
+        gathered = [torch.zeros_like(here) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, here)
+        result["layers_per_rank"] = [int(t[0]) for t in gathered]
+        result["split_per_rank"] = [int(t[1]) for t in gathered]
+        inner = engine.optimizer.optimizer
+        groups_here = torch.tensor([sum(1 for g in inner.param_groups for t in g["params"]
+                                        if inner.layout_of(t).segments)], device=engine.device)
+        dist.all_reduce(groups_here, op=dist.ReduceOp.MIN)
+        result["min_groups_with_segments"] = int(groups_here)
+        result["layout"] = layout_check(engine, weights)
+    engine.destroy()
+    return result
 
 
 def run(mode: str, variant: str, steps: int, ckpt_dir: str) -> dict[str, Any]:
@@ -210,6 +369,8 @@ def run(mode: str, variant: str, steps: int, ckpt_dir: str) -> dict[str, Any]:
     result["weights"] = full_fp32_weights(engine)
     result["skipped_steps"] = int(engine.skipped_steps)
     result["padding_zero"] = padding_is_zero(engine)
+    if binding is not None and mode in FLATTENING_MODES:
+        result["layout"] = layout_check(engine, result["weights"])
     if not naive:
         engine.load_checkpoint(ckpt_dir, tag=tag)
         train_step(engine, steps - 1, rank, dtype, params["lr"], steps)
@@ -225,6 +386,7 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", required=True, help="checkpoint directory shared by the ranks")
     parser.add_argument("--modes", nargs="+", default=list(CPU_MODES), help="default: all CPU modes")
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run (default 5)")
+    parser.add_argument("--timeout", type=int, default=300, help="collective time-out in seconds (default 300)")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     args = parser.parse_args()
 
@@ -232,15 +394,21 @@ def main() -> None:
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(dist_backend="gloo" if get_accelerator().device_name() == "cpu" else None)
+    # A rank that skips a collective the others entered (issue 14 item 1) fails within minutes, not hangs.
+    deepspeed.init_distributed(dist_backend="gloo" if get_accelerator().device_name() == "cpu" else None,
+                               timeout=timedelta(seconds=args.timeout))
     torch.distributed.barrier()  # then free DeepSpeed's CPU shared-memory names (train/distributed.py)
     from train.distributed import release_cpu_shm_names
 
     release_cpu_shm_names()
     results: dict[str, dict[str, Any]] = {}
     for mode in args.modes:
-        variants = ["lars", "lamb"] + (["lars_naive", "lamb_naive"] if mode in FLATTENING_MODES else [])
-        results[mode] = {v: run(mode, v, args.steps, args.ckpt_dir) for v in variants}
+        if mode in ACC_MODES:
+            negative = [f"{v}_noreduce" for v in ACC_NEGATIVE] if "z0" not in mode else []
+            results[mode] = {v: run_acc(mode, v) for v in [*ACC_VARIANTS, *negative]}
+        else:
+            variants = ["lars", "lamb"] + (["lars_naive", "lamb_naive"] if mode in FLATTENING_MODES else [])
+            results[mode] = {v: run(mode, v, args.steps, args.ckpt_dir) for v in variants}
         if dist.get_rank() == 0:
             print(f"[ds_optim_worker] {mode}: {results[mode]['lars']['binding']}", flush=True)
     if dist.get_rank() == 0:

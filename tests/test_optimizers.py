@@ -673,3 +673,113 @@ def test_foreach_momentum_step_allocates_no_parameter_sized_buffer(name, kw):
         opt.step()
     biggest = max(e.cpu_memory_usage for e in prof.events())
     assert biggest < 1024, f"{name} step allocated {biggest} bytes at once (the weight is {512 * 512 * 4})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Edge cases (issue 14): empty adapted groups, fp16 norms and LAMB's fp16 reciprocal, copies of bound optimizers
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls,kw", [(LARS, dict(lr=1.0, momentum=0.9, weight_decay=1e-3)),
+                                    (LAMB, dict(lr=0.01, weight_decay=0.01))], ids=["lars", "lamb"])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adapted_group_without_any_gradient_is_left_alone_by_both_paths(cls, kw, foreach):
+    """No parameter of an adapted group has a gradient this step (a frozen branch): both paths skip the group, as
+    torch's optimizers do; the other group still steps. (The single-tensor LAMB path crashed on torch.stack([]).)"""
+    idle = [nn.Parameter(torch.randn(3, 2, dtype=DT)), nn.Parameter(torch.randn(4, dtype=DT))]
+    busy = nn.Parameter(torch.randn(5, dtype=DT))
+    before = [p.detach().clone() for p in idle]
+    opt = cls([{"params": idle}, {"params": [busy], "adapt": False}], foreach=foreach, **kw)
+    busy.grad = torch.ones(5, dtype=DT)
+    start = busy.detach().clone()
+    opt.step()
+    for p, b in zip(idle, before, strict=True):
+        assert torch.equal(p.detach(), b) and p not in opt.state
+    assert not torch.equal(busy.detach(), start)
+
+
+def _fp16_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp16 layer whose norm (256 * sqrt(100,000) = 80,954) is above fp16's largest value (65,504)."""
+    w = torch.full((100_000,), 256.0, dtype=torch.float16)
+    g = (torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 0.01).to(torch.float16)
+    return w, g
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lars_norms_of_fp16_layers_are_taken_in_fp32(foreach):
+    """||w|| = 80,954 overflows fp16; in fp32 the LARS step is eq. (6), checked here in float64 from the fp16 data."""
+    w, g = _fp16_problem()
+    p = nn.Parameter(w.clone())
+    lr, wd, eta = 1.0, 1e-4, 0.001
+    opt = LARS([p], lr=lr, momentum=0.0, weight_decay=wd, trust_coefficient=eta, eps=0.0, foreach=foreach)
+    p.grad = g.clone()
+    opt.step()
+    w64, g64 = w.double(), g.double()
+    ratio = eta * _norm(w64) / (_norm(g64) + wd * _norm(w64))
+    expected = w64 - lr * ratio * (g64 + wd * w64)
+    assert torch.isfinite(p.detach()).all()
+    torch.testing.assert_close(p.detach().double(), expected, rtol=2e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lamb_on_fp16_layers_stays_finite_and_follows_algorithm_2(foreach):
+    """fp16 LAMB: the layer norm (80,954) is taken in fp32, and zero gradients (m = v = 0, where the foreach path's
+    1 / (sqrt(v) + eps) was 3e7: inf in fp16, times 0: NaN) give u = wd * w as in the single-tensor path.
+    Expected values from Algorithm 2 in float64, first step: m^ = g, sqrt(v^) = |g|."""
+    w, _ = _fp16_problem()
+    gen = torch.Generator().manual_seed(1)  # |g| in [0.5, 1.5]: v = (1 - b2) g^2 is a normal fp16 number
+    g = ((torch.rand(w.numel(), generator=gen) + 0.5) * torch.randn(w.numel(), generator=gen).sign()).half()
+    g[::3] = 0.0
+    p = nn.Parameter(w.clone())
+    lr, wd, eps = 0.01, 0.01, 1e-6
+    opt = LAMB([p], lr=lr, eps=eps, weight_decay=wd, foreach=foreach)
+    p.grad = g.clone()
+    opt.step()
+    w64, g64 = w.double(), g.double()
+    u = g64 / (g64.abs() + eps) + wd * w64
+    expected = w64 - lr * _norm(w64) / _norm(u) * u
+    assert torch.isfinite(p.detach()).all()
+    torch.testing.assert_close(p.detach().double(), expected, rtol=2e-3, atol=1e-2)
+
+
+def _bound_flat_lars() -> tuple[LARS, nn.Parameter, FlatLayout]:
+    layers = [torch.randn(4, 3, dtype=DT), torch.randn(7, dtype=DT)]
+    flat_w, layout = _flatten_like_zero(layers, pad_between=3, pad_end=5)
+    opt = LARS([nn.Parameter(w.clone()) for w in layers], lr=1.0, weight_decay=1e-3, trust_coefficient=0.02)
+    flat = nn.Parameter(flat_w.clone())
+    opt.param_groups[0]["params"] = [flat]  # what ZeRO does to the optimizer it wraps
+    opt.set_layout(flat, layout)
+    return opt, flat, layout
+
+
+def test_copy_or_pickle_of_a_bound_optimizer_is_refused_with_the_reason():
+    """A copy would lose the layouts (torch's __setstate__ keeps only defaults, state and groups) and step each flat
+    partition as one layer, or refuse every step: refused at copy time, saying why and what to do instead."""
+    import pickle
+
+    opt, flat, _ = _bound_flat_lars()
+    with pytest.raises(TypeError, match="bound to 1 DeepSpeed flat partition.*state_dict.*bind_deepspeed"):
+        copy.deepcopy(opt)
+    with pytest.raises(TypeError, match="bound to 1 DeepSpeed flat partition"):
+        pickle.dumps(opt)
+    flat.grad = torch.ones_like(flat)
+    opt.step()  # the original is untouched by the refused copy
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_of_an_unbound_layerwise_optimizer_steps_like_the_original(how):
+    """An unbound LARS copied with its parameters (copy.deepcopy, or pickle of both together) knows its own tensors
+    again and takes the same steps as the original (it refused every step before: its tensors were unknown)."""
+    import pickle
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4, 3, dtype=DT)), nn.Parameter(torch.randn(6, dtype=DT))]
+    opt = LARS(params, lr=1.0, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02)
+    _set_grads(params, [torch.randn_like(p) for p in params])
+    opt.step()
+    twin_params, twin = copy.deepcopy((params, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((params, opt)))
+    grads = [torch.randn_like(p) for p in params]
+    _set_grads(params, grads)
+    _set_grads(twin_params, grads)
+    opt.step()
+    twin.step()
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p.detach(), q.detach())
