@@ -161,8 +161,9 @@ def plot_error_vs_batch(runs: list[Run], metric: str = "median5") -> Figure:
     if batches:
         ax.set_xticks(sorted(batches), [fmt_batch(b) for b in sorted(batches)])
         ax.minorticks_off()
-    ax.set_xlabel("global batch (images)")
-    ax.set_ylabel(f"validation top-1 error (%), {METRICS[metric]}")
+    mlm = bool(runs) and all(r.is_mlm for r in runs)  # BERT runs (train/bert.py): held-out MLM loss
+    ax.set_xlabel("global batch (sequences)" if mlm else "global batch (images)")
+    ax.set_ylabel(f"{error_label(runs)}, {METRICS[metric]}")
     ax.set_title("Validation error vs batch size (Goyal et al. 2017, Fig. 1)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -239,13 +240,19 @@ def _paper_cell(run: Run, marks: dict[str, str]) -> str:
     return f"{p.top1_error:.2f}" + (f" ± {p.std:.2f}" if p.std is not None else "") + f" [{mark}]"
 
 
+def error_label(runs: list[Run]) -> str:
+    """What the error columns and axes hold: top-1 error, or BERT's held-out MLM loss when every run is BERT's."""
+    return "held-out MLM loss (nats)" if runs and all(r.is_mlm for r in runs) else "validation top-1 error (%)"
+
+
 def table_markdown(runs: list[Run], metric: str = "median5") -> str:
     """Two markdown tables (runs; method x batch) and the footnotes naming the sources of the paper column."""
     imagenet = any(r.dataset == "imagenet" for r in runs)
     marks: dict[str, str] = {}
     ordered = sorted(runs, key=lambda r: (r.dataset, r.method, r.batch, r.seed if r.seed is not None else -1, r.name))
-    head = ["run", "method", "batch", "optimizer", "peak lr", "epochs", "final top-1 err. (%)",
-            "median-5 top-1 err. (%)", "train time", "B_noise (median / last)"]
+    what = "MLM loss (nats)" if error_label(runs).startswith("held-out") else "top-1 err. (%)"
+    head = ["run", "method", "batch", "optimizer", "peak lr", "epochs", f"final {what}",
+            f"median-5 {what}", "train time", "B_noise (median / last)"]
     if imagenet:
         head.append("paper top-1 err. (%)")
     lines = ["## Runs", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -260,7 +267,7 @@ def table_markdown(runs: list[Run], metric: str = "median5") -> str:
         lines.append("| " + " | ".join(row) + " |")
 
     lines += ["", f"## By method and batch ({METRICS[metric]}; mean ± sample std over runs)", ""]
-    head2 = ["method", "batch", "runs", "top-1 err. (%)"] + (["paper top-1 err. (%)"] if imagenet else [])
+    head2 = ["method", "batch", "runs", what] + (["paper top-1 err. (%)"] if imagenet else [])
     lines += ["| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
     by_name = {r.name: r for r in runs}
     for (method, batch), g in groups(runs, metric).items():

@@ -110,13 +110,23 @@ class Run:
         return float(self.epochs[-1]["epoch"]) if self.epochs else 0.0
 
     @property
+    def is_mlm(self) -> bool:
+        """A masked-language-model run (train/bert.py): its held-out figure is the MLM loss, not top-1 error."""
+        return self.dataset == "text"
+
+    @property
+    def error_key(self) -> str:
+        """The epoch record's held-out figure, lower is better: val_loss (nats) for BERT, else val_top1_error (%)."""
+        return "val_loss" if self.is_mlm else "val_top1_error"
+
+    @property
     def final_top1(self) -> float | None:
-        return _finite(self.epochs[-1].get("val_top1_error")) if self.epochs else None
+        return _finite(self.epochs[-1].get(self.error_key)) if self.epochs else None
 
     @property
     def median5_top1(self) -> float | None:
         """Goyal et al.'s reported error: the median top-1 error of the last 5 epochs (fewer if the run is shorter)."""
-        values = [v for e in self.epochs[-5:] if (v := _finite(e.get("val_top1_error"))) is not None]
+        values = [v for e in self.epochs[-5:] if (v := _finite(e.get(self.error_key))) is not None]
         return statistics.median(values) if values else None
 
     @property

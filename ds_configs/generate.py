@@ -190,6 +190,57 @@ def downpour_config(replicas: int, shards: int, optimizer: str, epochs: int) -> 
                          "initial_accumulator_value": 0.1, "warmstart_steps": 0, "epochs": epochs}}
 
 
+# BERT pre-training (ds_configs/bert/, train/bert.py). Two phases where the source has two: sequence length 128 for
+# the first 9/10 of the epochs, 512 after, each phase its own warmup; phase 2 starts from phase 1's weights
+# (--init-from). Epochs: 40 in all (Devlin et al. 2018: 1M steps x 256 x 512 tokens, about 40 passes over their 3.3B
+# words), 36 + 4; warmup is a share of each phase, so the recipe keeps its shape on any corpus.
+# * You et al. 2019 (arXiv:1904.00962), Table 4 (untuned LAMB, square-root lr scaling, linear-epoch warmup): from
+#   lr 5 / (2^3 x 10^3) with warmup ratio 1/320 at batch 512 to lr 5 / (2^0 x 10^3) = 5e-3 with warmup ratio 1/5 at
+#   32k; beta1 0.9, beta2 0.999, eps 1e-6, weight decay 0.01 (their section 4). Their 64k/32k run (8,599 steps,
+#   F1 90.584) gives no lr in a table; we apply the same square-root rule from the 32k row (5e-3 x sqrt(2) at
+#   64k) and the 1/5 warmup in each phase.
+# * NVIDIA DeepLearningExamples, PyTorch/LanguageModeling/BERT/scripts/run_pretraining.sh (NVLAMB): phase 1
+#   65,536 x 128, lr 6e-3, warmup 0.2843 of 7,038 steps; phase 2 32,768 x 512, lr 4e-3, warmup 0.128 of 1,563.
+# * Devlin et al. 2018 (arXiv:1810.04805), the AdamW baseline: batch 256, lr 1e-4, beta 0.9/0.999, weight decay
+#   0.01, 10k warmup steps of 1M (1%), linear decay; one config at seq 128 (their last 10% at 512 is left out).
+# * demo: BERT-tiny on the Debian corpus, 2 CPU ranks, 1 epoch: LAMB at lr 1e-2 (our choice for a 5-minute run).
+# Decay: linear to 0 (poly power 1) after each warmup.
+BERT_PHASE_EPOCHS = (36, 4)
+# (file name, global batch, seq len, lr, warmup share of the run, epochs, optimizer, model, recipe)
+BERT_RECIPES: list[tuple[str, int, int, float, float, int, str, str, str]] = [
+    ("lamb-32k-phase1", 32768, 128, 5e-3, 1 / 5, BERT_PHASE_EPOCHS[0], "LAMB", "large", "you2019-32k"),
+    ("lamb-32k-phase2", 32768, 512, 5e-3, 1 / 5, BERT_PHASE_EPOCHS[1], "LAMB", "large", "you2019-32k"),
+    ("lamb-64k-phase1", 65536, 128, 5e-3 * math.sqrt(2), 1 / 5, BERT_PHASE_EPOCHS[0], "LAMB", "large",
+     "you2019-64k/32k"),
+    ("lamb-64k-phase2", 32768, 512, 5e-3, 1 / 5, BERT_PHASE_EPOCHS[1], "LAMB", "large", "you2019-64k/32k"),
+    ("nvlamb-64k-phase1", 65536, 128, 6e-3, 0.2843, BERT_PHASE_EPOCHS[0], "LAMB", "large", "nvidia-64k/32k"),
+    ("nvlamb-64k-phase2", 32768, 512, 4e-3, 0.128, BERT_PHASE_EPOCHS[1], "LAMB", "large", "nvidia-64k/32k"),
+    ("adamw-256", 256, 128, 1e-4, 0.01, sum(BERT_PHASE_EPOCHS), "AdamW", "large", "devlin2018"),
+    ("demo", 128, 128, 1e-2, 0.1, 1, "LAMB", "tiny", "bert-demo"),
+]
+
+
+def bert_config(batch: int, seq_len: int, lr: float, warmup: float, epochs: int, optimizer: str, model: str,
+                recipe: str) -> dict[str, Any]:
+    """One BERT config; ``warmup`` is the share of the run's epochs (the paper's warmup ratio)."""
+    demo = recipe == "bert-demo"
+    sched = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_epochs": round(warmup * epochs, 4),
+             "warmup_type": "linear", "total_num_epochs": "auto"}
+    if optimizer == "LAMB":
+        opt = {"type": "LAMB", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01}}
+        scheduler = {"type": "WarmupPolyLR", "params": {**sched, "end_lr": 0.0, "power": 1.0}}
+    else:  # DeepSpeed's AdamW as torch.optim.AdamW (no CUDA extension), with DeepSpeed's linear warmup and decay
+        opt = {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01,
+                                           "torch_adam": True}}
+        scheduler = {"type": "WarmupDecayLR", "params": sched}
+    return {"train_batch_size": batch, "train_micro_batch_size_per_gpu": 32 if demo else 64 if seq_len == 128 else 16,
+            **({} if demo else {"fp16": dict(FP16)}), "zero_optimization": {"stage": 1},
+            "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0 if optimizer == "LAMB" or demo else 1.0,
+            "optimizer": opt, "scheduler": scheduler,
+            "training": {"epochs": epochs, "exclude_norm_and_bias": True, "recipe": recipe},
+            "bert": {"model": model, "seq_len": seq_len, **({"vocab_size": 4096} if demo else {})}}
+
+
 # The synchronous baseline of the Downpour study (docs/study-downpour/): train/imagenet.py on the same MLP and data,
 # the same samples per update round (W x 32), Goyal's linear scaling 0.1 x B / 256 with Nesterov momentum 0.9,
 # no warmup (B <= 256), fp32, 2 epochs as the Downpour rows.
@@ -205,6 +256,8 @@ def downpour_sync_config(batch: int) -> dict[str, Any]:
 
 def all_configs() -> dict[Path, dict[str, Any]]:
     out = {HERE / f"{name}.json": config(name, batch, recipe, epochs) for name, batch, recipe, epochs in RECIPES}
+    for name, *row in BERT_RECIPES:
+        out[HERE / "bert" / f"{name}.json"] = bert_config(*row)
     for method in STUDY_METHODS:
         for batch in STUDY_BATCHES:
             cfg = study_config(method, batch)
@@ -232,7 +285,7 @@ def main(argv: list[str]) -> int:
             if not path.is_file() or path.read_text() != text:
                 stale.append(str(path.relative_to(HERE)))
         else:
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(exist_ok=True)  # study/ and bert/
             path.write_text(text)
     extra = sorted(str(p.relative_to(HERE)) for p in HERE.rglob("*.json") if p not in configs)
     if extra:

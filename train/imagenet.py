@@ -14,12 +14,11 @@ checkpointer (checkpoints.py), the engine (engine.py), the records (tracking.py)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,25 @@ if __package__ in (None, ""):  # run as a script (the deepspeed launcher does th
 import torch  # noqa: E402
 
 from train import cli, distributed  # noqa: E402
-from train.checkpoints import Checkpointer, Position, check_resume_layout, claim_run_folder, rewind_metrics  # noqa: E402
-from train.config import Resolved, batch_arithmetic, load_json, resolve  # noqa: E402
+from train.checkpoints import Checkpointer, Position  # noqa: E402
+from train.config import Resolved, batch_arithmetic, load_json  # noqa: E402
 from train.data import DATASETS, GlobalBatchSampler, build_data, eval_shard, to_model_input  # noqa: E402
 from train.engine import build_engine, engine_dtype  # noqa: E402
-from train.faults import StepGuard, Verdict  # noqa: E402
+from train.loop import (  # noqa: E402  # noqa: E402
+    RunParts,
+    after_step,
+    end_run,
+    resolve_run,
+    resume_run,
+    run_folder,
+    save_and_exit,
+    start_log,
+    step_guard,
+)
 from train.models import ARCHS, build_model, input_channels  # noqa: E402
 from train.noise_scale import NoiseScaleMonitor  # noqa: E402
-from train.precision import bf16_speedup, device_precisions  # noqa: E402
-from train.tracking import RunLog, StepMeter, git_commit, progress_bar  # noqa: E402
+from train.precision import bf16_speedup  # noqa: E402
+from train.tracking import StepMeter, progress_bar  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,24 +76,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass
-class Run:
-    """What one training run holds: the engine, its data, and the parts that wrap each step."""
+@dataclass(kw_only=True)
+class Run(RunParts):
+    """One training run: the parts every run holds (train/loop.py), the images and the noise-scale monitor."""
 
-    args: argparse.Namespace
-    world: distributed.World
-    resolved: Resolved
-    engine: Any
     data: Any
-    guard: StepGuard
-    meter: StepMeter
-    checkpointer: Checkpointer
     noise: NoiseScaleMonitor
     memory_format: torch.memory_format
-    max_steps: int
-    log: RunLog | None = None
-    bar: Any = None
-    history: list[dict[str, Any]] = field(default_factory=list)  # epoch records
 
     def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(logits.float(), target,
@@ -117,15 +115,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return bf16_speedup(model, x, torch.nn.functional.cross_entropy,
                             torch.randint(0, data.info.num_classes, (micro,)))
 
-    supported, fast, why = device_precisions(world, cfg, args.precision, probe)
-    resolved = resolve(cfg, world_size=world.size, num_train=num_train, epochs=args.epochs,
-                       micro_batch=args.micro_batch, precision=args.precision, supported_precisions=supported,
-                       fast_precisions=fast, precision_reason=why)
-    for note in resolved.notes:
-        world.say(note)
-    run_name = args.run_name or f"{Path(args.deepspeed_config).stem}-seed{args.seed}"
-    out_dir = Path(args.output_dir or Path("runs") / run_name)
-    claim_run_folder(out_dir, world.rank, resume=args.resume, overwrite=args.overwrite)
+    resolved = resolve_run(args, cfg, world, num_train, probe)
+    run_name, out_dir = run_folder(args, world)
 
     torch.manual_seed(args.seed)
     model = build_model(args.arch, data.info.num_classes, channels, image_size,
@@ -133,30 +124,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     engine, ds_config = build_engine(resolved, model, timeout=world.timeout,
                                      trusted_checkpoint=args.trusted_checkpoint, say=world.say)
     noise = NoiseScaleMonitor(engine, interval=args.noise_scale_interval, ema=args.noise_scale_ema)
-    run = Run(args, world, resolved, engine, data, StepGuard(
-        engine, max_skipped_steps=args.max_skipped_steps, inject_nan=args.inject_nan if world.is_main else (),
-        signal_group=distributed.signal_group(world)), StepMeter(engine.device, world.size),
-        Checkpointer(engine, out_dir, world.rank, lambda: {
-            "wandb_id": run.log.wandb_id if run.log else None, "noise_scale": noise.estimator.state_dict()}),
-        noise, memory_format, max_steps=args.max_steps or resolved.total_steps)
+    run = Run(args=args, world=world, resolved=resolved, engine=engine, guard=step_guard(engine, args, world),
+              meter=StepMeter(engine.device, world.size), checkpointer=Checkpointer(
+                  engine, out_dir, world.rank, lambda: {"wandb_id": run.log.wandb_id if run.log else None,
+                                                        "noise_scale": noise.estimator.state_dict()},
+                  keep=args.keep_checkpoints),
+              max_steps=args.max_steps or resolved.total_steps, data=data, noise=noise, memory_format=memory_format)
 
     pos, wandb_id = Position(), None
     if args.resume:
-        check_resume_layout(out_dir / "config.json", resolved)
-        pos, client = run.checkpointer.resume()
+        pos, client = resume_run(run, out_dir)
         wandb_id = client.get("wandb_id")
-        if world.is_main:  # metrics.jsonl keeps what led to the checkpoint and drops what a crash made us redo
-            run.history = [r for r in rewind_metrics(out_dir / "metrics.jsonl", pos.global_step)
-                           if r["kind"] == "epoch"]
         if client.get("noise_scale"):
             noise.estimator.load_state_dict(client["noise_scale"])
-        world.say(f"resumed from {run.checkpointer.dir / run.checkpointer.good_tag}: epoch {pos.epoch}, "
-                  f"step {pos.global_step}")
     derived = resolved.derived() | {"dataset": args.dataset, "num_train": num_train, "num_val": num_val,
                                     "arch": args.arch, "image_size": image_size}
     if world.is_main:
         world.say(describe(resolved, args.dataset, num_train))
-        run.log = start_log(args, out_dir, run_name, resolved, derived, ds_config, wandb_id)
+        run.log = start_log(args, out_dir, run_name, resolved, derived, ds_config, wandb_id, args.dataset)
         run.checkpointer.log = run.log
 
     sampler = GlobalBatchSampler(num_train, resolved.global_batch, resolved.micro_batch, world.size, world.rank,
@@ -194,19 +179,6 @@ def describe(r: Resolved, data_name: str, num_train: int) -> str:
     ]).rstrip()
 
 
-def start_log(args: argparse.Namespace, out_dir: Path, run_name: str, resolved: Resolved, derived: dict[str, Any],
-              ds_config: dict[str, Any], wandb_id: str | None) -> RunLog:
-    """Write config.json and open the run's records (rank 0)."""
-    summary_cfg = {"run_name": run_name, "group": args.wandb_group, "config_file": str(args.deepspeed_config),
-                   "args": vars(args), "derived": derived, "training": resolved.training,
-                   "optimizer": resolved.optimizer, "scheduler": resolved.scheduler, "deepspeed": ds_config,
-                   "git_commit": git_commit()}
-    (out_dir / "config.json").write_text(json.dumps(summary_cfg, indent=2, default=str) + "\n")
-    return RunLog(out_dir, use_wandb=not args.no_wandb, project=args.wandb_project, group=args.wandb_group,
-                  name=run_name, tags=[f"batch-{resolved.global_batch}", str(resolved.optimizer["type"]).lower(),
-                                       args.dataset], config=summary_cfg, resume_id=wandb_id)
-
-
 def grow_batch(run: Run, batch: int, num_train: int, epoch: int) -> GlobalBatchSampler:
     """Smith et al.'s batch increase: the engine accumulates more micro-steps; a sampler for the new batch."""
     run.engine.set_train_batch_size(batch)
@@ -241,7 +213,7 @@ def train_one_epoch(run: Run, sampler: GlobalBatchSampler, pos: Position) -> flo
         run.meter.add(loss, (logits.argmax(1) == y).sum(), y.numel(), y.numel())
         verdict = guard.after_micro(loss, boundary, pos.global_step)
         if verdict.completed:
-            after_step(run, pos, sampler, verdict, lr)
+            after_step(run, pos, sampler, verdict, lr, run.noise.last)
         if verdict.signum:
             save_and_exit(run, pos, sampler, verdict)
         if verdict.completed and pos.global_step >= run.max_steps:
@@ -249,44 +221,6 @@ def train_one_epoch(run: Run, sampler: GlobalBatchSampler, pos: Position) -> flo
     if run.bar is not None:
         run.bar.close()
     return lr
-
-
-def after_step(run: Run, pos: Position, sampler: GlobalBatchSampler, verdict: Verdict, lr: float) -> None:
-    """Count the step; log it when due (always when bad); stop after too many bad steps; interval saves."""
-    pos.global_step, pos.step_in_epoch, pos.samples = pos.global_step + 1, pos.step_in_epoch + 1, \
-        pos.samples + sampler.global_batch
-    run.meter.steps += 1
-    if run.bar is not None:
-        run.bar.update(1)
-    if (pos.global_step % run.args.log_interval == 0 or pos.global_step >= run.max_steps or verdict.bad
-            or pos.step_in_epoch == sampler.steps_per_epoch or verdict.give_up or verdict.signum):
-        rec = run.meter.step_record(step=pos.global_step, epoch=pos.epoch + pos.step_in_epoch / sampler.steps_per_epoch,
-                                    samples=pos.samples, lr=lr, batch=sampler.global_batch, engine=run.engine,
-                                    **run.noise.last)
-        if run.log:
-            run.log.log(rec)
-        if run.bar is not None:
-            run.bar.set_postfix(loss="nan" if rec["loss"] is None else f"{rec['loss']:.3f}", lr=f"{lr:.4g}",
-                                img_s=f"{rec['images_per_sec']:.0f}")
-    if verdict.give_up:
-        message = run.guard.streak.message(pos.global_step, run.checkpointer.fall_back_to_good())
-        if run.world.is_main:
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        torch.distributed.barrier()
-        raise SystemExit(3)
-    if run.args.save_interval and pos.global_step % run.args.save_interval == 0 and pos.global_step < run.max_steps:
-        run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
-
-
-def save_and_exit(run: Run, pos: Position, sampler: GlobalBatchSampler, verdict: Verdict) -> None:
-    """A stop signal the ranks agreed on: save the last completed step and exit (the scheduler kills soon)."""
-    where = "" if verdict.completed else " (the step under way is dropped: --resume redoes it from its start)"
-    run.world.say(f"{run.guard.signal_name}: saving a checkpoint at step {pos.global_step} and stopping{where}; "
-                  f"--resume continues")
-    if not verdict.completed:
-        run.guard.restore_buffers()  # BatchNorm statistics as they were after the last completed step
-    run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
-    raise SystemExit(128 + verdict.signum)
 
 
 def epoch_record(run: Run, pos: Position, sampler: GlobalBatchSampler, lr: float,
@@ -342,12 +276,7 @@ def finish(run: Run, out_dir: Path, pos: Position) -> dict[str, Any]:
         state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
                  for k, v in run.engine.module.state_dict().items()}
         torch.save(state, out_dir / "model.pt")
-        run.log.log({"kind": "summary", "samples": pos.samples, **result})
-        run.log.summary(result)
-        run.log.close()
-        run.world.say(f"done: {json.dumps(result)}; run folder {out_dir}")
-    torch.distributed.barrier()
-    return result
+    return end_run(run, out_dir, pos, result)
 
 
 if __name__ == "__main__":

@@ -47,3 +47,20 @@ t10k-labels-idx1-ubyte.gz (github.com/zalandoresearch/fashion-mnist, folder data
 MSG
   exit 1
 fi
+
+# The BERT demo corpus (train/bert.py, train/text.py): Debian's python3.11-doc, the reStructuredText sources of the
+# Python 3.11 documentation (497 files, about 11 MB of English prose). Set BERT_CORPUS_DIR to use another folder.
+BERT_CORPUS_DIR="${BERT_CORPUS_DIR:-/usr/share/doc/python3.11/html/_sources}"
+if [ ! -d "$BERT_CORPUS_DIR" ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing Debian's python3.11-doc (the BERT demo corpus)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null
+  elif command -v apt-get >/dev/null && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc
+  fi
+fi
+if [ ! -d "$BERT_CORPUS_DIR" ]; then
+  echo "[setup] WARNING: the BERT demo corpus is not in $BERT_CORPUS_DIR (apt-get install python3.11-doc, or set" \
+       "BERT_CORPUS_DIR to a folder of text files); train/bert.py and tests/test_bert.py need it" >&2
+fi
+export BERT_CORPUS_DIR

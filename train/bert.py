@@ -1,0 +1,348 @@
+"""Pre-train a BERT (masked language model) with DeepSpeed from one JSON config: You et al.'s LAMB recipes.
+
+    deepspeed --num_gpus 2 train/bert.py --deepspeed_config ds_configs/bert/demo.json
+    deepspeed --hostfile hosts train/bert.py --deepspeed_config ds_configs/bert/lamb-64k-phase1.json --data-dir TEXT
+
+A BertForMaskedLM from ``transformers`` (randomly initialised; nothing is downloaded) of a published shape
+(``--model``), trained on a folder of text files (train/text.py: WordPiece tokenizer, packing, 15% masking with
+transformers' collator, a held-out split by document). The run machinery is train/imagenet.py's: config resolution,
+engine, step guard, checkpoints, records (train/loop.py and the parts it names). Read top to bottom: the
+arguments, ``main`` (set-up, then a loop over epochs), ``train_one_epoch`` (forward, loss, backward, step) and
+``evaluate`` (held-out MLM loss and masked-token accuracy). The trained model is saved as ``<output-dir>/model/``,
+which ``BertForMaskedLM.from_pretrained`` and ``BertTokenizerFast.from_pretrained`` load.
+
+A config may hold a ``"bert"`` block (``model``, ``seq_len``): the defaults of ``--model``/``--seq-len`` for that
+recipe; DeepSpeed never sees it. A two-phase recipe (seq 128, then 512) is two configs: the second run starts from
+the first one's weights with ``--init-from <first run>/model`` (weights only: a fresh optimizer and schedule, each
+phase with its own warmup, as in You et al. 2019 and NVIDIA's BERT scripts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (the deepspeed launcher does this): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the ranks share the cores
+
+import torch  # noqa: E402
+
+from train import cli, distributed, loop  # noqa: E402
+from train.checkpoints import Checkpointer, Position  # noqa: E402
+from train.config import ConfigError, batch_arithmetic, load_json  # noqa: E402
+from train.data import GlobalBatchSampler, eval_shard  # noqa: E402
+from train.engine import build_engine  # noqa: E402
+from train.precision import bf16_speedup  # noqa: E402
+from train.text import (  # noqa: E402
+    SPECIAL_TOKENS,
+    Corpus,
+    Masker,
+    build_corpus,
+    default_corpus,
+    load_tokenizer,
+    read_documents,
+    split_documents,
+    train_tokenizer,
+    unigram_entropy,
+)
+from train.tracking import StepMeter, progress_bar  # noqa: E402
+
+# The published BERT shapes (layers, hidden size, attention heads): Devlin et al. 2018 (base, large) and Turc et al.
+# 2019, "Well-Read Students Learn Better" (tiny, mini, small). The feed-forward layer is 4 x hidden.
+MODELS = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8), "base": (12, 768, 12),
+          "large": (24, 1024, 16)}
+MAX_POSITIONS = 512  # BERT's position embeddings
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_run_arguments(p)
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder of UTF-8 text files, one document each (default: $BERT_CORPUS_DIR, else Debian's "
+                        "python3.11-doc sources, which train/setup.sh installs)")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help=f"BERT shape: {', '.join(f'{k} (L/H/A {n}/{h}/{a})' for k, (n, h, a) in MODELS.items())}; "
+                        f"default: the config's bert.model, else tiny")
+    p.add_argument("--seq-len", type=cli.int_at_least(2), default=None,
+                   help=f"tokens per sequence, at most {MAX_POSITIONS}; default: the config's bert.seq_len, else 128")
+    p.add_argument("--vocab-size", type=cli.int_at_least(len(SPECIAL_TOKENS) + 1), default=None,
+                   help="WordPiece vocabulary trained on the training split; default: the config's bert.vocab_size, "
+                        "else 8192")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="use this saved tokenizer (a save_pretrained folder) instead of training one")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from these weights (a model/ folder of an earlier run: phase 2 of a two-phase "
+                        "recipe); its tokenizer comes along")
+    p.add_argument("--val-percent", type=cli.int_at_least(1), default=5,
+                   help="share of documents held out for validation (by a hash of their path)")
+    p.add_argument("--max-docs", type=cli.int_at_least(2), default=None,
+                   help="use only the first N documents (sorted by path) of the corpus")
+    p.add_argument("--eval-batch", type=cli.int_at_least(1), default=64, help="validation sequences per batch")
+    return p
+
+
+@dataclass(kw_only=True)
+class Run(loop.RunParts):
+    """One training run: the parts every run holds (train/loop.py), the text and its masking."""
+
+    corpus: Corpus
+    masker: Masker
+    val_batch: dict[str, torch.Tensor]  # this rank's validation sequences, masked once for the whole run
+    seq_len: int
+
+
+def micro_seed(seed: int, epoch: int, first_index: int) -> int:
+    """One seed per micro-batch (its first sequence is unique within an epoch): masking and dropout repeat exactly
+    after --resume and do not depend on the rank count."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + first_index
+
+
+def bert_config(name: str, vocab_size: int, tokenizer: Any) -> Any:
+    from transformers import BertConfig
+
+    if name not in MODELS:
+        raise ConfigError(f"unknown --model {name!r}; expected one of {', '.join(MODELS)}")
+    layers, hidden, heads = MODELS[name]
+    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=4 * hidden, max_position_embeddings=MAX_POSITIONS,
+                      pad_token_id=tokenizer.pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up and the loop over epochs
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    logging.getLogger("DeepSpeed").setLevel(args.ds_log_level.upper())
+    cfg = load_json(args.deepspeed_config)  # bad JSON fails here, before anything heavy
+    recipe = cfg.pop("bert", {})  # ours: the recipe's model, sequence length and vocabulary size
+    if not isinstance(recipe, dict) or set(recipe) - {"model", "seq_len", "vocab_size"}:
+        raise ConfigError(f'{args.deepspeed_config}: the "bert" block may hold model, seq_len and vocab_size; got '
+                          f"{recipe!r}")
+    model_name, seq_len = args.model or recipe.get("model", "tiny"), args.seq_len or recipe.get("seq_len", 128)
+    args.vocab_size = args.vocab_size or recipe.get("vocab_size", 8192)
+    if model_name not in MODELS:
+        raise ConfigError(f"unknown --model {model_name!r}; expected one of {', '.join(MODELS)}")
+    if args.inject_nan:
+        raise ConfigError("--inject-nan is not supported by train/bert.py (its inputs are token ids)")
+    if seq_len > MAX_POSITIONS:
+        raise ConfigError(f"--seq-len {seq_len} is above BERT's maximum of {MAX_POSITIONS} positions; expected "
+                          f"2 .. {MAX_POSITIONS}")
+    world = distributed.init(args.dist_timeout)
+    run_name, out_dir = loop.run_folder(args, world)
+    corpus = prepare_corpus(args, world, out_dir, seq_len)
+    from transformers import BertForMaskedLM
+
+    def probe() -> float:  # bf16's speed-up on this model at the run's micro batch (CPU, auto precision)
+        micro = batch_arithmetic(cfg.get("train_batch_size"), args.micro_batch or cfg.get(
+            "train_micro_batch_size_per_gpu"), None if args.micro_batch else cfg.get("gradient_accumulation_steps"),
+            world.size)[1]
+        model = BertForMaskedLM(bert_config(model_name, len(corpus.tokenizer), corpus.tokenizer))
+        embeds = torch.randn(micro, seq_len, model.config.hidden_size)  # float input, so bf16 can cast it
+        return bf16_speedup(_FromEmbeddings(model), embeds, lambda logits, y: torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.flatten()), torch.randint(0, model.config.vocab_size, (micro, seq_len)))
+
+    resolved = loop.resolve_run(args, cfg, world, len(corpus.train), probe)
+    torch.manual_seed(args.seed)
+    if args.init_from:
+        model = MaskedLM(BertForMaskedLM.from_pretrained(args.init_from, local_files_only=True))
+    else:
+        model = MaskedLM(BertForMaskedLM(bert_config(model_name, len(corpus.tokenizer), corpus.tokenizer)))
+    engine, ds_config = build_engine(resolved, model, timeout=world.timeout,
+                                     trusted_checkpoint=args.trusted_checkpoint, say=world.say)
+    masker = Masker(corpus.tokenizer)
+    val_rows = corpus.val[eval_shard(len(corpus.val), world.size, world.rank)]
+    run = Run(args=args, world=world, resolved=resolved, engine=engine, guard=loop.step_guard(engine, args, world),
+              meter=StepMeter(engine.device, world.size, "sequences_per_sec"), checkpointer=Checkpointer(
+                  engine, out_dir, world.rank, lambda: {"wandb_id": run.log.wandb_id if run.log else None},
+                  keep=args.keep_checkpoints),
+              max_steps=args.max_steps or resolved.total_steps, corpus=corpus, masker=masker,
+              val_batch=masker(val_rows, seed=2**31 + world.rank), seq_len=seq_len)
+
+    pos, wandb_id = Position(), None
+    if args.resume:
+        pos, client = loop.resume_run(run, out_dir)
+        wandb_id = client.get("wandb_id")
+    entropy = unigram_entropy(corpus.val, corpus.special_ids)
+    derived = resolved.derived() | {
+        "dataset": "text", "data_dir": str(args.data_dir or default_corpus()), "model": model_name,
+        "seq_len": seq_len, "vocab_size": len(corpus.tokenizer), "num_train": len(corpus.train),
+        "num_val": len(corpus.val), "train_docs": corpus.num_docs[0], "val_docs": corpus.num_docs[1],
+        "train_tokens": corpus.num_tokens[0], "val_tokens": corpus.num_tokens[1], "val_unigram_entropy": entropy,
+        "parameters": sum(p.numel() for p in model.parameters())}
+    if world.is_main:
+        world.say(describe(derived))
+        run.log = loop.start_log(args, out_dir, run_name, resolved, derived, ds_config, wandb_id, "bert")
+        run.checkpointer.log = run.log
+
+    sampler = GlobalBatchSampler(len(corpus.train), resolved.global_batch, resolved.micro_batch, world.size,
+                                 world.rank, args.seed)
+    for epoch in range(pos.epoch, resolved.epochs):
+        if pos.global_step >= run.max_steps:
+            break
+        sampler.set_epoch(epoch, pos.step_in_epoch if epoch == pos.epoch else 0)
+        pos.epoch, pos.step_in_epoch = epoch, sampler.start_step
+        lr = train_one_epoch(run, sampler, pos)
+        epoch_record(run, pos, sampler, lr)
+        run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
+    return finish(run, out_dir, pos)
+
+
+class MaskedLM(torch.nn.Module):
+    """BertForMaskedLM scored where it matters: the prediction head (vocabulary-sized logits) runs only at the
+    masked positions, as NVIDIA's BERT pre-training does; the loss equals BertForMaskedLM's (cross-entropy over the
+    masked tokens). ``self.bert`` is the transformers model that is saved and loaded."""
+
+    def __init__(self, bert: torch.nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [masked tokens, vocabulary] and their targets."""
+        hidden = self.bert.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        masked = labels != -100
+        return self.bert.cls(hidden[masked]), labels[masked]
+
+
+class _FromEmbeddings(torch.nn.Module):
+    """The model from input embeddings to logits (the precision probe times it with a float input)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs_embeds=x).logits
+
+
+def prepare_corpus(args: argparse.Namespace, world: distributed.World, out_dir: Path, seq_len: int) -> Corpus:
+    """Read and split the corpus; rank 0 trains (or copies) the tokenizer into <out_dir>/model/, every rank loads it
+    from there (--resume reuses it) and packs the same sequences."""
+    docs = read_documents(args.data_dir or default_corpus(), args.max_docs)
+    train_docs, val_docs = split_documents(docs, args.val_percent)
+    saved = out_dir / "model"
+    if world.is_main and not (args.resume and (saved / "tokenizer.json").is_file()):
+        given = args.tokenizer or args.init_from
+        tokenizer = load_tokenizer(given) if given else train_tokenizer([d.text for d in train_docs], args.vocab_size)
+        tokenizer.save_pretrained(str(saved))
+    torch.distributed.barrier()
+    tokenizer = load_tokenizer(saved)
+    return build_corpus(tokenizer, train_docs, val_docs, seq_len)
+
+
+def describe(d: dict[str, Any]) -> str:
+    """What was derived, in one block (printed once on rank 0)."""
+    tokens = d["global_batch"] * d["seq_len"]
+    return "\n".join([
+        f"batch: {d['micro_batch']} micro x {d['grad_accum']} accumulation x {d['world_size']} ranks = "
+        f"{d['global_batch']:,} sequences x {d['seq_len']} tokens = {tokens:,} tokens per step",
+        f"data: {d['data_dir']}: {d['train_docs']} documents, {d['train_tokens']:,} tokens -> {d['num_train']:,} "
+        f"sequences -> {d['steps_per_epoch']:,} steps/epoch x {d['epochs']} epochs = {d['total_steps']:,} steps; "
+        f"held out {d['val_docs']} documents ({d['num_val']:,} sequences)",
+        f"model: BERT-{d['model']} ({d['parameters']:,} parameters, vocabulary {d['vocab_size']:,})",
+        f"optimizer: {d['optimizer']} peak lr {d['lr']}; warmup {d['warmup_steps']} steps, decay {d['decay_steps']}",
+        f"precision: {d['precision']}; ZeRO stage {d['zero_stage']}",
+        f"held-out unigram entropy: {d['val_unigram_entropy']:.4f} nats (the MLM loss of predicting from token "
+        f"frequencies alone)",
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One epoch: forward, loss, backward, step
+
+
+def train_one_epoch(run: Run, sampler: GlobalBatchSampler, pos: Position) -> float:
+    """Train from ``pos`` to the epoch's end (or --max-steps); return the lr of the last step."""
+    engine, guard = run.engine, run.guard
+    run.meter.start_epoch()
+    run.bar = progress_bar(run.world.is_main, sampler.steps_per_epoch, sampler.start_step,
+                           f"epoch {pos.epoch + 1}/{run.resolved.epochs}")
+    lr = engine.get_lr()[0]
+    for indices in sampler:
+        seed = micro_seed(run.args.seed, pos.epoch, indices[0])
+        batch = run.masker(run.corpus.train[indices], seed)
+        torch.manual_seed(seed)  # dropout
+        ids = guard.before_micro(batch["input_ids"].to(engine.device), pos.global_step)
+        logits, target = engine(ids, batch["attention_mask"].to(engine.device), batch["labels"].to(engine.device))
+        loss = torch.nn.functional.cross_entropy(logits.float(), target)
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        lr = engine.get_lr()[0] if boundary else lr  # the lr this step runs at (the schedule moves on in step())
+        engine.step()
+        run.meter.add(loss, (logits.argmax(-1) == target).sum(), len(target), len(indices))
+        verdict = guard.after_micro(loss, boundary, pos.global_step)
+        if verdict.completed:
+            loop.after_step(run, pos, sampler, verdict, lr, tokens_per_sample=run.seq_len)
+        if verdict.signum:
+            loop.save_and_exit(run, pos, sampler, verdict)
+        if verdict.completed and pos.global_step >= run.max_steps:
+            break
+    if run.bar is not None:
+        run.bar.close()
+    return lr
+
+
+def epoch_record(run: Run, pos: Position, sampler: GlobalBatchSampler, lr: float) -> dict[str, Any]:
+    """The epoch's record (training totals over all ranks, then the held-out MLM loss), logged and printed."""
+    totals = run.meter.epoch_totals()  # before evaluation: its time is not training's
+    val = evaluate(run)
+    record = {"kind": "epoch", "epoch": pos.epoch + pos.step_in_epoch / sampler.steps_per_epoch,
+              "step": pos.global_step, "samples": pos.samples, "tokens": pos.samples * run.seq_len,
+              "train_loss": totals["train_loss"], "train_error": totals["train_error"],  # % of masked tokens missed
+              "train_mlm_accuracy": 100 - totals["train_error"], **val,
+              "skipped_steps": run.engine.skipped_steps, "epoch_time": totals["epoch_time"],
+              "sequences_per_sec": totals["sequences_per_sec"],
+              "tokens_per_sec": totals["sequences_per_sec"] * run.seq_len, "lr": lr}
+    run.history.append(record)
+    if run.log:
+        run.log.log(record)
+    run.world.say(f"epoch {record['epoch']:.3g}/{run.resolved.epochs} | train MLM loss {record['train_loss']:.4f} | "
+                  f"held-out MLM loss {val['val_loss']:.4f}, masked-token accuracy {val['val_mlm_accuracy']:.2f}% | "
+                  f"{record['epoch_time']:.1f} s, {record['tokens_per_sec']:.0f} tokens/s")
+    return record
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """MLM loss (nats per masked token) and masked-token accuracy (%) over the held-out sequences, each masked the
+    same way at every evaluation, each counted once across ranks."""
+    engine, batch, size = run.engine, run.val_batch, run.args.eval_batch
+    engine.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, correct, masked tokens
+    for i in range(0, len(batch["input_ids"]), size):
+        logits, target = engine(*(batch[k][i:i + size].to(engine.device)
+                                  for k in ("input_ids", "attention_mask", "labels")))
+        count = torch.tensor(len(target), device=logits.device)
+        sums += torch.stack([torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"),
+                             (logits.argmax(-1) == target).sum(), count]).double()
+    torch.distributed.all_reduce(sums)
+    loss, correct, n = sums.tolist()
+    engine.train()
+    return {"val_loss": loss / max(n, 1.0), "val_mlm_accuracy": 100 * correct / max(n, 1.0),
+            "val_masked_tokens": int(n)}
+
+
+def finish(run: Run, out_dir: Path, pos: Position) -> dict[str, Any]:
+    """The final held-out loss, the model folder (from_pretrained loads it, tokenizer beside it), the summary."""
+    result: dict[str, Any] = {"steps": pos.global_step, "samples": pos.samples, "tokens": pos.samples * run.seq_len}
+    if run.history:
+        result |= {"final_val_loss": run.history[-1]["val_loss"],
+                   "final_val_mlm_accuracy": run.history[-1]["val_mlm_accuracy"]}
+    if run.world.is_main:
+        module = run.engine.module.bert
+        module.save_pretrained(str(out_dir / "model"), state_dict={
+            k: v.detach().float().cpu() for k, v in module.state_dict().items()})
+    return loop.end_run(run, out_dir, pos, result)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, get_args_parser().parse_args()))
