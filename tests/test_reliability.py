@@ -32,28 +32,6 @@ def bit_identical(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_mid_epoch_is_bit_exact(tmp_path, fashion_mnist_dir):
-    """2 ranks, ZeRO-1, fp32: stop after 5 steps (mid-epoch: 10 steps per epoch), resume to 12; the weights equal
-    those of an uninterrupted 12-step run bit for bit (same data order, lr, optimizer state, flips). Resuming the
-    ZeRO-1 checkpoint with another rank count (1) is refused: its partitions would not fit."""
-    data = ["--data-dir", str(fashion_mnist_dir), "--train-subset", "2560"]
-    launch([*COMMON, *data, "--output-dir", str(tmp_path / "a"), "--max-steps", "12"])
-    launch([*COMMON, *data, "--output-dir", str(tmp_path / "b"), "--max-steps", "5"])
-    launch([*COMMON, *data, "--output-dir", str(tmp_path / "b"), "--max-steps", "12", "--resume"])
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
-    assert bit_identical(a, b)
-    la = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a") if r["kind"] == "step"}
-    lb = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b") if r["kind"] == "step"}
-    assert la == lb and sorted(la) == list(range(1, 13))
-
-    one_rank = run_single([*COMMON, *data, "--output-dir", str(tmp_path / "b"), "--max-steps", "13", "--resume"],
-                          check=False)
-    assert one_rank.returncode == 2
-    assert (f"error: --resume: the checkpoints in {tmp_path / 'b'} were written with another layout (world_size 2 -> "
-            f"1); resume with the config and rank count of the run") in one_rank.stderr
-
-
 def start(args: list[str]) -> subprocess.Popen:
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train/imagenet.py", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -127,8 +105,9 @@ def test_chaos_five_random_kills_end_bit_identical_to_the_uninterrupted_run(tmp_
     time a random rank at a random moment (a random step past the last one reached, then 0-0.3 s more: inside a
     step, a save or the all-reduce; or during start-up), then resumed (started afresh if it died before its first
 checkpoint). Each kill ends the job within 15 s; the final
-    weights equal the uninterrupted run's bit for bit, and every step is logged once. CHAOS_SEED replays the
-    choices (the moments also depend on timing)."""
+    weights and every step's loss equal the uninterrupted run's bit for bit, every step is logged once, and the
+    ZeRO-1 checkpoint resumed with another rank count (1) is refused. CHAOS_SEED replays the choices (the moments
+    also depend on timing)."""
     seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 1_000_000))
     rng = random.Random(seed)
     total = 24
@@ -157,7 +136,15 @@ checkpoint). Each kill ends the job within 15 s; the final
     a = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
     b = torch.load(run / "model.pt", weights_only=True)
     assert bit_identical(a, b)
+    la = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref") if r["kind"] == "step"}
+    lb = {r["step"]: r["loss"] for r in read_metrics(run) if r["kind"] == "step"}
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "step"] == list(range(1, total + 1))
+    assert la == lb  # every step's loss too: the same data order, lr, optimizer state and flips
+
+    one_rank = run_single([*args, "--output-dir", str(run), "--max-steps", str(total + 1), "--resume"], check=False)
+    assert one_rank.returncode == 2  # ZeRO-1 partitions of 2 ranks do not fit 1
+    assert (f"error: --resume: the checkpoints in {run} were written with another layout (world_size 2 -> 1); "
+            f"resume with the config and rank count of the run") in one_rank.stderr
     lost = [k[2] for k in kills]
     assert all(0 <= n <= 2 + 1 for n in lost)  # a checkpoint every 2 steps (+1: killed while the next one is written)
     print(f"chaos (CHAOS_SEED={seed}): 5 kills (rank, step reached, steps lost, launcher exit s): {kills}; "
