@@ -1,5 +1,5 @@
-"""The parts of an entry point's run that do not depend on the workload: moved here from train/imagenet.py so
-that train/bert.py uses the same code (docs/architecture.md, "Where to add: a workload").
+"""The parts of an entry point's run that do not depend on the workload, shared by train/imagenet.py and
+train/bert.py (docs/architecture.md, "Where to add: a workload").
 
 * :func:`resolve_run` and :func:`run_folder`: the config resolved against this device and data, the run folder
   claimed;
