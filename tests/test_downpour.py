@@ -189,10 +189,17 @@ def test_replicas_with_a_barrier_are_synchronous_sgd(tmp_path, data):
 @pytest.mark.launcher
 def test_staleness_grows_with_replicas_and_a_killed_replica_leaves_the_run_finishing(tmp_path):
     """Asynchronous W = 2 and W = 4 (one shard, 20 steps each): the mean staleness is above 0 and larger with 4.
-    In the W = 4 run replica 3 SIGKILLs itself after its step 5: the others finish their 20 steps, the run ends."""
-    _, two = run_downpour(tmp_path, "w2", downpour_cfg(2, 1), "--train-subset", str(2 * 32 * 20))
+    In the W = 4 run replica 3 SIGKILLs itself after its step 5: the others finish their 20 steps, the run ends.
+    Every replica takes 50 ms longer per step (--replica-delay, between its fetch and its gradient), as replicas on
+    machines of their own overlap: they then interleave (about W - 1 other pushes per step) instead of running in
+    bursts of several steps as 2 time-shared cores schedule them, which would make the staleness a property of the
+    scheduler rather than of W."""
+    def delays(w: int) -> list[str]:
+        return ["--replica-delay", *(f"{j}=0.05" for j in range(w))]
+
+    _, two = run_downpour(tmp_path, "w2", downpour_cfg(2, 1), "--train-subset", str(2 * 32 * 20), *delays(2))
     proc, four = run_downpour(tmp_path, "w4", downpour_cfg(4, 1), "--train-subset", str(4 * 32 * 20),
-                              "--kill-replica", "3@5", timeout=240)
+                              "--kill-replica", "3@5", *delays(4), timeout=240)
     assert "replica 3 died (signal 9) after step" in proc.stdout
     s2, s4 = summary(two), summary(four)
     assert s4["dead_replicas"] == [3]

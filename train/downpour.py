@@ -323,14 +323,14 @@ def run_replica(rank: int, world_size: int, j: int, setup: Setup) -> None:
         for x, y in data.train_batches(sampler):
             if step >= setup.total_steps:
                 break
-            if delay:
-                time.sleep(delay)
             if step == start or step % cfg["n_fetch"] == 0:
                 _wait_all(pushes)
                 pushes = []
                 fetch(model, setup, j)
                 if args.barrier:
                     _call(COORDINATOR, coord_barrier, 2 * step)
+            if delay:  # a slow machine: its gradient is computed on parameters that age meanwhile
+                time.sleep(delay)
             logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits, y)
             loss.backward()  # gradients add up over the steps between pushes
