@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision.datasets as tvd
+
+from train.jpeg import TrainTransform, ValTransform, collate_uint8, normalize_uint8, sample_seed
 
 DATASETS = ("imagenet", "fashion-mnist", "synthetic")
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
@@ -264,7 +268,6 @@ class JpegFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int]:
-        from train.jpeg import sample_seed
 
         epoch, index = key
         path, label = self.samples[index]
@@ -294,7 +297,6 @@ class _Collate:
         self.uint8 = uint8
 
     def __call__(self, items: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        from train.jpeg import collate_uint8, normalize_uint8
 
         good = [(x, y) for x, y in items if x is not None]
         if not good:
@@ -314,8 +316,6 @@ def default_workers(local_ranks: int = 1) -> int:
 def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGINT to their rank, which checkpoints before it stops them: a worker dying on
     the signal first would crash the rank ("DataLoader worker exited unexpectedly") before it could save."""
-    import signal
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -331,10 +331,6 @@ class ImageFolderData:
 
     def __init__(self, data_dir: str | Path, image_size: int, workers: int | None, seed: int, *,
                  uint8: bool = False, draft: bool = True, prefetch_factor: int = 4):
-        import torchvision.datasets as tvd
-
-        from train.jpeg import TrainTransform, ValTransform
-
         classes = check_imagefolder_root(data_dir)
         root = Path(data_dir)
         try:
@@ -352,8 +348,6 @@ class ImageFolderData:
     def normalize(self, x: torch.Tensor, dtype: torch.dtype = torch.float32,
                   memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
         """ImageNet mean/std normalisation of a uint8 batch, run where ``x`` is (the GPU after the copy)."""
-        from train.jpeg import normalize_uint8
-
         return normalize_uint8(x, IMAGENET_MEAN, IMAGENET_STD, dtype, memory_format)
 
     def _loader(self, dataset: JpegFolder, batches: Any, epoch: int) -> Any:
@@ -387,8 +381,6 @@ def to_model_input(x: torch.Tensor, device: torch.device | str, dtype: torch.dty
     normalised there (ImageNet mean/std); float batches are only moved and cast."""
     x = x.to(device, non_blocking=True)
     if x.dtype == torch.uint8:
-        from train.jpeg import normalize_uint8
-
         return normalize_uint8(x, IMAGENET_MEAN, IMAGENET_STD, dtype, memory_format)
     return x.to(dtype, memory_format=memory_format)
 

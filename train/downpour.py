@@ -65,6 +65,9 @@ from train import cli  # noqa: E402
 from train import parameter_server as ps  # noqa: E402
 from train.checkpoints import CheckpointError, claim_output_dir, rewind_metrics  # noqa: E402
 from train.config import ConfigError, load_json  # noqa: E402
+from train.data import FASHION_MNIST_DEFAULT_DIR, GlobalBatchSampler, fashion_mnist  # noqa: E402
+from train.models import ARCHS, build_model  # noqa: E402
+from train.tracking import RunLog, git_commit  # noqa: E402
 
 COORDINATOR = "coordinator"
 DEFAULTS: dict[str, Any] = {"dataset": "fashion-mnist", "batch_per_replica": 32, "n_fetch": 1, "n_push": 1,
@@ -161,7 +164,6 @@ def _int_at_least(cfg: dict[str, Any], key: str, low: int) -> int:
 
 def load_setup(args: argparse.Namespace) -> Setup:
     """The config's downpour block with the flags' overrides, checked; raises ConfigError with what and why."""
-    from train.models import ARCHS, build_model
 
     raw = load_json(args.deepspeed_config)
     if not isinstance(raw.get("downpour"), dict):
@@ -298,8 +300,6 @@ def _call(to: str, func: Any, *args: Any) -> Any:
 
 
 def run_replica(rank: int, world_size: int, j: int, setup: Setup) -> None:
-    from train.data import GlobalBatchSampler
-    from train.models import build_model
 
     torch.set_num_threads(1)
     rpc.init_rpc(replica_name(j), rank=rank, world_size=world_size, rpc_backend_options=rpc_options(setup))
@@ -362,7 +362,6 @@ def _data(args: argparse.Namespace) -> Any:
     """Fashion-MNIST, read once per process (no flips: Dean et al. trained on the data as they were)."""
     global _DATA
     if _DATA is None:
-        from train.data import FASHION_MNIST_DEFAULT_DIR, fashion_mnist
 
         _DATA = fashion_mnist(args.data_dir or FASHION_MNIST_DEFAULT_DIR, 1, args.seed, flip=False)
     return _DATA
@@ -494,7 +493,6 @@ class State:
 def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: str, out_dir: Path) -> dict[str, Any]:
     """Rank 0: start the shards, release the replicas, record until every replica is done or dead, finish."""
     global _COORD
-    from train.models import build_model
 
     args = setup.args
     if procs:
@@ -606,7 +604,6 @@ def derived(setup: Setup) -> dict[str, Any]:
 
 
 def start_log(setup: Setup, out_dir: Path, run_name: str, wandb_id: str | None) -> Any:
-    from train.tracking import RunLog, git_commit
 
     args = setup.args
     summary_cfg = {"run_name": run_name, "group": args.wandb_group, "config_file": str(args.deepspeed_config),
