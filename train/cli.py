@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from train import distributed
 from train.checkpoints import DEFAULT_KEEP, CheckpointError, CheckpointSaveError
 from train.config import ConfigError
 from train.data import DataError
@@ -116,6 +117,7 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
             print(f"--resume with --precision auto: {precision}, the precision the run was written in",
                   flush=True)
         args.precision = precision
+    close_group = True  # False where a peer may be hung or mid-collective: destroying the group could wait on it
     try:
         main(args)
     except (ConfigError, DataError) as e:
@@ -130,10 +132,17 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as e:  # gloo and NCCL (DistBackendError) time-outs
+        close_group = False
         if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
             raise
         print(f"error (rank {rank}): a collective waited --dist-timeout {args.dist_timeout:g} min for another rank "
               f"and gave up ({str(e).splitlines()[0][:200]}); a rank hung (stuck device, paused or lost machine). "
               f"The job stops; --resume continues from the last checkpoint", file=sys.stderr, flush=True)
         return 4
+    except Exception:
+        close_group = False
+        raise
+    finally:
+        if close_group:  # a finished run, a fault every rank met, or a signal the ranks agreed on (SystemExit)
+            distributed.shutdown()
     return 0
