@@ -84,6 +84,7 @@ def bench(args: argparse.Namespace) -> None:
         label = "off (interval 0)" if interval == 0 else f"interval {interval}"
         print(f"  {label:18s} {1000 * t:8.1f} {unit}/step  x{t / base:.3f} of off; "
               f"{100 * inside / max(t - inside, 1e-12):5.1f}% of the training time spent in the monitor")
+    distributed.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

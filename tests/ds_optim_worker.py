@@ -414,6 +414,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save({"world_size": dist.get_world_size(), "steps": args.steps, "results": results}, args.out)
     dist.barrier()
+    torch.distributed.destroy_process_group()  # a live gloo group can abort the exit (train/distributed.shutdown)
 
 
 if __name__ == "__main__":

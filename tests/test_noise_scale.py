@@ -335,6 +335,7 @@ def _worker(out: Path) -> None:
         states.append({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
     result["changed_with_monitor"] = [k for k in states[0] if not torch.equal(states[0][k], states[1][k])]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()  # a live gloo group can abort the exit (train/distributed.shutdown)
 
 
 if __name__ == "__main__":
