@@ -57,6 +57,7 @@ class CheckpointSaveError(CheckpointError):
 
 def safe_globals() -> list[Any]:
     """The classes DeepSpeed's ZeRO-0/1/2, bf16 and fp16 checkpoints contain besides tensors and builtins."""
+    # Local: deepspeed takes seconds to import, and this module is imported before the command line is checked.
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

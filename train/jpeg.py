@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop default: fraction of the image area
 RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop default: width / height, drawn log-uniformly
@@ -146,8 +147,6 @@ def decode(path: str, plan: Callable[[int, int], int]) -> torch.Tensor | None:
     into a numpy array), a reduced one through PIL's draft mode, other formats through PIL. The reduced size is
     ``ceil(full / scale)``; callers map their boxes onto it.
     """
-    from PIL import Image
-
     try:
         with open(path, "rb") as f:
             data = bytearray(f.read())

@@ -86,6 +86,7 @@ def split_documents(docs: list[Document], val_percent: int) -> tuple[list[Docume
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     """A WordPiece tokenizer trained on ``texts``, as a transformers BertTokenizerFast."""
+    # Local here and below: transformers takes seconds to import; bad input is reported before anything needs it.
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
 
