@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -46,13 +46,15 @@ class FlatLayout:
 
     ``num_layers`` is the number of layers the segment ids index (the model's parameter count), the same on every
     rank. ``process_group`` is the group whose ranks hold the other pieces of the same layers; ``None`` means
-    every layer is complete on this rank and nothing is summed across ranks.
+    every layer is complete on this rank and nothing is summed across ranks. ``group_layers``: every layer of the
+    param group, on any rank (what a recorded step reports; empty: the layers of this rank's segments).
     """
 
     numel: int
     segments: tuple[Segment, ...]
     num_layers: int
     process_group: Any = None
+    group_layers: tuple[int, ...] = ()
     _index_cache: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,7 +85,9 @@ class NormPlan:
 
     ``layer_index is None``: each segment is a whole layer (plain per-parameter tensors) and nothing is summed.
     ``dtype``/``device``: of the norms, also when this rank holds no segment of the group (only padding) and still
-    takes part in the group's ``all_reduce``.
+    takes part in the group's ``all_reduce``. ``record``: :func:`layer_norms` leaves its per-layer norms in
+    ``recorded`` (``"w"``, ``"x"``; the optimizer adds the ``"ratio"`` it applied), for diagnostics.
+    ``group_layers``: the layers (ids) of a bound group on every rank.
     """
 
     layer_index: Tensor | None = None
@@ -91,6 +95,9 @@ class NormPlan:
     process_group: Any = None
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    record: bool = False
+    recorded: dict[str, Tensor] | None = None
+    group_layers: tuple[int, ...] = ()
 
 
 def layer_norms(xs: Sequence[Tensor], ys: Sequence[Tensor], plan: NormPlan, foreach: bool) -> tuple[Tensor, Tensor]:
@@ -120,12 +127,18 @@ def layer_norms(xs: Sequence[Tensor], ys: Sequence[Tensor], plan: NormPlan, fore
     stacked = stacked.to(dtype)
     n = len(xs)
     if plan.layer_index is None:
+        if plan.record:  # each segment is a whole layer
+            plan.recorded = {"w": stacked[:n], "x": stacked[n:]}
         return stacked[:n], stacked[n:]
     squares = (stacked * stacked).view(2, n)
     per_layer = squares.new_zeros(2, plan.num_layers).index_add_(1, plan.layer_index, squares)
     if plan.process_group is not None:
         dist.all_reduce(per_layer, op=dist.ReduceOp.SUM, group=plan.process_group)
-    per_segment = per_layer.sqrt_().index_select(1, plan.layer_index)
+    per_layer.sqrt_()
+    if plan.record:  # every layer of the group, also those of other ranks: the all-reduce brought them here
+        ids = torch.tensor(plan.group_layers, dtype=torch.long, device=per_layer.device)
+        plan.recorded = {"w": per_layer[0].index_select(0, ids), "x": per_layer[1].index_select(0, ids)}
+    per_segment = per_layer.index_select(1, plan.layer_index)
     return per_segment[0], per_segment[1]
 
 
@@ -149,7 +162,97 @@ def trust_ratio(w_norm: Tensor, x_norm: Tensor, *, coefficient: float = 1.0, wei
     return torch.where((w_norm > 0.0) & (x_norm > 0.0), ratio, 1.0)
 
 
-class LayerwiseOptimizer(torch.optim.Optimizer):
+@dataclass
+class LayerStats:
+    """Per-layer norms of one param group at a step taken with ``record`` set (see :class:`RecordsLayers`).
+
+    Either ``layers`` (model layer ids: a group bound to flat partitions, every layer of the group on every rank)
+    or ``tensors`` (the stepped tensors, each one whole layer) names the entries of the vectors. ``ratio``: the
+    trust ratio the optimizer applied (LARS, LAMB) or that LARS would apply (SGD); None for a group without
+    layer-wise adaptation (its lr is applied as it is). ``u_norm``: LAMB's update norm ``||u||``.
+    """
+
+    w_norm: Tensor
+    g_norm: Tensor
+    ratio: Tensor | None
+    layers: tuple[int, ...] | None = None
+    tensors: list[Tensor] | None = None
+    u_norm: Tensor | None = None
+
+
+class RecordsLayers:
+    """Mixin: flat layouts (``set_layout``), and per-layer norms of the step taken while ``record`` is True.
+
+    A diagnostics step sets ``record = True`` just before the optimizer steps; the step then appends one
+    :class:`LayerStats` per param group to ``records`` (``take_records`` empties it). The norms are the very ones
+    the step computed (one extra norm pass where it computes none: adapt=False groups, LAMB's ``||g||``, SGD), with
+    the same all-reduce, so every rank must record the same steps. With ``record`` False a step does nothing more.
+    """
+
+    record: bool = False
+
+    def _init_layouts(self) -> None:
+        self._layouts: dict[int, tuple[weakref.ref[Tensor], FlatLayout]] = {}
+        self.records: list[LayerStats] = []
+
+    def set_layout(self, tensor: Tensor, layout: FlatLayout) -> None:
+        """Declare how the elements of ``tensor`` (a tensor this optimizer steps) map onto the model's layers."""
+        if tensor.numel() != layout.numel:
+            raise ValueError(f"layout describes {layout.numel} elements, tensor has {tensor.numel()}")
+        if not tensor.is_contiguous():
+            raise ValueError("a flat layout needs a contiguous tensor")
+        self.__dict__.setdefault("_layouts", {})[id(tensor)] = (weakref.ref(tensor), layout)
+
+    def layout_of(self, tensor: Tensor) -> FlatLayout | None:
+        entry = self.__dict__.get("_layouts", {}).get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        return None
+
+    def take_records(self) -> list[LayerStats]:
+        """The :class:`LayerStats` recorded since the last call (empty if no step ran with ``record`` set)."""
+        out, self.records = self.__dict__.get("records", []), []
+        return out
+
+    def _add_record(self, plan: NormPlan, stepped: list[Tensor], w_norm: Tensor, g_norm: Tensor,
+                    ratio: Tensor | None, u_norm: Tensor | None = None) -> None:
+        if plan.layer_index is None:
+            stats = LayerStats(w_norm, g_norm, ratio, tensors=list(stepped), u_norm=u_norm)
+        else:
+            stats = LayerStats(w_norm, g_norm, ratio, layers=plan.group_layers, u_norm=u_norm)
+        self.__dict__.setdefault("records", []).append(stats)
+
+    def _segment_views(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor], NormPlan]:
+        """Params and grads of ``group`` as segment views, the stepped tensors and the norm plan (for optimizers
+        without ``_gather``: SGD)."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        stepped: list[Tensor] = []
+        layouts: list[FlatLayout | None] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            layout = self.layout_of(p)
+            if layout is None:
+                params.append(p)
+                grads.append(p.grad)
+            else:
+                params += [p.view(-1).narrow(0, s.start, s.numel) for s in layout.segments]
+                grads += [p.grad.view(-1).narrow(0, s.start, s.numel) for s in layout.segments]
+            stepped.append(p)
+            layouts.append(layout)
+        return params, grads, stepped, LayerwiseOptimizer._plan(layouts, stepped)
+
+
+def recorded_norms(xs: Sequence[Tensor], ys: Sequence[Tensor], plan: NormPlan) -> tuple[Tensor, Tensor]:
+    """Per-layer norms of ``xs`` and ``ys`` as a recorded step reports them (every layer of a bound group)."""
+    probe = replace(plan, record=True, recorded=None)
+    layer_norms(xs, ys, probe, foreach=True)
+    assert probe.recorded is not None
+    return probe.recorded["w"], probe.recorded["x"]
+
+
+class LayerwiseOptimizer(RecordsLayers, torch.optim.Optimizer):
     """Base class: tracks the constructed parameters and the flat layouts bound by ``bind_deepspeed``.
 
     Subclasses call ``_gather(group, *state_keys)`` in ``step()`` to get segment views and the norm plan.
@@ -162,7 +265,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._constructed: dict[int, weakref.ref[Tensor]] = {}
         self._constructed_shapes: set[torch.Size] = set()
-        self._layouts: dict[int, tuple[weakref.ref[Tensor], FlatLayout]] = {}
+        self._init_layouts()
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -190,30 +293,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by torch's load_state_dict, on this very object
         if "_constructed" not in self.__dict__:  # a copy or an unpickled object: it steps the tensors it holds
-            self._constructed, self._constructed_shapes, self._layouts = {}, set(), {}
+            self._constructed, self._constructed_shapes = {}, set()
+            self._init_layouts()
             for group in self.param_groups:
                 for p in group["params"]:
                     self._constructed[id(p)] = weakref.ref(p)
                     self._constructed_shapes.add(p.shape)
 
     # -- layouts ---------------------------------------------------------------------------------------------------
-    def set_layout(self, tensor: Tensor, layout: FlatLayout) -> None:
-        """Declare how the elements of ``tensor`` (a tensor this optimizer steps) map onto the model's layers."""
-        if tensor.numel() != layout.numel:
-            raise ValueError(f"layout describes {layout.numel} elements, tensor has {tensor.numel()}")
-        if not tensor.is_contiguous():
-            raise ValueError("a flat layout needs a contiguous tensor")
-        self._layouts[id(tensor)] = (weakref.ref(tensor), layout)
-
     def declare_whole_layer(self, tensor: Tensor) -> None:
         """Declare that ``tensor`` (e.g. a wrapper's fp32 copy of one parameter) holds exactly one whole layer."""
         self._constructed[id(tensor)] = weakref.ref(tensor)
-
-    def layout_of(self, tensor: Tensor) -> FlatLayout | None:
-        entry = self._layouts.get(id(tensor))
-        if entry is not None and entry[0]() is tensor:
-            return entry[1]
-        return None
 
     def _is_whole_layer(self, tensor: Tensor) -> bool:
         """Constructed with it or declared, or shaped like a constructed parameter (a per-parameter copy)."""
@@ -276,7 +366,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if any(b.num_layers != first.num_layers or b.process_group is not first.process_group for b in bound):
             raise RuntimeError("tensors of one param group are bound to different layer counts or process groups")
         index = torch.cat([b.layer_index(device) for b in bound]) if len(bound) > 1 else first.layer_index(device)
-        return NormPlan(index, first.num_layers, first.process_group, dtype, device)
+        group_layers = sorted({layer for b in bound for layer in b.group_layers}) or sorted(
+            {seg.layer for b in bound for seg in b.segments})
+        return NormPlan(index, first.num_layers, first.process_group, dtype, device, group_layers=tuple(group_layers))
 
 
 def expand(values: Sequence[Any], counts: Sequence[int]) -> list[Any]:

@@ -37,9 +37,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._layerwise import FlatLayout, LayerwiseOptimizer, Segment
+from ._layerwise import FlatLayout, LayerwiseOptimizer, RecordsLayers, Segment
 
-__all__ = ["DeepSpeedBinding", "bind_deepspeed"]
+__all__ = ["DeepSpeedBinding", "bind_deepspeed", "bind_layouts", "inner_optimizer", "whole_layer_ids"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def _intersect(pieces: list[tuple[int, int, int]], start: int, numel: int) -> li
     return segments
 
 
-def _holds(inner: LayerwiseOptimizer, i: int, hp: Tensor) -> bool:
+def _holds(inner: RecordsLayers, i: int, hp: Tensor) -> bool:
     """Whether param group ``i`` of ``inner`` steps exactly the one tensor ``hp``."""
     return i < len(inner.param_groups) and len(inner.param_groups[i]["params"]) == 1 and (
         inner.param_groups[i]["params"][0] is hp)
@@ -95,10 +95,11 @@ def _group_size(group: Any) -> int:
     return dist.get_world_size(group=group) if dist.is_initialized() else 1
 
 
-def _flat_layout(inner: LayerwiseOptimizer, hp: Tensor, pieces: list[tuple[int, int, int]], part_start: int,
+def _flat_layout(inner: RecordsLayers, hp: Tensor, pieces: list[tuple[int, int, int]], part_start: int,
                  num_layers: int, group: Any, sizes: dict[int, int], split: set[int]) -> FlatLayout:
     segments = _intersect(pieces, part_start, hp.numel())
-    layout = FlatLayout(hp.numel(), tuple(segments), num_layers, group if _group_size(group) > 1 else None)
+    layout = FlatLayout(hp.numel(), tuple(segments), num_layers, group if _group_size(group) > 1 else None,
+                        group_layers=tuple(sorted({layer for _, _, layer in pieces})))
     inner.set_layout(hp, layout)
     for seg in segments:
         if seg.numel != sizes[seg.layer]:
@@ -114,7 +115,7 @@ def _check_padding_zero(hp: Tensor, layout: FlatLayout) -> None:
         raise RuntimeError("bind_deepspeed: padding elements of a flat partition are not zero; layout misread")
 
 
-def _bind_flat(wrapper: Any, inner: LayerwiseOptimizer, what: str, hps: list[Tensor], flats: list[Tensor],
+def _bind_flat(wrapper: Any, inner: RecordsLayers, what: str, hps: list[Tensor], flats: list[Tensor],
                partitions: list[list[Tensor]], pieces_of: Any, num_layers: int,
                sizes: dict[int, int]) -> DeepSpeedBinding:
     """Bind every flat fp32 partition ``hps[i]``: the rank's slice ``partitions[i][rank]`` of ``flats[i]``, whose
@@ -140,7 +141,7 @@ def _bind_flat(wrapper: Any, inner: LayerwiseOptimizer, what: str, hps: list[Ten
                             tuple(sorted(split)), padding)
 
 
-def _bind_zero_1_2(wrapper: Any, inner: LayerwiseOptimizer, layer_of: dict[int, int], num_layers: int,
+def _bind_zero_1_2(wrapper: Any, inner: RecordsLayers, layer_of: dict[int, int], num_layers: int,
                    sizes: dict[int, int]) -> DeepSpeedBinding:
     if getattr(wrapper, "cpu_offload", False) or getattr(wrapper, "zenflow", False):
         raise NotImplementedError("bind_deepspeed: ZeRO-Offload / ZenFlow keep the fp32 partition on the CPU and "
@@ -159,7 +160,7 @@ def _bind_zero_1_2(wrapper: Any, inner: LayerwiseOptimizer, layer_of: dict[int, 
                       wrapper.parallel_partitioned_bit16_groups, pieces_of, num_layers, sizes)
 
 
-def _bind_bf16(wrapper: Any, inner: LayerwiseOptimizer, layer_of: dict[int, int], num_layers: int,
+def _bind_bf16(wrapper: Any, inner: RecordsLayers, layer_of: dict[int, int], num_layers: int,
                sizes: dict[int, int]) -> DeepSpeedBinding:
     def pieces_of(i: int, flat: Tensor) -> list[tuple[int, int, int]]:
         return [(_offset_in(flat, p), p.numel(), layer_of[id(p)]) for p in wrapper.bf16_groups[i]]
@@ -263,3 +264,40 @@ def bind_deepspeed(engine: Any) -> DeepSpeedBinding:
         f"{type(inner).__name__}: its trust ratios would be computed over flat chunks that mix layers. Supported: "
         "no wrapper (fp32), FP16_UnfusedOptimizer (fp16/bf16 without ZeRO), DeepSpeedZeroOptimizer (ZeRO-1/2 "
         "without offload), BF16_Optimizer (bf16 + ZeRO-1 + fp32 gradient accumulation).")
+
+
+def inner_optimizer(engine: Any) -> Any:
+    """The optimizer that steps the tensors: the client optimizer inside DeepSpeed's wrapper, or the engine's own."""
+    wrapper = engine.optimizer
+    return getattr(wrapper, "optimizer", wrapper) if not isinstance(wrapper, RecordsLayers) else wrapper
+
+
+def bind_layouts(engine: Any) -> DeepSpeedBinding:
+    """Give an optimizer that only records per-layer norms (SGD, for diagnostics) the flat layouts that
+    ``bind_deepspeed`` gives LARS and LAMB. A layer-wise optimizer is bound already: nothing is done."""
+    inner = inner_optimizer(engine)
+    kind = type(engine.optimizer).__name__
+    if isinstance(inner, LayerwiseOptimizer) or not isinstance(inner, RecordsLayers):
+        return DeepSpeedBinding(kind, "not layer-wise" if not isinstance(inner, RecordsLayers) else "bound already")
+    params = list(engine.module.parameters())
+    layer_of = {id(p): i for i, p in enumerate(params)}
+    sizes = {i: p.numel() for i, p in enumerate(params)}
+    if kind == "DeepSpeedZeroOptimizer":
+        return _bind_zero_1_2(engine.optimizer, inner, layer_of, len(params), sizes)
+    if kind == "BF16_Optimizer":
+        return _bind_bf16(engine.optimizer, inner, layer_of, len(params), sizes)
+    return DeepSpeedBinding(kind, "model parameters" if inner is engine.optimizer else "per-parameter fp32 copies")
+
+
+def whole_layer_ids(engine: Any) -> dict[int, int]:
+    """``id`` of each tensor the inner optimizer steps as one whole layer -> the layer's index in
+    ``engine.module.parameters()``: the parameters themselves (fp32, ZeRO-0) or FP16_UnfusedOptimizer's fp32
+    copies. Flat partitions are not listed (their layouts name the layers)."""
+    params = list(engine.module.parameters())
+    ids = {id(p): i for i, p in enumerate(params)}
+    wrapper = engine.optimizer
+    if type(wrapper).__name__ == "FP16_UnfusedOptimizer":
+        for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
+            for lp, hp in zip(lp_group, hp_group, strict=True):
+                ids[id(hp)] = ids[id(lp)]
+    return ids

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._layerwise import LayerwiseOptimizer, NormPlan, expand, layer_norms, trust_ratio
+from ._layerwise import LayerwiseOptimizer, NormPlan, expand, layer_norms, recorded_norms, trust_ratio
 from ._validation import check_number
 
 __all__ = ["LAMB", "lamb"]
@@ -67,6 +67,9 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     if plan is not None:
         w_norms, u_norms = layer_norms(params, updates, plan, foreach=False)
         ratios = trust_ratio(w_norms, u_norms, max_ratio=max_trust_ratio)
+        if plan.recorded is not None:  # diagnostics: the same formula on the per-layer norms
+            plan.recorded["ratio"] = ratios if plan.layer_index is None else trust_ratio(
+                plan.recorded["w"], plan.recorded["x"], max_ratio=max_trust_ratio)
     for i, (w, u) in enumerate(zip(params, updates, strict=True)):
         if plan is not None:
             u = u * ratios[i].to(u.dtype)
@@ -83,6 +86,7 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     if not params:
         if plan is not None:
             layer_norms(params, params, plan, foreach=True)  # a bound group's all_reduce needs every rank
+            plan.recorded = None  # norms of u' without its scale here: diagnostics get ||w|| and ||g|| only
         return
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -123,6 +127,9 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     else:  # tensors at different step counts (some skipped steps without a gradient): rare, one small copy
         scale = torch.tensor(scales, dtype=w_norm.dtype, device=w_norm.device)
     ratio = trust_ratio(w_norm, u_norm * scale, max_ratio=max_trust_ratio) * scale
+    if plan.recorded is not None:  # diagnostics: ||u|| = s ||u'|| and the ratio ||w|| / ||u|| (clamped) it gives
+        plan.recorded["x"] = plan.recorded["x"] * scale  # one scale per group when bound (one flat tensor)
+        plan.recorded["ratio"] = trust_ratio(plan.recorded["w"], plan.recorded["x"], max_ratio=max_trust_ratio)
     torch._foreach_addcmul_(params, updates, list(ratio.to(params[0].dtype).unbind(0)), value=-lr)
 
 
@@ -182,10 +189,16 @@ class LAMB(LayerwiseOptimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 steps.append(state["step"])
-            params, grads, states, _, counts, plan = self._gather(group, ("exp_avg", "exp_avg_sq"))
+            params, grads, states, stepped, counts, plan = self._gather(group, ("exp_avg", "exp_avg_sq"))
             beta1, beta2 = group["betas"]
+            if self.record:  # diagnostics: ||g|| (the step itself needs only ||w|| and ||u||), before w moves
+                w_norm, g_norm = recorded_norms(params, grads, plan)
+                plan.record = group["adapt"]
             lamb(params, grads, states["exp_avg"], states["exp_avg_sq"], steps=expand(steps, counts),
                  plan=plan if group["adapt"] else None, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                  weight_decay=group["weight_decay"], max_trust_ratio=group["max_trust_ratio"],
                  bias_correction=group["bias_correction"], foreach=group["foreach"])
+            if self.record:
+                rec = plan.recorded or {}
+                self._add_record(plan, stepped, w_norm, g_norm, rec.get("ratio"), rec.get("x"))
         return loss

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._layerwise import LayerwiseOptimizer, NormPlan, expand, layer_norms, trust_ratio
+from ._layerwise import LayerwiseOptimizer, NormPlan, expand, layer_norms, recorded_norms, trust_ratio
 from ._validation import check_number
 from .sgd import apply_momentum, momentum_state, validate_momentum_group
 
@@ -73,8 +73,11 @@ def lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tenso
         w_norm, g_norm = layer_norms(params, grads, plan, foreach=foreach)
         # LARC: min(trust / lr, 1) is trust with coefficient eta / lr, clamped at 1; at lr = 0 it is 1.
         coefficient = (trust_coefficient / lr if lr > 0.0 else math.inf) if clip else trust_coefficient
-        ratio = trust_ratio(w_norm, g_norm, coefficient=coefficient, weight_decay=weight_decay, eps=eps,
-                            max_ratio=1.0 if clip else None)
+        args = dict(coefficient=coefficient, weight_decay=weight_decay, eps=eps, max_ratio=1.0 if clip else None)
+        ratio = trust_ratio(w_norm, g_norm, **args)
+        if plan.recorded is not None:  # diagnostics: the same elementwise formula on the per-layer norms
+            plan.recorded["ratio"] = ratio if plan.layer_index is None else trust_ratio(
+                plan.recorded["w"], plan.recorded["x"], **args)
         ratios = list(ratio.to(params[0].dtype).unbind(0)) if params else []
     apply_momentum(params, grads, momentum_buffers, fresh=fresh, scales=scales, lr=lr, momentum=momentum,
                    dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, lr_in_momentum=lr_in_momentum,
@@ -114,11 +117,16 @@ class LARS(LayerwiseOptimizer):
                         fresh.append(is_fresh)
                         scales.append(scale)
             keys = ("momentum_buffer",) if use_momentum else ()
-            params, grads, states, _, counts, plan = self._gather(group, keys)
+            params, grads, states, stepped, counts, plan = self._gather(group, keys)
+            if self.record and not group["adapt"]:  # no trust ratio here: the norms for diagnostics only
+                self._add_record(plan, stepped, *recorded_norms(params, grads, plan), None)
+            plan.record = self.record and group["adapt"]
             lars(params, grads, states.get("momentum_buffer", []), fresh=expand(fresh, counts) if use_momentum else [],
                  scales=expand(scales, counts) if use_momentum else [], plan=plan if group["adapt"] else None,
                  lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                  weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                  trust_coefficient=group["trust_coefficient"], eps=group["eps"], clip=group["clip"],
                  lr_in_momentum=group["lr_in_momentum"], foreach=group["foreach"])
+            if plan.recorded is not None:
+                self._add_record(plan, stepped, plan.recorded["w"], plan.recorded["x"], plan.recorded["ratio"])
         return loss

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._layerwise import RecordsLayers, recorded_norms, trust_ratio
 from ._validation import check_number
 
 __all__ = ["SGD", "sgd", "apply_momentum"]
@@ -174,14 +175,25 @@ def momentum_state(optimizer: torch.optim.Optimizer, p: Tensor, group: dict[str,
     return fresh, scale
 
 
-class SGD(torch.optim.Optimizer):
-    """Momentum SGD, torch form by default, Caffe2 form with Goyal's momentum correction on request."""
+#: The trust ratio an SGD step records for diagnostics (``record``) is the one LARS would apply with its defaults:
+#: ``eta * ||w|| / (||g|| + wd ||w|| + eps)`` with the group's weight decay (optimizers.lars, You et al. 2017 eq. 6).
+LARS_ETA, LARS_EPS = 0.001, 1e-8
+
+
+class SGD(RecordsLayers, torch.optim.Optimizer):
+    """Momentum SGD, torch form by default, Caffe2 form with Goyal's momentum correction on request.
+
+    With ``record`` set (diagnostics), a step also records per-layer ``||w||``, ``||g||`` and the trust ratio LARS
+    would apply (``LARS_ETA``, ``LARS_EPS``, the group's weight decay; none for ``adapt=False`` groups, which LARS
+    does not adapt), exact on DeepSpeed's flat partitions once ``deepspeed_layout.bind_layouts`` has run.
+    """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, lr_in_momentum: bool = False,
                  momentum_correction: bool = True, foreach: bool | None = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         lr_in_momentum=lr_in_momentum, momentum_correction=momentum_correction, foreach=foreach)
+        self._init_layouts()
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -195,6 +207,8 @@ class SGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if self.record:
+                self._record_lars_ratio(group)
             params, grads, bufs, fresh, scales = [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -212,3 +226,11 @@ class SGD(torch.optim.Optimizer):
                 dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                 lr_in_momentum=group["lr_in_momentum"], foreach=group["foreach"])
         return loss
+
+    def _record_lars_ratio(self, group: dict[str, Any]) -> None:
+        """Diagnostics: per-layer norms of ``group`` before the step, and the trust ratio LARS would apply."""
+        params, grads, stepped, plan = self._segment_views(group)
+        w_norm, g_norm = recorded_norms(params, grads, plan)
+        ratio = trust_ratio(w_norm, g_norm, coefficient=LARS_ETA, weight_decay=group["weight_decay"], eps=LARS_EPS) \
+            if group.get("adapt", True) else None
+        self._add_record(plan, stepped, w_norm, g_norm, ratio)

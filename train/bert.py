@@ -34,10 +34,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the ranks share the 
 
 import torch  # noqa: E402
 
-from train import cli, distributed, loop  # noqa: E402
+from train import cli, diagnostics, distributed, loop  # noqa: E402
 from train.checkpoints import Checkpointer, Position  # noqa: E402
 from train.config import ConfigError, batch_arithmetic, load_json  # noqa: E402
 from train.data import GlobalBatchSampler, eval_shard  # noqa: E402
+from train.diagnostics import TrustRatioMonitor  # noqa: E402
 from train.engine import build_engine  # noqa: E402
 from train.precision import bf16_speedup  # noqa: E402
 from train.text import (  # noqa: E402
@@ -86,6 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=cli.int_at_least(2), default=None,
                    help="use only the first N documents (sorted by path) of the corpus")
     p.add_argument("--eval-batch", type=cli.int_at_least(1), default=64, help="validation sequences per batch")
+    diagnostics.add_arguments(p)  # --trust-ratio-interval
     return p
 
 
@@ -171,6 +173,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         pos, client = loop.resume_run(run, out_dir)
         wandb_id = client.get("wandb_id")
+    run.trust_ratios = TrustRatioMonitor.create(engine, args.trust_ratio_interval, pos.global_step + 1)
     entropy = unigram_entropy(corpus.val, corpus.special_ids)
     derived = resolved.derived() | {
         "dataset": "text", "data_dir": str(args.data_dir or default_corpus()), "model": model_name,

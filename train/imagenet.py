@@ -27,10 +27,11 @@ if __package__ in (None, ""):  # run as a script (the deepspeed launcher does th
 
 import torch  # noqa: E402
 
-from train import cli, distributed  # noqa: E402
+from train import cli, diagnostics, distributed  # noqa: E402
 from train.checkpoints import Checkpointer, Position  # noqa: E402
 from train.config import Resolved, batch_arithmetic, load_json  # noqa: E402
 from train.data import DATASETS, GlobalBatchSampler, build_data, eval_shard, to_model_input  # noqa: E402
+from train.diagnostics import TrustRatioMonitor  # noqa: E402
 from train.engine import build_engine, engine_dtype  # noqa: E402
 from train.loop import (  # noqa: E402  # noqa: E402
     RunParts,
@@ -73,6 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-scale-interval", type=cli.int_at_least(0), default=0, metavar="N",
                    help="estimate the gradient noise scale (McCandlish et al. 2018) every N optimizer steps; 0: off")
     p.add_argument("--noise-scale-ema", type=float, default=0.95, help="moving-average factor of that estimate")
+    diagnostics.add_arguments(p)  # --trust-ratio-interval
     return p
 
 
@@ -137,6 +139,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         wandb_id = client.get("wandb_id")
         if client.get("noise_scale"):
             noise.estimator.load_state_dict(client["noise_scale"])
+    run.trust_ratios = TrustRatioMonitor.create(engine, args.trust_ratio_interval, pos.global_step + 1)
     derived = resolved.derived() | {"dataset": args.dataset, "num_train": num_train, "num_val": num_val,
                                     "arch": args.arch, "image_size": image_size}
     if world.is_main:

@@ -5,7 +5,8 @@ train/bert.py (docs/architecture.md, "Where to add: a workload").
   claimed;
 * :func:`resume_run`: ``--resume`` (layout check, checkpoint, metrics rewind, the wandb id);
 * :func:`start_log`: config.json and the run's records;
-* :func:`after_step` and :func:`save_and_exit`: what follows an optimizer step (count, log, give up, interval save)
+* :func:`after_step` and :func:`save_and_exit`: what follows an optimizer step (count, log, per-layer trust ratios
+  when due, give up, interval save)
   and an agreed stop signal;
 * :func:`end_run`: the summary record and the records closed.
 
@@ -29,6 +30,7 @@ import torch
 from train import cli, distributed
 from train.checkpoints import Checkpointer, Position, check_resume_layout, claim_run_folder, rewind_metrics
 from train.config import Resolved, resolve
+from train.diagnostics import TrustRatioMonitor
 from train.faults import StepGuard, Verdict
 from train.precision import device_precisions
 from train.tracking import RunLog, StepMeter, git_commit, write_run_config
@@ -48,6 +50,7 @@ class RunParts:
     checkpointer: Checkpointer
     max_steps: int
     log: RunLog | None = None
+    trust_ratios: TrustRatioMonitor | None = None  # --trust-ratio-interval (train/diagnostics.py); None: off
     bar: Any = None
     history: list[dict[str, Any]] = field(default_factory=list)  # epoch records
 
@@ -121,6 +124,8 @@ def after_step(run: RunParts, pos: Position, sampler: Any, verdict: Verdict, lr:
             rate = rec["tokens_per_sec"] if tokens_per_sample else rec[run.meter.rate_name]
             run.bar.set_postfix(loss="nan" if rec["loss"] is None else f"{rec['loss']:.3f}", lr=f"{lr:.4g}",
                                 **{"tok_s" if tokens_per_sample else "img_s": f"{rate:.0f}"})
+    if run.trust_ratios is not None:
+        run.trust_ratios.after_step(pos.global_step, pos.samples, run.log)
     if verdict.give_up:
         message = run.guard.streak.message(pos.global_step, run.checkpointer.fall_back_to_good())
         if run.world.is_main:

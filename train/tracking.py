@@ -122,7 +122,9 @@ class RunLog:
                 pass
         self.wandb = None
 
-    def log(self, record: dict[str, Any], to_wandb: bool = True) -> None:
+    def log(self, record: dict[str, Any], to_wandb: bool = True, wandb_extra: dict[str, float] | None = None) -> None:
+        """Append ``record`` to metrics.jsonl; to wandb its numbers as ``<kind>/<key>``, and ``wandb_extra`` as
+        given (e.g. per-layer scalars of a record whose list wandb would not take)."""
         record = {k: _clean(v) for k, v in record.items()}
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None and to_wandb:
@@ -130,6 +132,7 @@ class RunLog:
                 prefix = record.get("kind", "step")
                 data = {f"{prefix}/{k}": v for k, v in record.items()
                         if k not in ("kind", "samples") and isinstance(v, (int, float)) and v is not None}
+                data.update(wandb_extra or {})
                 data["samples"] = record["samples"]
                 self.wandb.log(data, step=record["samples"])
             except Exception as e:  # noqa: BLE001
