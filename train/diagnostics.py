@@ -63,7 +63,7 @@ class TrustRatioMonitor:
         if not isinstance(self.optimizer, RecordsLayers):
             raise ConfigError(f"--trust-ratio-interval needs one of our optimizers (SGD, LARS, LARC, LAMB: "
                               f"optimizers/); the config's optimizer is {type(self.optimizer).__name__}")
-        bind_layouts(engine)  # SGD's flat partitions (LARS and LAMB are bound already)
+        self.binding = bind_layouts(engine)  # SGD's flat partitions (LARS and LAMB are bound already)
         self.names = [name for name, _ in engine.module.named_parameters()]
         self.tensor_layer = whole_layer_ids(engine)
         self.kind = "lars_would_apply" if isinstance(self.optimizer, SGD) else "applied"
