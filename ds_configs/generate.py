@@ -115,9 +115,92 @@ def config(name: str, batch: int, recipe: str, epochs: int) -> dict[str, Any]:
     }
 
 
-# The laptop-scale study (docs/study/, `python -m analysis.study`): Fashion-MNIST, batch 64 ... 8192 (a factor of
-# 128; at 8192 an epoch has 7 steps, about as few as 32k has on ImageNet's 39), the same 6-epoch budget for all,
-# and six methods. Where a method divides the lr by 5 (epochs 4 and 5), Smith et al. multiply the batch by 5.
+# The tuned study (docs/study/, `python -m analysis.study`): the narrow small ResNet (train/models.py,
+# resnet_small_narrow: batch norm, 10 weight tensors) on Fashion-MNIST, batch 256 ... 8192, the same 3-epoch budget
+# for every run, bf16. Each method's lr is tuned at each batch on a grid around its own scaling rule: the rule's lr
+# times each of TUNED_GRID (Shallue et al. 2018 and Nado et al. 2021 tune every method at every batch). Schedules:
+# 1 warmup epoch; SGD then divides the lr by 5 at epoch 2 (Smith et al. multiply the batch by 5 there instead, so
+# only where the larger batch leaves >= 4 steps an epoch: batch <= 2048); LARS and LAMB decay as poly(2) to ~0.
+TUNED_BATCHES = [256, 1024, 2048, 4096, 8192]
+TUNED_EPOCHS = 3
+TUNED_DECAY = {"milestones_epochs": [2], "factor": 5}
+TUNED_GRID = {"x1_3": 1 / 3, "x1": 1.0, "x3": 3.0}  # file-name tag -> factor on the rule's lr
+TUNED_METHODS = {
+    "goyal": "SGD, Nesterov 0.9, linear scaling 0.1 x B/256, warmup from 0.1 x factor (Goyal et al. 2017)",
+    "lars": "LARS, eta 0.001, lr 10 x sqrt(B/8192) (MLCommons' 10.0 at 8k, square-root scaling), warmup from 0, "
+            "poly(2)",
+    "lamb": "LAMB, wd 0.01, lr 5e-3 x sqrt(B/2048) (RSB A1's 5e-3 at 2k, square-root scaling), warmup, poly(2)",
+    "smith": "SGD as goyal, but the batch x5 at epoch 2 instead of lr / 5 (Smith et al. 2018)",
+    "momentum": "SGD, lr 0.1 x factor at every batch, momentum 1 - 0.1 x 256/B (Smith et al.'s B ~ 1/(1-m)), "
+                "warmup, lr / 5 at epoch 2",
+}
+TUNED_MOMENTUM_BATCHES = [1024, 8192]  # the momentum-scaling method: only where it differs most from goyal
+TUNED_MICRO = 64  # one process per run: BN statistics over 64 images (Goyal's n = 32 per worker); memory and speed
+TUNED_NUM_TRAIN = 60000  # Fashion-MNIST's training set: Smith's batch must leave >= 4 steps an epoch
+
+
+def tuned_rule_lr(method: str, batch: int) -> float:
+    """The lr a method's scaling rule gives at ``batch`` (the centre of its tuning grid)."""
+    if method in ("goyal", "smith"):
+        return goyal_lr(batch)
+    if method == "lars":
+        # Square root, not linear, below 8k: a probe at 256 (3 epochs) gave 19.4% error at the linear rule's 0.31,
+        # 14.8% at 3x and 12.5% at 9x; the square-root rule's 1.77 puts that optimum inside the grid.
+        return 10.0 * math.sqrt(batch / 8192)
+    if method == "lamb":
+        return lamb_lr(batch)
+    if method == "momentum":
+        return 0.1
+    raise ValueError(f"unknown tuned-study method {method!r}; known: {', '.join(TUNED_METHODS)}")
+
+
+def tuned_study_config(method: str, batch: int, factor: float) -> dict[str, Any] | None:
+    """One run of the tuned study: ``method`` at ``batch`` with lr = rule x ``factor``; None where it cannot run."""
+    lr = tuned_rule_lr(method, batch) * factor
+    training: dict[str, Any] = {"epochs": TUNED_EPOCHS, "recipe": f"study-{method}"}
+    warmup = {"warmup_num_epochs": 1, "warmup_type": "linear"}
+    if method in ("goyal", "smith", "momentum"):
+        opt = {"type": "SGD", "params": {"lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}}
+        params: dict[str, Any] = {"warmup_min_lr": min(0.1 * factor, lr), "warmup_max_lr": lr, **warmup}
+        if method == "smith":
+            if batch * TUNED_DECAY["factor"] > TUNED_NUM_TRAIN // 4:
+                return None
+            training["batch_increase"] = dict(TUNED_DECAY)
+            params |= {"milestones_epochs": [], "gamma": 1.0}
+        else:
+            params |= {"milestones_epochs": TUNED_DECAY["milestones_epochs"], "gamma": 1 / TUNED_DECAY["factor"]}
+        if method == "momentum":
+            training["momentum_scaling"] = {"base_batch": 256, "base_momentum": 0.9}
+        sched = {"type": "WarmupMultiStepLR", "params": params}
+    elif method == "lars":
+        opt = {"type": "LARS", "params": {"lr": lr, "momentum": 0.9, "weight_decay": 1e-4,
+                                          "trust_coefficient": 0.001}}
+        sched = {"type": "WarmupPolyLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr, **warmup,
+                                                    "total_num_epochs": "auto", "end_lr": lr * 1e-5, "power": 2.0}}
+    else:  # lamb
+        opt = {"type": "LAMB", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01}}
+        sched = {"type": "WarmupPolyLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr, **warmup,
+                                                    "total_num_epochs": "auto", "end_lr": 0.0, "power": 2.0}}
+    return {"train_batch_size": batch, "train_micro_batch_size_per_gpu": min(TUNED_MICRO, batch),
+            "bf16": {"enabled": True}, "zero_optimization": {"stage": 0}, "gradient_clipping": 0.0,
+            "optimizer": opt, "scheduler": sched, "training": training}
+
+
+def tuned_study_points() -> list[tuple[str, int, str, float]]:
+    """(method, batch, grid tag, factor) of every tuned-study config."""
+    out = []
+    for method in TUNED_METHODS:
+        for batch in TUNED_MOMENTUM_BATCHES if method == "momentum" else TUNED_BATCHES:
+            for tag, factor in TUNED_GRID.items():
+                if tuned_study_config(method, batch, factor) is not None:
+                    out.append((method, batch, tag, factor))
+    return out
+
+
+# The first laptop-scale study (ds_configs/study-mlp/, `python -m analysis.study --workload mlp`; its results are a
+# section of docs/study/README.md): the MLP on Fashion-MNIST, batch 64 ... 8192 (a factor of 128; at 8192 an epoch
+# has 7 steps, about as few as 32k has on ImageNet's 39), the same 6-epoch budget for all, and six methods. Where a
+# method divides the lr by 5 (epochs 4 and 5), Smith et al. multiply the batch by 5.
 STUDY_BATCHES = [64, 128, 256, 512, 1024, 2048, 4096, 8192]
 STUDY_EPOCHS = 6
 STUDY_DECAY = {"milestones_epochs": [4, 5], "factor": 5}
@@ -132,7 +215,7 @@ STUDY_METHODS = {
 STUDY_MICRO = 64  # images per micro-step: the study runs one process per run, so this only sets memory and speed
 
 
-def study_config(method: str, batch: int) -> dict[str, Any] | None:
+def mlp_study_config(method: str, batch: int) -> dict[str, Any] | None:
     """The config of one study run; None where the method cannot run (Smith's batch would exceed the data)."""
     base = 0.1 * batch / 256
     training: dict[str, Any] = {"epochs": STUDY_EPOCHS, "recipe": f"study-{method}"}
@@ -259,11 +342,13 @@ def all_configs() -> dict[Path, dict[str, Any]]:
     out = {HERE / f"{name}.json": config(name, batch, recipe, epochs) for name, batch, recipe, epochs in RECIPES}
     for name, *row in BERT_RECIPES:
         out[HERE / "bert" / f"{name}.json"] = bert_config(*row)
+    for method, batch, tag, factor in tuned_study_points():
+        out[HERE / "study" / f"{method}-{batch}-{tag}.json"] = tuned_study_config(method, batch, factor)
     for method in STUDY_METHODS:
         for batch in STUDY_BATCHES:
-            cfg = study_config(method, batch)
+            cfg = mlp_study_config(method, batch)
             if cfg is not None:
-                out[HERE / "study" / f"{method}-{batch}.json"] = cfg
+                out[HERE / "study-mlp" / f"{method}-{batch}.json"] = cfg
     for name, replicas, shards, optimizer, epochs in DOWNPOUR:
         out[HERE / "downpour" / f"{name}.json"] = downpour_config(replicas, shards, optimizer, epochs)
     for batch in DOWNPOUR_SYNC_BATCHES:
@@ -286,7 +371,7 @@ def main(argv: list[str]) -> int:
             if not path.is_file() or path.read_text() != text:
                 stale.append(str(path.relative_to(HERE)))
         else:
-            path.parent.mkdir(exist_ok=True)  # study/ and bert/
+            path.parent.mkdir(exist_ok=True)  # study/, study-mlp/, bert/
             path.write_text(text)
     extra = sorted(str(p.relative_to(HERE)) for p in HERE.rglob("*.json") if p not in configs)
     if extra:

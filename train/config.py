@@ -35,6 +35,10 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     # Smith et al. 2018: {"milestones_epochs": [30, 60, 80], "factor": 10} multiplies the global batch by factor at
     # each milestone (DeepSpeed's engine.set_train_batch_size: more accumulation steps) instead of decaying the lr.
     "batch_increase": None,
+    # Smith et al. 2018 (arXiv:1711.00489) sec. 5: the noise scale g ~ lr N / (B (1 - m)), so raising the momentum
+    # lets the batch grow at a fixed lr, B ~ 1 / (1 - m). {"base_batch": 256, "base_momentum": 0.9} sets the
+    # optimizer's momentum (LAMB: beta1) for the run's global batch B to 1 - (1 - base_momentum) x base_batch / B.
+    "momentum_scaling": None,
     "recipe": "",
 }
 
@@ -173,6 +177,39 @@ def batch_schedule(increase: dict[str, Any] | None, batch: int, epochs: int, uni
             raise ConfigError(f"training.batch_increase makes the global batch {b} at epoch {e}, not a multiple "
                               f"of micro batch x world size = {unit}")
     return out
+
+
+def scaled_momentum(batch: int, base_batch: int, base_momentum: float) -> float:
+    """Smith et al.'s momentum for ``batch``: B / (1 - m) held at base_batch / (1 - base_momentum)."""
+    m = 1.0 - (1.0 - base_momentum) * base_batch / batch
+    if not 0.0 <= m < 1.0:
+        raise ConfigError(f"training.momentum_scaling gives momentum {m:.4g} at global batch {batch} (base batch "
+                          f"{base_batch}, base momentum {base_momentum}); expected a momentum in [0, 1): use a "
+                          f"base batch of at most {batch / (1.0 - base_momentum):.0f}")
+    return m
+
+
+def apply_momentum_scaling(scaling: Any, optimizer: dict[str, Any], batch: int, notes: list[str]) -> None:
+    """Set the momentum (or LAMB's beta1) in ``optimizer["params"]`` by :func:`scaled_momentum`."""
+    if not isinstance(scaling, dict) or set(scaling) != {"base_batch", "base_momentum"}:
+        raise ConfigError(f'training.momentum_scaling must be {{"base_batch": N, "base_momentum": m}}, got '
+                          f"{scaling!r}")
+    base_batch, base_m = scaling["base_batch"], scaling["base_momentum"]
+    if not isinstance(base_batch, int) or isinstance(base_batch, bool) or base_batch < 1:
+        raise ConfigError(f"training.momentum_scaling.base_batch must be a positive integer, got {base_batch!r}")
+    if not isinstance(base_m, (int, float)) or isinstance(base_m, bool) or not 0.0 <= base_m < 1.0:
+        raise ConfigError(f"training.momentum_scaling.base_momentum must be in [0, 1), got {base_m!r}")
+    m = scaled_momentum(batch, base_batch, float(base_m))
+    params = optimizer["params"]
+    if "betas" in params:
+        params["betas"] = [m, *list(params["betas"])[1:]]
+    elif "momentum" in params or str(optimizer["type"]).lower() in ("sgd", "lars", "larc"):
+        params["momentum"] = m
+    else:
+        raise ConfigError(f"training.momentum_scaling needs an optimizer with a momentum or betas parameter; "
+                          f"{optimizer['type']} has neither in its params")
+    notes.append(f"momentum scaling (Smith et al. 2018): momentum {m:.6g} at global batch {batch} "
+                 f"(= 1 - (1 - {base_m}) x {base_batch}/{batch})")
 
 
 @dataclass
@@ -319,6 +356,9 @@ def resolve(
     lr = optimizer["params"].get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0):
         raise ConfigError(f"optimizer lr must be a positive number, got {lr!r}")
+    if training["momentum_scaling"] is not None:
+        apply_momentum_scaling(training["momentum_scaling"], optimizer, global_batch, notes)
+        cfg["optimizer"] = optimizer  # DeepSpeed's copy (when DeepSpeed builds the optimizer) says the same
 
     scheduler = cfg.get("scheduler")
     if scheduler is not None:

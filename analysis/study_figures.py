@@ -1,0 +1,392 @@
+"""The tuned study's figures, table and summary (docs/study/), from its run folders: `python -m analysis.study`.
+
+Each run is named METHOD-BATCH-TAG-seedS (analysis/study.py), TAG the point of the lr grid (the method's scaling
+rule x 1/3, 1, 3). For each method and batch the best grid point is the one with the lowest final validation
+error of seed 0 (seeds 1 and 2 exist only at the best point; they give the mean +- std). Written to ``out``:
+
+1. fig1_error_vs_batch.png: Goyal et al. 2017 (arXiv:1706.02677) Fig. 1: validation error against batch, the
+   best of the grid per method, the grid's other points faint; the gradient noise scale B_noise measured in the
+   Goyal runs (McCandlish et al. 2018, arXiv:1812.06162) as a dashed line.
+2. fig2_train_loss_vs_epochs.png: Goyal et al. Fig. 2 style: one method per panel, the training loss of each
+   batch's best run against the smallest batch's (black), seeds as a band (min to max) where there are seeds.
+3. fig3_steps_to_target.png: Shallue et al. 2018 (arXiv:1811.03600) Fig. 1 style: optimizer steps to reach a
+   target training loss against batch, log-log, the best lr per batch; the perfect-scaling line from the smallest
+   batch, the diminishing-returns region (more than twice the perfect-scaling steps), each method's maximal
+   useful batch (a star), and B_noise (McCandlish et al.'s predicted critical batch) marked.
+4. table.md and summary.json: the whole grid (best marked, a best at the grid's edge flagged), best-of-grid
+   errors with seeds, steps to target, the fitted critical batch of S(B) = S_min (1 + B_crit / B).
+
+Steps to target use the training loss of the step records (the mean over the steps since the previous record),
+not the validation error Shallue et al. used: validation error is measured once an epoch, which in a 3-epoch
+budget gives three possible step counts per run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from analysis.compare import critical_batch, fmt_batch  # noqa: E402
+from analysis.runs import Run  # noqa: E402
+
+GRID_TAGS = ("x1_3", "x1", "x3")
+GRID_FACTORS = {"x1_3": "1/3", "x1": "1", "x3": "3"}
+METHODS = {
+    "goyal": "SGD + linear scaling + warmup (Goyal)",
+    "lars": "LARS (You et al. 2017)",
+    "lamb": "LAMB (You et al. 2019)",
+    "smith": "SGD, batch increase (Smith et al.)",
+    "momentum": "SGD, momentum scaling (Smith et al.)",
+}
+COLORS = {"goyal": "tab:blue", "lars": "tab:orange", "lamb": "tab:green", "smith": "tab:red", "momentum": "tab:purple"}
+DIMINISHING = 2.0  # steps more than this x the perfect-scaling steps: the diminishing-returns region
+USEFUL = 0.8  # the maximal useful batch: the smallest whose steps are within 1/USEFUL of the method's fewest
+
+
+def parse_run_name(name: str) -> tuple[str, int, str, int]:
+    """"lars-8192-x1_3-seed2" -> ("lars", 8192, "x1_3", 2)."""
+    parts = name.split("-")
+    if len(parts) != 4 or not parts[1].isdigit() or parts[2] not in GRID_TAGS or not parts[3].startswith("seed"):
+        raise ValueError(f"run {name!r}: expected METHOD-BATCH-TAG-seedS as analysis/study.py names its runs")
+    return parts[0], int(parts[1]), parts[2], int(parts[3][len("seed"):])
+
+
+def grid_of(runs: list[Run]) -> dict[tuple[str, int], dict[str, dict[int, Run]]]:
+    """(method, batch) -> tag -> seed -> run."""
+    out: dict[tuple[str, int], dict[str, dict[int, Run]]] = defaultdict(lambda: defaultdict(dict))
+    for r in runs:
+        method, batch, tag, seed = parse_run_name(r.name)
+        out[(method, batch)][tag][seed] = r
+    return {k: dict(v) for k, v in sorted(out.items())}
+
+
+def best_tag(errors: dict[str, float | None]) -> str | None:
+    """The grid tag of the lowest error (ties: the smaller lr); None when no grid point has an error."""
+    done = [(err, GRID_TAGS.index(tag), tag) for tag, err in errors.items() if err is not None]
+    return min(done)[2] if done else None
+
+
+def at_edge(tag: str | None, tags: list[str]) -> bool:
+    """Whether the best point is the smallest or the largest lr of the grid that ran (the optimum may lie outside)."""
+    order = sorted(tags, key=GRID_TAGS.index)
+    return tag is not None and len(order) > 1 and tag in (order[0], order[-1])
+
+
+def smoothed_losses(run: Run) -> list[tuple[int, float, float]]:
+    """(step, epoch, loss) of the step records with a finite loss, in step order."""
+    return [(int(s["step"]), float(s["epoch"]), float(s["loss"])) for s in sorted(run.steps, key=lambda s: s["step"])
+            if isinstance(s.get("loss"), (int, float)) and math.isfinite(s["loss"])]
+
+
+def steps_to_target(points: list[tuple[int, float]], target: float) -> int | None:
+    """The first step whose (recorded) loss is at or below ``target``; None if the run never gets there."""
+    for step, loss in points:
+        if loss <= target:
+            return step
+    return None
+
+
+def choose_target(min_loss_at_smallest: dict[str, float]) -> float:
+    """A loss every method reaches at the smallest batch: the largest of their lowest losses, rounded up to 0.01."""
+    return math.ceil(max(min_loss_at_smallest.values()) * 100) / 100
+
+
+def fit_critical_batch(steps: dict[int, int]) -> tuple[float, float] | None:
+    """Least squares in log space of S(B) = S_min (1 + B_crit / B) (McCandlish et al. 2018, eq. 2.11).
+
+    Returns (S_min, B_crit), B_crit searched on a log grid from B/100 to 100 B; None with fewer than 3 points.
+    """
+    if len(steps) < 3:
+        return None
+    bs = sorted(steps)
+    logs = {b: math.log(steps[b]) for b in bs}
+    best = None
+    for i in range(401):
+        bc = bs[0] / 100 * (100 * 100 * bs[-1] / bs[0]) ** (i / 400)
+        # For a given B_crit the best log S_min is the mean of log S - log(1 + B_crit / B).
+        log_smin = statistics.fmean(logs[b] - math.log1p(bc / b) for b in bs)
+        sse = sum((logs[b] - log_smin - math.log1p(bc / b)) ** 2 for b in bs)
+        if best is None or sse < best[0]:
+            best = (sse, math.exp(log_smin), bc)
+    assert best is not None
+    return best[1], best[2]
+
+
+def maximal_useful_batch(steps: dict[int, int]) -> int | None:
+    """The smallest batch whose steps are within 1/USEFUL of the fewest steps any batch took (Shallue et al.'s
+    maximal useful batch: beyond it a larger batch buys less than a 1 - USEFUL cut in steps)."""
+    if not steps:
+        return None
+    fewest = min(steps.values())
+    return min(b for b, s in steps.items() if USEFUL * s <= fewest)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def analyse(runs: list[Run]) -> dict[str, Any]:
+    """Everything the figures and the table show, as plain data."""
+    grid = grid_of(runs)
+    groups: list[dict[str, Any]] = []
+    for (method, batch), points in grid.items():
+        seed0 = {tag: seeds[0].final_top1 if 0 in seeds else None for tag, seeds in points.items()}
+        best = best_tag(seed0)
+        seeds = points.get(best, {}) if best else {}
+        vals = [r.final_top1 for r in seeds.values() if r.final_top1 is not None]
+        groups.append({
+            "method": method, "batch": batch, "best": best, "edge": at_edge(best, list(points)),
+            "grid": {tag: {"lr": seeds_[min(seeds_)].lr, "error_seed0": seed0[tag],
+                           "runs": [r.name for r in seeds_.values()]} for tag, seeds_ in sorted(
+                               points.items(), key=lambda kv: GRID_TAGS.index(kv[0]))},
+            "best_lr": seeds[min(seeds)].lr if seeds else None,
+            "best_mean": statistics.fmean(vals) if vals else None,
+            "best_std": statistics.stdev(vals) if len(vals) > 1 else None, "best_seeds": len(vals),
+        })
+    smallest = min((g["batch"] for g in groups), default=None)
+    min_loss = {}
+    for (method, batch), points in grid.items():
+        if batch == smallest and method in METHODS:
+            losses = [min(p[2] for p in smoothed_losses(s[0])) for s in points.values() if 0 in s and s[0].steps]
+            if losses:
+                min_loss[method] = min(losses)
+    target = choose_target(min_loss) if min_loss else None
+    per_method: dict[str, dict[str, Any]] = {}
+    for g in groups:
+        points = grid[(g["method"], g["batch"])]
+        best_steps = None
+        for tag, seeds in points.items():
+            if 0 in seeds and target is not None:
+                s = steps_to_target([(p[0], p[2]) for p in smoothed_losses(seeds[0])], target)
+                g["grid"][tag]["steps_to_target"] = s
+                if s is not None and (best_steps is None or s < best_steps):
+                    best_steps = s
+        g["steps_to_target"] = best_steps
+        pm = per_method.setdefault(g["method"], {"steps": {}})
+        if best_steps is not None:
+            pm["steps"][g["batch"]] = best_steps
+    for pm in per_method.values():
+        steps = pm["steps"]
+        fit = fit_critical_batch(steps)
+        pm["fit"] = None if fit is None else {"s_min": fit[0], "b_crit": fit[1]}
+        pm["maximal_useful_batch"] = maximal_useful_batch(steps)
+        if smallest in steps:
+            perfect = {b: steps[smallest] * smallest / b for b in steps}
+            pm["diminishing_from"] = min((b for b in steps if steps[b] > DIMINISHING * perfect[b]), default=None)
+        pm["steps"] = {str(b): s for b, s in sorted(steps.items())}
+    crit = critical_batch([r for r in runs if parse_run_name(r.name)[0] == "goyal"])
+    return {"groups": groups, "target_loss": target, "min_loss_at_smallest": min_loss, "smallest_batch": smallest,
+            "per_method": per_method, "noise_scale": crit}
+
+
+def _best_runs(runs: list[Run], summary: dict[str, Any]) -> dict[tuple[str, int], list[Run]]:
+    by_name = {r.name: r for r in runs}
+    return {(g["method"], g["batch"]): [by_name[n] for n in g["grid"][g["best"]]["runs"]]
+            for g in summary["groups"] if g["best"]}
+
+
+def plot_error_vs_batch(summary: dict[str, Any]) -> Any:
+    fig, ax = plt.subplots(figsize=(8.5, 4.6), layout="constrained")
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for g in summary["groups"]:
+        by_method[g["method"]].append(g)
+    for method, gs in by_method.items():
+        color = COLORS.get(method, "grey")
+        for g in gs:
+            others = [p["error_seed0"] for t, p in g["grid"].items() if t != g["best"] and p["error_seed0"] is not None]
+            ax.scatter([g["batch"]] * len(others), [min(e, 95) for e in others], color=color, alpha=0.25, s=14,
+                       lw=0)
+        pts = [g for g in gs if g["best_mean"] is not None]
+        ax.errorbar([g["batch"] for g in pts], [g["best_mean"] for g in pts],
+                    yerr=[g["best_std"] or 0 for g in pts], color=color, marker="o", capsize=3,
+                    label=METHODS.get(method, method), gid=f"method:{method}")
+    crit = summary.get("noise_scale")
+    if crit:
+        ax.axvline(crit["b_noise"], color="k", ls="--", lw=1,
+                   label=f"B_noise = {crit['b_noise']:,.0f} (McCandlish, measured)")
+    ax.set_xscale("log", base=2)
+    batches = sorted({g["batch"] for g in summary["groups"]})
+    ax.set_xticks(batches, [fmt_batch(b) for b in batches])
+    ax.set_xlabel("global batch")
+    ax.set_ylabel("final validation top-1 error (%)")
+    ax.set_ylim(bottom=max(0, min((g["best_mean"] for g in summary["groups"] if g["best_mean"]), default=0) - 2))
+    ax.set_title("Error vs batch, best lr of each grid (faint: the grid's other lrs, capped at 95%)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return fig
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_loss_vs_epochs(runs: list[Run], summary: dict[str, Any]) -> Any:
+    best = _best_runs(runs, summary)
+    methods = [m for m in METHODS if any(k[0] == m for k in best)]
+    batches = sorted({b for _, b in best})
+    cmap = plt.get_cmap("viridis")
+    colors = {b: "black" if i == 0 else cmap((i - 1) / max(1, len(batches) - 2) * 0.85) for i, b in enumerate(batches)}
+    cols = min(3, len(methods))
+    rows = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1.6, 3.2 * rows + 0.5), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax in list(axes.flat)[len(methods):]:
+        ax.set_visible(False)
+    for ax, method in zip(axes.flat, methods, strict=False):
+        for b in batches:
+            seeds = best.get((method, b), [])
+            curves = [smoothed_losses(r) for r in seeds if r.steps]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            window = max(1, n // 30)
+            epochs = [p[1] for p in curves[0][:n]]
+            ys = [_smooth([p[2] for p in c[:n]], window) for c in curves]
+            mean = [statistics.fmean(col) for col in zip(*ys, strict=True)]
+            ax.plot(epochs, mean, color=colors[b], lw=1.6 if b == batches[0] else 1.2, gid=f"run:{method}-{b}",
+                    label=f"{fmt_batch(b)}" + (" (reference)" if b == batches[0] else "") +
+                    (f", {len(curves)} seeds" if len(curves) > 1 else ""))
+            if len(curves) > 1:
+                cols = list(zip(*ys, strict=True))
+                ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols], color=colors[b], alpha=0.25,
+                                lw=0)
+        ax.set_title(METHODS[method], fontsize=9)
+        ax.set_xlabel("epochs")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("training loss (best lr)")
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            key = label.split(" ")[0].rstrip(",")
+            if key not in [lab.split(" ")[0].rstrip(",") for lab in labels]:
+                handles.append(h)
+                labels.append(label.split(",")[0])
+    fig.legend(handles, labels, title="global batch", loc="outside right upper", fontsize=8, frameon=False)
+    fig.suptitle("Training loss vs epochs, each batch's best lr against the smallest batch (Goyal et al. Fig. 2 "
+                 "style; band: seeds min-max)", fontsize=10)
+    return fig
+
+
+def plot_steps_to_target(summary: dict[str, Any]) -> Any:
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
+    smallest = summary["smallest_batch"]
+    all_b = sorted({g["batch"] for g in summary["groups"]})
+    ref = summary["per_method"].get("goyal", {}).get("steps", {}).get(str(smallest))
+    if ref is not None:
+        ax.plot(all_b, [ref * smallest / b for b in all_b], color="grey", ls=":", lw=1.2,
+                label="perfect scaling (from Goyal at the smallest batch)")
+        ax.fill_between(all_b, [DIMINISHING * ref * smallest / b for b in all_b], [1e6] * len(all_b), color="grey",
+                        alpha=0.1, lw=0, label=f"diminishing returns (> {DIMINISHING:g}x perfect scaling)")
+    for method, pm in summary["per_method"].items():
+        steps = {int(b): s for b, s in pm["steps"].items()}
+        if not steps:
+            continue
+        bs = sorted(steps)
+        color = COLORS.get(method, "grey")
+        ax.plot(bs, [steps[b] for b in bs], marker="o", color=color, label=METHODS.get(method, method),
+                gid=f"method:{method}")
+        mub = pm.get("maximal_useful_batch")
+        if mub is not None:
+            ax.scatter([mub], [steps[mub]], marker="*", s=200, color=color, edgecolor="k", zorder=5)
+        missing = [g["batch"] for g in summary["groups"] if g["method"] == method and g["steps_to_target"] is None]
+        top = max(max(steps.values()) * 1.6, 10)
+        ax.scatter(missing, [top] * len(missing), marker="x", color=color)
+    crit = summary.get("noise_scale")
+    if crit:
+        ax.axvline(crit["b_noise"], color="k", ls="--", lw=1,
+                   label=f"predicted critical batch B_noise = {crit['b_noise']:,.0f}")
+    ax.scatter([], [], marker="*", s=120, color="white", edgecolor="k", label="maximal useful batch")
+    ax.scatter([], [], marker="x", color="k", label="target not reached")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(all_b, [fmt_batch(b) for b in all_b])
+    ys = [s for pm in summary["per_method"].values() for s in pm["steps"].values()]
+    if ys:
+        ax.set_ylim(min(ys) / 2, max(ys) * 2.5)
+    ax.set_xlabel("global batch")
+    ax.set_ylabel("optimizer steps to target (best lr)")
+    target = summary.get("target_loss")
+    ax.set_title(f"Steps to training loss {target} against batch (Shallue et al. 2018 style)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return fig
+
+
+def _cell(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def table_markdown(summary: dict[str, Any], planned: list[str] | None = None) -> str:
+    lines = ["# Tuned study: the whole grid", "",
+             "Final validation top-1 error (%) of seed 0 at each lr of the grid (the method's rule x 1/3, 1, 3); "
+             "**bold**: the best, by which the method is judged at that batch; *edge*: the best lr is the grid's "
+             "smallest or largest, so the optimum may lie outside. Best: mean ± sample std over the seeds run at "
+             "the best lr (n). Steps: optimizer steps to the target training loss at that lr.", "",
+             "| method | batch | lr × 1/3 | lr × 1 | lr × 3 | best (n) | steps to target |",
+             "|---|---|---|---|---|---|---|"]
+    for g in summary["groups"]:
+        cells = []
+        for tag in GRID_TAGS:
+            p = g["grid"].get(tag)
+            if p is None:
+                cells.append("not run")
+                continue
+            txt = f"{_cell(p['error_seed0'])} (lr {p['lr']:.3g}"
+            txt += f", {p['steps_to_target']} st)" if p.get("steps_to_target") is not None else ")"
+            cells.append(f"**{txt}**" if tag == g["best"] else txt)
+        best = "—" if g["best_mean"] is None else f"{g['best_mean']:.2f}" + (
+            f" ± {g['best_std']:.2f}" if g["best_std"] is not None else "") + f" ({g['best_seeds']})"
+        if g["edge"]:
+            best += " *edge*"
+        lines.append(f"| {g['method']} | {g['batch']:,} | " + " | ".join(cells) +
+                     f" | {best} | {g['steps_to_target'] if g['steps_to_target'] is not None else '—'} |")
+    lines += ["", f"Target training loss: {summary['target_loss']} (the largest of each method's lowest loss at "
+              f"batch {summary['smallest_batch']}: every method reaches it there).", ""]
+    lines += ["| method | maximal useful batch | diminishing returns from | fitted B_crit (S = S_min (1 + B_crit/B)) |",
+              "|---|---|---|---|"]
+    for method, pm in summary["per_method"].items():
+        fit = pm.get("fit")
+        fitted = "—" if fit is None else f"{fit['b_crit']:,.0f} (S_min {fit['s_min']:.0f})"
+        lines.append(f"| {method} | {pm.get('maximal_useful_batch') or '—'} | {pm.get('diminishing_from') or '—'} | "
+                     f"{fitted} |")
+    crit = summary.get("noise_scale")
+    if crit:
+        lines += ["", f"Gradient noise scale B_simple (Goyal runs that trained normally; median of per-run medians): "
+                      f"{crit['b_noise']:,.0f} (range {crit['min']:,.0f}-{crit['max']:,.0f} over "
+                      f"{len(crit['per_run'])} runs)."]
+    if planned:
+        done = {n for g in summary["groups"] for p in g["grid"].values() for n in p["runs"]}
+        missing = [n for n in planned if n not in done]
+        if missing:
+            lines += ["", f"Planned but not finished ({len(missing)}): {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_study(runs: list[Run], out: Path, planned: list[str] | None = None) -> dict[str, Any]:
+    """Write the three figures, table.md and summary.json into ``out``; return the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = analyse(runs)
+    for name, fig in (("fig1_error_vs_batch.png", plot_error_vs_batch(summary)),
+                      ("fig2_train_loss_vs_epochs.png", plot_loss_vs_epochs(runs, summary)),
+                      ("fig3_steps_to_target.png", plot_steps_to_target(summary))):
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+    (out / "table.md").write_text(table_markdown(summary, planned))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
