@@ -21,10 +21,10 @@ FACTORS = {"x1_3": 1 / 3, "x1": 1.0, "x3": 3.0}
 
 
 def rule(method: str, batch: int) -> float:
-    """The scaling rules, written out again: Goyal 0.1 B/256; LARS MLCommons' 10 at 8k, square root; LAMB RSB's
-    5e-3 at 2k, square root; momentum scaling keeps lr 0.1."""
+    """The scaling rules, written out again: Goyal 0.1 B/256; LARS MLCommons' 10 at 8k, square root; LAMB 0.1 at
+    8k (LARS's / 100), square root; momentum scaling keeps lr 0.1."""
     return {"goyal": 0.1 * batch / 256, "smith": 0.1 * batch / 256, "lars": 10 * (batch / 8192) ** 0.5,
-            "lamb": 0.005 * (batch / 2048) ** 0.5, "momentum": 0.1}[method]
+            "lamb": 0.1 * (batch / 8192) ** 0.5, "momentum": 0.1}[method]
 
 
 def test_grid_lrs_are_the_rule_times_the_grid_factors_and_every_run_has_the_same_budget():
