@@ -20,6 +20,17 @@ the runs of ENTITY/PROJECT[/GROUP] through the wandb public API. Writes to --out
    same batch (Goyal et al. Table 1, the torchlars LARS reproduction; analysis/papers.py) in a column beside.
 5. summary.json: the same numbers, machine-readable.
 
+When runs logged per-layer trust ratios (``--trust-ratio-interval``, "layers" records; train/diagnostics.py):
+
+6. trust_ratio_heatmap.png: per run, the trust ratio of every layer (rows, model order) at every logged step
+   (columns) on a log colour scale; grey where a layer has no ratio (batch-norm parameters and biases, which
+   LARS and LAMB do not adapt).
+7. trust_ratio_layers.png: the ratio of a few layers over training (default the first, a middle and the last
+   adapted layer: first conv, a middle conv, the fc; ``--layers`` chooses), one panel per layer, the runs (batch
+   sizes) overlaid.
+8. w_over_g_table.md: You et al. 2017's table (arXiv:1708.03888, AlexNet-BN there): ||w|| / ||g|| per layer at
+   the first "layers" record (the start of training), one column per run.
+
 With --wandb and wandb online it also saves a wandb Report with the same panels (needs the wandb-workspaces
 package); offline it says so and skips the wandb parts.
 """
@@ -45,15 +56,19 @@ from analysis.papers import SOURCES  # noqa: E402
 from analysis.runs import (  # noqa: E402
     Run,
     RunError,
+    default_layers,
     find_run_dirs,
     load_run,
     load_wandb_runs,
     parse_wandb_path,
+    trust_ratio_matrix,
+    w_over_g,
     wandb_online,
 )
 
 METRICS = {"median5": "median of the last 5 epochs", "final": "final epoch"}
 FIGURES = ("fig1_error_vs_batch.png", "fig2_train_error_vs_epochs.png", "fig3_lr_schedule.png")
+LAYER_FILES = ("trust_ratio_heatmap.png", "trust_ratio_layers.png", "w_over_g_table.md")
 
 
 def fmt_batch(b: float) -> str:
@@ -229,6 +244,100 @@ def plot_lr_schedule(runs: list[Run]) -> Figure:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Per-layer trust ratios ("layers" records)
+
+
+def _run_label(r: Run) -> str:
+    return f"{r.optimizer} {fmt_batch(r.batch)} ({r.name})"
+
+
+def plot_trust_ratio_heatmaps(runs: list[Run]) -> Figure:
+    """One layer x step heat map of the trust ratio per run (log colour scale shared by all panels)."""
+    from matplotlib.colors import LogNorm
+
+    with_layers = [r for r in runs if r.layers]
+    data = [(r, *trust_ratio_matrix(r)) for r in with_layers]
+    values = [v for *_, m in data for v in m[m > 0].ravel()] if data else []
+    norm = LogNorm(vmin=min(values), vmax=max(values)) if values else None
+    rows = max((len(names) for _, names, _, _ in data), default=1)
+    fig, axes = _grid(len(data), width=4.8, height=max(3.4, 0.09 * rows + 1.2))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
+    image = None
+    for ax, (r, names, steps, matrix) in zip(axes, data, strict=False):
+        image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm, gid=f"run:{r.name}",
+                          extent=(-0.5, len(steps) - 0.5, len(names) - 0.5, -0.5))
+        every = max(1, math.ceil(len(names) / 40))  # at most 40 labels (ResNet-50 has 161 tensors)
+        ax.set_yticks(range(0, len(names), every), names[::every], fontsize=max(4, 7 - len(names) // 40))
+        ticks = list(range(0, len(steps), max(1, math.ceil(len(steps) / 8))))
+        ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
+        ax.set_xlabel("optimizer step")
+        ax.set_title(_run_label(r), fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="trust ratio (grey: layer not adapted)", shrink=0.8)
+    fig.suptitle("Per-layer trust ratio over training")
+    return fig
+
+
+def _epochs_of(r: Run, rec: dict[str, Any]) -> float:
+    num_train = r.derived.get("num_train")
+    return rec["samples"] / num_train if num_train and rec.get("samples") is not None else float(rec["step"])
+
+
+def plot_trust_ratio_layers(runs: list[Run], layers: list[str] | None = None) -> Figure:
+    """The trust ratio of chosen layers against epochs, one panel per layer, the runs overlaid (log y axis)."""
+    with_layers = [r for r in runs if r.layers]
+    chosen = layers or (default_layers(with_layers[0]) if with_layers else [])
+    cmap = plt.get_cmap("viridis")
+    batches = sorted({r.batch for r in with_layers})
+    color = {b: cmap(i / max(1, len(batches) - 1) * 0.9) for i, b in enumerate(batches)}
+    styles = {o: ls for o, ls in zip(sorted({r.optimizer for r in with_layers}), ("-", "--", ":", "-."),
+                                     strict=False)}
+    fig, axes = plt.subplots(1, max(1, len(chosen)), figsize=(4.2 * max(1, len(chosen)) + 2.2, 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, name in zip(axes.flat, chosen, strict=False):
+        for r in with_layers:
+            points = [(_epochs_of(r, rec), e["trust_ratio"]) for rec in r.layers for e in rec["layers"]
+                      if e["name"] == name and e.get("trust_ratio")]
+            if points:
+                ax.plot(*zip(*points, strict=True), color=color[r.batch], ls=styles.get(r.optimizer, "-"),
+                        gid=f"run:{r.name}:{name}", label=_run_label(r))
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epochs" if all(r.derived.get("num_train") for r in with_layers) else "optimizer step")
+        ax.set_ylabel("trust ratio")
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right center", fontsize=7)
+    fig.suptitle("Trust ratio of chosen layers across batch sizes")
+    return fig
+
+
+def _ratio_cell(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return "∞" if math.isinf(v) else f"{v:,.4g}"
+
+
+def w_over_g_markdown(runs: list[Run]) -> str:
+    """You et al. 2017's table for our runs: ||w|| / ||g|| of every layer at the first "layers" record."""
+    tables = [(r, *w_over_g(r)) for r in runs if r.layers]
+    tables = [t for t in tables if t[1] is not None]
+    names: list[str] = []
+    for _, _, ratios in tables:
+        names += [n for n in ratios if n not in names]
+    head = ["layer"] + [f"{_run_label(r)}, step {step}" for r, step, _ in tables]
+    lines = ["## ||w|| / ||g|| per layer at the start of training", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        lines.append("| " + " | ".join([f"`{n}`"] + [_ratio_cell(ratios.get(n)) for _, _, ratios in tables]) + " |")
+    lines += ["", "Norms of the weights and of the gradient the optimizer stepped with (after DeepSpeed's averaging "
+              "over ranks), at the first logged step. You et al. 2017 (arXiv:1708.03888) measured this ratio on "
+              "AlexNet-BN from about 5 to over 1,000 across layers: the case for a per-layer learning rate."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Table and summary
 
 
@@ -387,8 +496,9 @@ def collect_runs(paths: list[str], wandb_spec: str | None, *, progress: bool = T
     return runs, used_wandb
 
 
-def compare(runs: list[Run], out: Path, metric: str = "median5") -> dict[str, Any]:
-    """Write the figures, table.md and summary.json to ``out``; return the summary."""
+def compare(runs: list[Run], out: Path, metric: str = "median5", layers: list[str] | None = None) -> dict[str, Any]:
+    """Write the figures, table.md and summary.json to ``out`` (and the trust-ratio panels when runs logged
+    "layers" records; ``layers`` chooses the overlaid layers); return the summary."""
     out.mkdir(parents=True, exist_ok=True)
     for name, fig in zip(FIGURES, (plot_error_vs_batch(runs, metric), plot_train_error_vs_epochs(runs),
                                    plot_lr_schedule(runs)), strict=True):
@@ -397,6 +507,18 @@ def compare(runs: list[Run], out: Path, metric: str = "median5") -> dict[str, An
     table = table_markdown(runs, metric)
     (out / "table.md").write_text(table)
     summary = summary_dict(runs, metric)
+    if any(r.layers for r in runs):
+        known = {e["name"] for r in runs for rec in r.layers for e in rec["layers"]}
+        unknown = [n for n in layers or [] if n not in known]
+        if unknown:
+            raise RunError(f"--layers {' '.join(unknown)}: no such layer in the runs' records; known: "
+                           f"{', '.join(sorted(known))}")
+        for name, fig in zip(LAYER_FILES[:2], (plot_trust_ratio_heatmaps(runs), plot_trust_ratio_layers(runs, layers)),
+                             strict=True):
+            fig.savefig(out / name, dpi=120)
+            plt.close(fig)
+        (out / LAYER_FILES[2]).write_text(w_over_g_markdown(runs))
+        summary["files"] += list(LAYER_FILES)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -410,6 +532,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the figures, table and summary")
     p.add_argument("--metric", choices=tuple(METRICS), default="median5",
                    help="error per run in the figure and the grouped table: median of the last 5 epochs or final")
+    p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
+                   help="layers (state_dict names) of the trust-ratio overlay; default: first, middle and last "
+                        "adapted layer")
     p.add_argument("--no-report", action="store_true", help="do not save a wandb Report even when online")
     p.add_argument("--report-title", default=None)
     return p
@@ -425,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         if not runs:
             raise RunError("no runs to compare" + (f" (none found in wandb {args.wandb})" if args.wandb else ""))
         out = Path(args.out)
-        summary = compare(runs, out, args.metric)
+        summary = compare(runs, out, args.metric, args.layers)
         print(f"{len(runs)} runs -> {out}: {', '.join(summary['files'])}, summary.json")
         if used_wandb and not args.no_report:
             entity, project, group = parse_wandb_path(args.wandb)

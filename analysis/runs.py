@@ -2,7 +2,8 @@
 
 A run folder is what train/imagenet.py writes on rank 0: ``config.json`` (run name, command-line args, the
 derived batch arithmetic, optimizer, scheduler, DeepSpeed config) and ``metrics.jsonl`` with one JSON record a
-line, ``"kind"`` one of "step", "epoch", "summary" (and "checkpoint", kept in the folder only, not read here).
+line, ``"kind"`` one of "step", "epoch", "summary", "layers" (per-layer norms and trust ratios, written with
+``--trust-ratio-interval``; train/diagnostics.py) and "checkpoint" (kept in the folder only, not read here).
 The step, epoch and summary records reach wandb through train/tracking.py with
 keys prefixed "step/", "epoch/", "summary/" and step = samples seen; ``records_from_history`` turns wandb history
 rows back into the records, so both sources give the same ``Run``.
@@ -46,6 +47,7 @@ class Run:
     steps: list[dict[str, Any]] = field(default_factory=list)
     epochs: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    layers: list[dict[str, Any]] = field(default_factory=list)  # "layers" records (--trust-ratio-interval)
 
     # --- what the config says ---------------------------------------------------------------------------------
     @property
@@ -273,6 +275,8 @@ def _sort_records(run: Run, records: Iterable[dict[str, Any]]) -> None:
             run.epochs.append(rec)
         elif kind == "summary":
             run.summary = rec
+        elif kind == "layers":
+            run.layers.append(rec)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,6 +295,10 @@ def records_from_history(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, A
             rec = {k[len(kind) + 1:]: v for k, v in row.items() if k.startswith(kind + "/")}
             if rec:
                 yield {"kind": kind, **rec, "samples": row.get("samples", row.get("_step"))}
+        ratios = [{"name": k[len("trust_ratio/"):], "trust_ratio": v, "adapted": True} for k, v in row.items()
+                  if k.startswith("trust_ratio/")]  # wandb holds the adapted layers' ratios only, not the norms
+        if ratios and row.get("layers/step") is not None:
+            yield {"kind": "layers", "step": row["layers/step"], "samples": row.get("samples"), "layers": ratios}
 
 
 def parse_wandb_path(spec: str) -> tuple[str, str, str | None]:
@@ -340,3 +348,49 @@ def load_wandb_runs(spec: str, *, api: Any = None, progress: bool = True) -> lis
             continue
         runs.append(run)
     return runs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-layer trust ratios ("layers" records)
+
+
+def trust_ratio_matrix(run: Run) -> tuple[list[str], list[int], Any]:
+    """(layer names in model order, steps, ratios as a layers x steps float array; NaN where a layer has no ratio:
+    not adapted, or absent from a record)."""
+    import numpy as np
+
+    names: list[str] = []
+    for rec in run.layers:
+        names += [e["name"] for e in rec["layers"] if e["name"] not in names]
+    row = {n: i for i, n in enumerate(names)}
+    matrix = np.full((len(names), len(run.layers)), np.nan)
+    for j, rec in enumerate(run.layers):
+        for e in rec["layers"]:
+            if (v := _finite(e.get("trust_ratio"))) is not None:
+                matrix[row[e["name"]], j] = v
+    return names, [int(rec["step"]) for rec in run.layers], matrix
+
+
+def adapted_layers(run: Run) -> list[str]:
+    """The layers of the first "layers" record that have a trust ratio (LARS/LAMB adapt them), in model order."""
+    return [e["name"] for e in run.layers[0]["layers"] if e.get("adapted", e.get("trust_ratio") is not None)] \
+        if run.layers else []
+
+
+def default_layers(run: Run) -> list[str]:
+    """First, middle and last adapted layer: on a ResNet the first conv, a middle conv and the last fc."""
+    names = adapted_layers(run)
+    picks = [names[0], names[(len(names) - 1) // 2], names[-1]] if names else []
+    return list(dict.fromkeys(picks))
+
+
+def w_over_g(run: Run) -> tuple[int | None, dict[str, float | None]]:
+    """You et al. 2017's table (arXiv:1708.03888, for AlexNet-BN): ||w|| / ||g|| per layer at the first "layers" record
+    (the start of training); (its step, {layer: ratio}); None where a norm is missing, inf where ||g|| is 0."""
+    if not run.layers or not any("w_norm" in e for e in run.layers[0]["layers"]):
+        return None, {}
+    out: dict[str, float | None] = {}
+    for e in run.layers[0]["layers"]:
+        w, g = _finite(e.get("w_norm")), _finite(e.get("g_norm"))
+        out[e["name"]] = None if w is None or g is None else (w / g if g > 0 else math.inf)
+    return int(run.layers[0]["step"]), out

@@ -1,0 +1,93 @@
+"""Worker for tests/test_diagnostics.py: per-layer trust-ratio records under real DeepSpeed engines.
+
+Launched as ``deepspeed --num_gpus 2 tests/diag_worker.py --out results.pt --runs fp32-z0:lars fp32-z1:lars ...``.
+Each run builds the model of tests/ds_optim_worker.py (a Linear weight straddles the 2 ranks' ZeRO partitions),
+binds the optimizer as train/engine.py does, and trains ``STEPS`` steps on the same per-rank data with
+``train.diagnostics.TrustRatioMonitor`` at interval 1. Rank 0 saves every run's "layers" records (and the wandb
+scalars the monitor passed along) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ds_optim_worker as base  # noqa: E402
+
+import optimizers  # noqa: E402
+from train.diagnostics import TrustRatioMonitor  # noqa: E402
+
+STEPS = 3
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    **base.VARIANTS,
+    "sgd": ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
+}
+
+
+class ListLog:
+    """Stands in for train.tracking.RunLog on rank 0: keeps what the monitor logs."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.wandb: list[dict[str, float]] = []
+
+    def log(self, record: dict[str, Any], wandb_extra: dict[str, float] | None = None) -> None:
+        self.records.append(record)
+        self.wandb.append(dict(wandb_extra or {}))
+
+
+def run(mode: str, variant: str) -> dict[str, Any]:
+    import deepspeed
+    import deepspeed.comm as dist
+
+    name, params = VARIANTS[variant]
+    model = base.make_model()
+    opt = optimizers.build_optimizer(name, model, params)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=base.ds_config(mode))
+    binding = optimizers.bind_deepspeed(engine)
+    monitor = TrustRatioMonitor(engine, interval=1, next_step=1)
+    log = ListLog() if dist.get_rank() == 0 else None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[mode.split("-")[0]]
+    for step in range(STEPS):
+        base.train_step(engine, step, dist.get_rank(), dtype, params["lr"], STEPS)
+        monitor.after_step(step + 1, (step + 1) * base.MICRO_BATCH * dist.get_world_size(), log)
+    split = monitor.binding if name == "sgd" else binding
+    result = {"wrapper": type(engine.optimizer).__name__, "binding": str(split),
+              "split_layers": list(getattr(split, "split_layers", ())),
+              "records": log.records if log else [], "wandb": log.wandb if log else []}
+    engine.destroy()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="results file written by rank 0 (torch.save)")
+    parser.add_argument("--runs", nargs="+", required=True, help="mode:variant, e.g. fp32-z1:lars")
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    args = parser.parse_args()
+
+    import deepspeed
+    import deepspeed.comm as dist
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=300))
+    torch.distributed.barrier()
+    from train.distributed import release_cpu_shm_names
+
+    release_cpu_shm_names()
+    results = {spec: run(*spec.split(":")) for spec in args.runs}
+    if dist.get_rank() == 0:
+        torch.save({"world_size": dist.get_world_size(), "results": results}, args.out)
+    dist.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Per-layer trust-ratio diagnostics (train/diagnostics.py, --trust-ratio-interval) and analysis.compare's panels.
+
+* A LARS run of train/imagenet.py (one process, small ResNet) writes "layers" records equal to You et al. 2017's
+  eq. 6 recomputed here in float64 from the weights and gradients the optimizer was handed (saved by a wrapper
+  around LARS.step in the run's own process).
+* Through the deepspeed launcher on 2 ranks (tests/diag_worker.py, one launch): the records under ZeRO-1/2, where a
+  Linear weight straddles the ranks' partitions, equal ZeRO-0's and a float64 plain-PyTorch recomputation of
+  LARS, LAMB and SGD (the ratio LARS would apply), to within a rounding control measured here: the distance of the
+  same recomputation in fp32 from float64. bf16 ZeRO-1 equals bf16 ZeRO-0 alike.
+* analysis.compare's heat map, overlay and ||w||/||g|| table from hand-made metrics files.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import DEEPSPEED, REPO, child_env, free_port, read_metrics, write_config
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import diag_worker as worker  # noqa: E402
+import ds_optim_worker as base  # noqa: E402
+
+ROUNDING_FACTOR = 10  # measured: every mode within 1.05x of the fp32 recomputation's own distance from float64
+ETA, WD = 0.02, 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A LARS run through train/imagenet.py against eq. 6 from the saved weights and gradients
+
+DRIVER = """
+import sys, torch
+sys.path.insert(0, ".")
+import optimizers
+from train import imagenet
+saved, names, original = [], {}, imagenet.build_engine
+def build_engine(*args, **kwargs):
+    engine, cfg = original(*args, **kwargs)
+    names.update({id(p): n for n, p in engine.module.named_parameters()})
+    return engine, cfg
+def step(self, closure=None, _step=optimizers.LARS.step):
+    saved.append({names[id(p)]: (p.detach().clone(), p.grad.detach().clone())
+                  for g in self.param_groups for p in g["params"] if p.grad is not None})
+    return _step(self, closure)
+imagenet.build_engine, optimizers.LARS.step = build_engine, step
+code = imagenet.cli.run(imagenet.main, imagenet.get_args_parser().parse_args(sys.argv[2:]))
+torch.save(saved, sys.argv[1])
+sys.exit(code)
+"""
+
+
+def test_lars_run_records_match_eq6_from_saved_weights_and_gradients(tmp_path, fashion_mnist_dir):
+    """ZeRO-0 fp32, 3 steps of 64 images, interval 1: every step's record holds, per parameter tensor in
+    state_dict order, ||w||, ||g|| and eta ||w|| / (||g|| + wd ||w|| + eps) of the tensors LARS stepped; batch-norm
+    parameters and biases (not adapted) carry their norms and a null ratio."""
+    cfg = write_config(tmp_path / "lars.json", {
+        "train_batch_size": 64, "train_micro_batch_size_per_gpu": 64, "zero_optimization": {"stage": 0},
+        "optimizer": {"type": "LARS", "params": {"lr": 2.0, "momentum": 0.9, "weight_decay": WD,
+                                                 "trust_coefficient": ETA}},
+        "training": {"epochs": 1}})
+    run, saved = tmp_path / "run", tmp_path / "saved.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(saved), "--deepspeed_config", str(cfg), "--dataset", "fashion-mnist",
+         "--data-dir", str(fashion_mnist_dir), "--arch", "resnet_small", "--train-subset", "192", "--val-subset", "64",
+         "--precision", "fp32", "--output-dir", str(run), "--no-wandb", "--trust-ratio-interval", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=child_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [r for r in read_metrics(run) if r["kind"] == "layers"]
+    steps = torch.load(saved, weights_only=True)
+    assert [r["step"] for r in records] == [1, 2, 3] and len(steps) == 3
+    from train.models import SmallResNet
+
+    state_names = [n for n, p in SmallResNet(1, 10).state_dict().items() if p.is_floating_point()
+                   and not n.endswith(("running_mean", "running_var"))]
+    adapted = {n for n, p in SmallResNet(1, 10).named_parameters() if p.ndim > 1}
+    for record, tensors in zip(records, steps, strict=True):
+        assert record["optimizer"] == "LARS" and record["ratio"] == "applied"
+        assert [e["name"] for e in record["layers"]] == state_names
+        for e in record["layers"]:
+            w, g = (t.double() for t in tensors[e["name"]])
+            wn, gn = float(w.norm()), float(g.norm())
+            assert e["w_norm"] == pytest.approx(wn, rel=1e-5, abs=1e-12), e
+            assert e["g_norm"] == pytest.approx(gn, rel=1e-5, abs=1e-12), e
+            assert e["adapted"] == (e["name"] in adapted)
+            if not e["adapted"]:
+                assert e["trust_ratio"] is None
+            elif wn == 0 or gn == 0:  # zero-initialised layers, or no gradient yet behind a zero gamma: ratio 1
+                assert e["trust_ratio"] == 1.0
+            else:
+                assert e["trust_ratio"] == pytest.approx(ETA * wn / (gn + WD * wn + 1e-8), rel=1e-5), e
+    ratios = [e["trust_ratio"] for e in records[-1]["layers"] if e["adapted"] and e["trust_ratio"] != 1.0]
+    assert max(ratios) / min(ratios) > 10  # layers differ: a per-model ratio would not pass the checks above
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ZeRO-1/2 and bf16 against ZeRO-0 and float64, through the launcher
+
+RUNS = ("fp32-z0:lars", "fp32-z1:lars", "fp32-z2:lars", "fp32-z0:lamb", "fp32-z2:lamb", "fp32-z0:sgd",
+        "fp32-z2:sgd", "bf16-z0:lars", "bf16-z1:lars")
+
+
+@pytest.fixture(scope="module")
+def zero_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("diag") / "results.pt"
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/diag_worker.py", "--out", str(out),
+           "--runs", *RUNS]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=child_env())
+    assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+@functools.cache
+def reference(variant: str, dtype: torch.dtype, world_size: int = 2) -> list[dict[str, tuple]]:
+    """Per step and layer (||w||, ||g||, ratio) of a plain PyTorch run written out here: LARS (You et al. 2017,
+    eq. 6 and Algorithm 1 in the torch momentum form), LAMB (You et al. 2019, Algorithm 2) or momentum SGD with the
+    ratio LARS (eta 0.001) would apply; the gradient is the mean of the ranks' micro-batch gradients."""
+    name, params = worker.VARIANTS[variant]
+    model = base.make_model().to(dtype)
+    adapted = {n for n, p in model.named_parameters() if p.ndim > 1}  # no BN parameters or biases (build_param_groups)
+    state: dict[str, dict[str, torch.Tensor]] = {n: {} for n, _ in model.named_parameters()}
+    out = []
+    for step in range(worker.STEPS):
+        lr = base.lr_at(params["lr"], step, worker.STEPS)
+        model.zero_grad()
+        loss = sum(nn.functional.cross_entropy(model(x.to(dtype)), y) for x, y in
+                   (base.batch(step, r) for r in range(world_size)))
+        (loss / world_size).backward()
+        rec = {}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                w, g, s = p, p.grad, state[n]
+                wd = params["weight_decay"] if n in adapted else 0.0
+                wn, gn = float(w.norm()), float(g.norm())
+                ratio = None
+                if name in ("lars", "sgd"):
+                    eta = params.get("trust_coefficient", 0.001)
+                    if n in adapted:
+                        ratio = eta * wn / (gn + wd * wn + 1e-8) if wn > 0 and gn > 0 else 1.0
+                    d = (g + wd * w) * (ratio if name == "lars" and ratio is not None else 1.0)
+                    s["v"] = d.clone() if step == 0 else 0.9 * s["v"] + d
+                    w -= lr * s["v"]
+                else:  # LAMB, eps 1e-6, betas (0.9, 0.999)
+                    s["m"] = 0.1 * g if step == 0 else 0.9 * s["m"] + 0.1 * g
+                    s["v"] = 0.001 * g * g if step == 0 else 0.999 * s["v"] + 0.001 * g * g
+                    t = step + 1
+                    u = (s["m"] / (1 - 0.9 ** t)) / ((s["v"] / (1 - 0.999 ** t)).sqrt() + 1e-6) + wd * w
+                    if n in adapted:
+                        un = float(u.norm())
+                        ratio = wn / un if wn > 0 and un > 0 else 1.0
+                    w -= lr * (ratio if ratio is not None else 1.0) * u
+                rec[n] = (wn, gn, ratio)
+        out.append(rec)
+    return out
+
+
+def rel_diff(a: float | None, b: float | None) -> float:
+    assert (a is None) == (b is None), (a, b)
+    return 0.0 if a is None or a == b else abs(a - b) / abs(b)
+
+
+def max_diff(got: list[dict[str, tuple]], want: list[dict[str, tuple]]) -> float:
+    return max(rel_diff(x, y) for g, w in zip(got, want, strict=True) for n in w
+               for x, y in zip(g[n], w[n], strict=True))
+
+
+def as_tuples(records: list[dict[str, Any]]) -> list[dict[str, tuple]]:
+    return [{e["name"]: (e["w_norm"], e["g_norm"], e["trust_ratio"]) for e in r["layers"]} for r in records]
+
+
+@functools.cache
+def rounding_control(variant: str) -> float:
+    """The distance of the fp32 recomputation from the float64 one (the same arithmetic, fp32 rounding)."""
+    control = max_diff(reference(variant, torch.float32), reference(variant, torch.float64))
+    assert 0 < control < 1e-5, f"{variant}: rounding control {control:.2e}"
+    return control
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("run", RUNS)
+def test_zero_stages_log_the_ratios_of_zero_0_and_of_float64(zero_results, run):
+    """Every mode: records at steps 1-3 naming every parameter, equal (w_norm, g_norm, trust_ratio) to the float64
+    recomputation within ROUNDING_FACTOR x the rounding control, and to ZeRO-0 of the same precision likewise. In
+    ZeRO-1/2 layers are split across the 2 ranks' partitions, and rank 0 reports the layers it does not hold."""
+    mode, variant = run.split(":")
+    res = zero_results["results"][run]
+    assert [r["step"] for r in res["records"]] == [1, 2, 3]
+    got = as_tuples(res["records"])
+    names = [n for n, _ in base.make_model().named_parameters()]
+    assert all(list(r) == names for r in got)
+    tol = ROUNDING_FACTOR * rounding_control(variant)
+    if "z0" not in mode:
+        assert res["split_layers"], f"{run}: no layer straddles the partitions ({res['binding']})"
+        same = as_tuples(zero_results["results"][f"{mode.split('-')[0]}-z0:{variant}"]["records"])
+        assert max_diff(got, same) < tol, f"{run} vs ZeRO-0: {max_diff(got, same):.2e} (tolerance {tol:.1e})"
+    if mode.startswith("fp32"):
+        want = reference(variant, torch.float64)
+        assert max_diff(got, want) < tol, f"{run} vs float64: {max_diff(got, want):.2e} (tolerance {tol:.1e})"
+    record = res["records"][0]
+    assert record["ratio"] == ("lars_would_apply" if variant == "sgd" else "applied")
+    assert res["wandb"][0] == {f"trust_ratio/{e['name']}": e["trust_ratio"] for e in record["layers"]
+                               if e["adapted"]}
+    if variant == "lamb":  # ||u|| logged, and ratio = ||w|| / ||u||
+        for e in record["layers"]:
+            if e["adapted"]:
+                assert e["trust_ratio"] == pytest.approx(e["w_norm"] / e["u_norm"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# analysis.compare's panels from hand-made metrics files
+
+def write_run(folder: Path, batch: int, records: list[dict[str, Any]], optimizer: str = "LARS") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "run_name": folder.name, "derived": {"global_batch": batch, "lr": 1.0}, "optimizer": {"type": optimizer},
+        "training": {}}))
+    lines = [{"kind": "layers", "step": s, "samples": s * batch, "optimizer": optimizer, "ratio": "applied",
+              "layers": layers} for s, layers in records]
+    lines.append({"kind": "epoch", "epoch": 1.0, "step": records[-1][0], "samples": records[-1][0] * batch,
+                  "val_top1_error": 50.0, "train_loss": 1.0, "train_error": 40.0, "lr": 1.0})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return folder
+
+
+def layer(name: str, w: float, g: float, ratio: float | None) -> dict[str, Any]:
+    return {"name": name, "w_norm": w, "g_norm": g, "trust_ratio": ratio, "adapted": ratio is not None}
+
+
+NAMES = ["stem.0.weight", "stem.1.weight", "blocks.0.conv1.weight", "blocks.1.conv1.weight", "fc.weight", "fc.bias"]
+
+
+def fake_records(scale: float) -> list[tuple[int, list[dict[str, Any]]]]:
+    out = []
+    for s in (5, 10, 15):
+        out.append((s, [layer(n, 1.0 + i + s / 100, scale * (i + 1) / s, None if n.endswith(("1.weight", "bias"))
+                                 and not n.startswith("blocks") else 0.001 * (1 + i) * s * scale)
+                        for i, n in enumerate(NAMES)]))
+    return out
+
+
+@pytest.fixture
+def two_runs(tmp_path: Path) -> list[Path]:
+    return [write_run(tmp_path / "lars-256", 256, fake_records(1.0)),
+            write_run(tmp_path / "lars-8192", 8192, fake_records(3.0))]
+
+
+def test_compare_writes_heat_map_overlay_and_you_table(tmp_path, two_runs):
+    from analysis import compare, runs
+
+    loaded = [runs.load_run(p) for p in two_runs]
+    out = tmp_path / "out"
+    summary = compare.compare(loaded, out)
+    for name in ("trust_ratio_heatmap.png", "trust_ratio_layers.png", "w_over_g_table.md"):
+        assert name in summary["files"] and (out / name).stat().st_size > 0
+    # the heat map's data: layers x steps, the ratio, NaN where a layer is not adapted
+    names, steps, matrix = runs.trust_ratio_matrix(loaded[1])
+    assert names == NAMES and steps == [5, 10, 15] and matrix.shape == (6, 3)
+    for j, (_, layers) in enumerate(fake_records(3.0)):
+        for i, e in enumerate(layers):
+            if e["trust_ratio"] is None:
+                assert math.isnan(matrix[i, j])
+            else:
+                assert matrix[i, j] == pytest.approx(e["trust_ratio"])
+    fig = compare.plot_trust_ratio_heatmaps(loaded)
+    image = next(im for ax in fig.axes for im in ax.images if im.get_gid() == f"run:{loaded[1].name}")
+    drawn = image.get_array()
+    assert drawn.shape == (6, 3) and drawn.mask[1].all() and float(drawn[4, 2]) == pytest.approx(matrix[4, 2])
+    # the overlay: the chosen layer's ratio against epochs, one line per run
+    fig = compare.plot_trust_ratio_layers(loaded, ["fc.weight"])
+    lines = {ln.get_gid(): ln for ax in fig.axes for ln in ax.get_lines()}
+    ys = lines[f"run:{loaded[0].name}:fc.weight"].get_ydata()
+    assert list(ys) == pytest.approx([e["trust_ratio"] for _, layers in fake_records(1.0) for e in layers
+                                      if e["name"] == "fc.weight"])
+    # You et al.'s table: ||w|| / ||g|| of the first record, every layer, each run a column
+    table = (out / "w_over_g_table.md").read_text()
+    for col, p in enumerate(two_runs, start=1):
+        first = json.loads((p / "metrics.jsonl").read_text().splitlines()[0])
+        for e in first["layers"]:
+            row = next(line for line in table.splitlines() if line.startswith(f"| `{e['name']}`"))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert float(cells[col].replace(",", "")) == pytest.approx(e["w_norm"] / e["g_norm"], rel=5e-4)
+
+
+def test_compare_without_layer_records_writes_no_layer_panels(tmp_path):
+    from analysis import compare, runs
+
+    folder = write_run(tmp_path / "plain", 256, fake_records(1.0))
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if '"layers"' not in line))
+    summary = compare.compare([runs.load_run(folder)], tmp_path / "out")
+    assert not set(compare.LAYER_FILES) & set(summary["files"])
+    assert not any((tmp_path / "out" / name).exists() for name in compare.LAYER_FILES)
+
+
+def test_default_layers_are_first_middle_and_last_adapted_and_unknown_layers_are_named(tmp_path, two_runs):
+    from analysis import compare, runs
+
+    loaded = [runs.load_run(p) for p in two_runs]
+    assert runs.default_layers(loaded[0]) == ["stem.0.weight", "blocks.0.conv1.weight", "fc.weight"]
+    with pytest.raises(runs.RunError, match="--layers fc.weigth: no such layer"):
+        compare.compare(loaded, tmp_path / "out", layers=["fc.weigth"])
