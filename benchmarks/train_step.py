@@ -5,6 +5,7 @@ precision.
     python -m benchmarks.train_step                        # fp32 and bf16, 3 interleaved rounds, channels-last
     python -m benchmarks.train_step --rounds 5 --precision bf16
     python -m benchmarks.train_step --layout contiguous     # both sides NCHW (imagenet.py --no-channels-last)
+    python -m benchmarks.train_step --precision fp32 --trust-ratio-interval 10 --log-interval 10   # diagnostics cost
 
 Same work on both sides: SmallResNet (train/models.py, 3 x 28 x 28 inputs, 10 classes), the synthetic data set
 and the sampler of train/data.py (the same batches), cross-entropy on fp32 logits, SGD with Nesterov momentum 0.9,
@@ -40,6 +41,11 @@ first alternates between rounds), the ratios printed are medians of the rounds' 
 (``uptime``) is printed with each round. ``--short-steps N`` adds the older whole-run measure: each side runs a
 second time N steps long, and the difference of the two runs' CPU times over the difference of their steps cancels
 start-up and shut-down.
+
+Diagnostics. ``--trust-ratio-interval N`` adds a third side to every round: train/imagenet.py with
+``--trust-ratio-interval N`` (train/diagnostics.py: per-layer norms and the ratio LARS would apply, a "layers"
+record every N steps), against the same imagenet.py without it. With ``--log-interval`` equal to N, every measured
+interval holds exactly one diagnostics step, so the ratio is the cost per N steps.
 """
 
 from __future__ import annotations
@@ -119,7 +125,7 @@ def tree_cpu(root: psutil.Process) -> float:
     return total
 
 
-def run_imagenet(tmp: Path, args: argparse.Namespace, precision: str, tag: str, steps: int
+def run_imagenet(tmp: Path, args: argparse.Namespace, precision: str, tag: str, steps: int, extra: tuple[str, ...] = ()
                  ) -> tuple[list[float], list[float], float]:
     """One train/imagenet.py run through the deepspeed launcher: images/s of its logging intervals, CPU seconds per
     optimizer step in each interval (all processes, read when the interval's record reaches metrics.jsonl), and the
@@ -131,7 +137,7 @@ def run_imagenet(tmp: Path, args: argparse.Namespace, precision: str, tag: str, 
            "train/imagenet.py", "--deepspeed_config", str(cfg), "--dataset", "synthetic", "--arch", "resnet_small",
            "--image-size", "28", "--precision", precision, "--max-steps", str(steps), "--log-interval",
            str(args.log_interval), "--val-subset", "64", "--no-wandb", "--output-dir", str(out), "--seed", "0",
-           "--channels-last" if args.layout == "channels_last" else "--no-channels-last"]
+           "--channels-last" if args.layout == "channels_last" else "--no-channels-last", *extra]
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     metrics = out / "metrics.jsonl"
     c0 = child_cpu()
@@ -247,7 +253,11 @@ def measure(tmp: Path, args: argparse.Namespace, precision: str, round_: int) ->
     """One round for one precision: both sides, the baseline first in odd rounds and second in even ones."""
     sides = {"base": lambda steps: run_ddp(args, precision, steps),
              "ours": lambda steps: run_imagenet(tmp, args, precision, f"r{round_}", steps)}
-    order = ("base", "ours") if round_ % 2 == 0 else ("ours", "base")
+    order: tuple[str, ...] = ("base", "ours") if round_ % 2 == 0 else ("ours", "base")
+    if args.trust_ratio_interval:
+        flag = ("--trust-ratio-interval", str(args.trust_ratio_interval))
+        sides["diag"] = lambda steps: run_imagenet(tmp, args, precision, f"r{round_}-diag", steps, flag)
+        order = (order[0], "diag", order[1])  # between the two, whose order alternates
     row: dict[str, float] = {}
     for side in order:
         rates, cpu_steps, cpu_long = sides[side](args.steps)
@@ -283,7 +293,11 @@ def main() -> None:
                         "difference of the two runs' CPU times / (steps - short-steps)")
     p.add_argument("--log-interval", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--trust-ratio-interval", type=int, default=0, metavar="N",
+                   help="also run train/imagenet.py with --trust-ratio-interval N in each round and print its cost")
     args = p.parse_args()
+    if args.trust_ratio_interval < 0:
+        raise SystemExit(f"--trust-ratio-interval must be 0 (off) or more, got {args.trust_ratio_interval}")
     for name in ("micro_batch", "accum", "steps", "log_interval", "rounds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -315,6 +329,10 @@ def main() -> None:
                         f"train/imagenet.py {row['ours_wall']:7.1f} (step time "
                         f"{row['base_wall'] / row['ours_wall']:.3f}x) | CPU s/step {row['base_cpu_step']:.4f}, "
                         f"{row['ours_cpu_step']:.4f} ({row['ours_cpu_step'] / row['base_cpu_step']:.3f}x)")
+                if args.trust_ratio_interval:
+                    line += (f" | with --trust-ratio-interval {args.trust_ratio_interval}: {row['diag_wall']:7.1f} "
+                             f"images/s (step time {row['ours_wall'] / row['diag_wall']:.3f}x without), CPU s/step "
+                             f"{row['diag_cpu_step']:.4f} ({row['diag_cpu_step'] / row['ours_cpu_step']:.3f}x)")
                 if args.short_steps:
                     line += (f" | differential CPU s/step plain DDP {row['base_cpu']:.4f}, train/imagenet.py "
                              f"{row['ours_cpu']:.4f} ({row['ours_cpu'] / row['base_cpu']:.3f}x)")
@@ -335,6 +353,13 @@ def main() -> None:
               f"{statistics.median(r['base_cpu_step'] for r in rs):.4f}, train/imagenet.py "
               f"{statistics.median(r['ours_cpu_step'] for r in rs):.4f}; ratio {statistics.median(cpu_step):.3f}x "
               f"(median; min {min(cpu_step):.3f}x, max {max(cpu_step):.3f}x)")
+        if args.trust_ratio_interval:
+            diag = [row["ours_wall"] / row["diag_wall"] for row in rs]
+            diag_cpu = [row["diag_cpu_step"] / row["ours_cpu_step"] for row in rs]
+            print(f"{prec}: --trust-ratio-interval {args.trust_ratio_interval}: step time "
+                  f"{statistics.median(diag):.3f}x train/imagenet.py without it (median; min {min(diag):.3f}x, "
+                  f"max {max(diag):.3f}x); CPU s/step {statistics.median(diag_cpu):.3f}x (min {min(diag_cpu):.3f}x, "
+                  f"max {max(diag_cpu):.3f}x)")
         if args.short_steps:
             cpu = [row["ours_cpu"] / row["base_cpu"] for row in rs]
             print(f"{prec}: CPU seconds per step (both ranks; runs of {args.steps} minus runs of "
