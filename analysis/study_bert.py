@@ -1,0 +1,466 @@
+"""The LAMB study at laptop scale (docs/study-bert/): `python -m analysis.study_bert` runs it and writes the figures.
+
+You et al. 2019 ("Large Batch Optimization for Deep Learning: Training BERT in 76 minutes", arXiv:1904.00962)
+claim that LAMB keeps BERT's pre-training quality as the batch grows to 32k-64k sequences where AdamW degrades.
+Here, at laptop scale: BERT-tiny (train/bert.py) pre-trained by masked-language modelling on a part of Debian's
+python3.11-doc corpus, AdamW against LAMB at batch 64 ... 8192 sequences, the same number of epochs for all, the
+peak lr scaled by the square root of the batch from a base at batch 64 (LAMB's rule, You et al. section 4 and
+Table 4) and tuned on a grid of factors around it at every batch; each batch's best grid point is reported (Nado
+et al. 2021, arXiv:2102.06356: compare optimizers only after tuning each) and the whole grid is in table.md.
+
+Every run is one train/bert.py process (one rank, OMP_NUM_THREADS=1), ``--jobs`` at a time, with its config
+written to ``<runs>/configs/<run>.json``. One tokenizer is trained once and passed by path to every run; the
+corpus part (``<runs>/corpus/``, a copy of the chosen documents under their own names, so the held-out split by
+name is the full corpus's) is chosen once. Finished runs (a summary record in metrics.jsonl) are skipped, so the
+command resumes where it stopped. Then fig1/fig2, table.md and summary.json are written from the run folders alone.
+
+    python -m analysis.study_bert --jobs 2            # everything: about 20 minutes on 2 idle CPU cores
+    python -m analysis.study_bert --no-run            # only the figures, table and summary from finished runs
+    python -m analysis.study_bert --optimizers lamb --batches 64 8192 --dry-run   # list a part
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+# --- The study's choices (docs/study-bert/README.md says why each) ------------------------------------------------
+MODEL, SEQ_LEN, VOCAB_SIZE, EPOCHS = "tiny", 32, 4096, 4
+TRAIN_SEQUENCES = 8192  # packed training sequences (just above): one step per epoch at the largest batch
+TRAIN_SLACK = 32  # ... at most this many above, so batch 8192 drops almost nothing of an epoch
+VAL_SEQUENCES = 2048  # held-out sequences (at least), from the full corpus's held-out documents
+VAL_PERCENT = 5  # train/bert.py's default held-out share (by a hash of the document's name)
+BATCHES = (64, 256, 1024, 4096, 8192)
+RUN_ORDER = (64, 8192, 1024, 256, 4096)  # the ends of the range first: a study cut short still spans it
+BASE_BATCH = 64
+BASE_LR = {"adamw": 1.5e-3, "lamb": 1.5e-2}  # peak lr at BASE_BATCH (from pilot runs; the README gives them)
+GRID = (0.5, 1.0, 2.0)  # factors around the square-root rule at every batch
+OPTIMIZERS = {"adamw": "AdamW", "lamb": "LAMB"}
+WARMUP_FRACTION = 0.1  # linear warmup over this share of each run's steps (at least 2), then linear decay
+MAX_MICRO = 256  # sequences per forward pass (larger batches accumulate; the result does not depend on it)
+WEIGHT_DECAY = 0.01  # Devlin et al. and You et al.
+
+
+class StudyError(ValueError):
+    """A study that cannot run as asked; the message says what, which value, and what was expected."""
+
+
+def lr_for(optimizer: str, batch: int, factor: float) -> float:
+    """Peak lr: base x sqrt(batch / 64) x grid factor."""
+    return BASE_LR[optimizer] * math.sqrt(batch / BASE_BATCH) * factor
+
+
+def run_name(optimizer: str, batch: int, factor: float) -> str:
+    return f"{optimizer}-{batch}-x{factor:g}"
+
+
+def plan(optimizers: list[str] | None = None, batches: list[int] | None = None,
+         factors: list[float] | None = None) -> list[dict[str, Any]]:
+    """Every run of the study (optimizer, batch, grid factor, peak lr, name), whole grids in RUN_ORDER."""
+    for name, given, known in (("optimizer", optimizers, list(OPTIMIZERS)), ("batch", batches, list(BATCHES)),
+                               ("grid factor", factors, list(GRID))):
+        unknown = [v for v in given or [] if v not in known]
+        if unknown:
+            raise StudyError(f"unknown {name}(s) {unknown}; the study has {known}")
+    return [{"optimizer": opt, "batch": b, "factor": f, "lr": lr_for(opt, b, f), "name": run_name(opt, b, f)}
+            for b in RUN_ORDER if not batches or b in batches
+            for opt in OPTIMIZERS if not optimizers or opt in optimizers
+            for f in GRID if not factors or f in factors]
+
+
+def warmup_steps(total_steps: int) -> int:
+    """Warmup steps W: a tenth of the run, at least 2 (DeepSpeed's WarmupLR warms up over at least 2 steps)."""
+    return max(2, round(WARMUP_FRACTION * total_steps))
+
+
+def schedule(peak: float, total_steps: int) -> dict[str, Any]:
+    """DeepSpeed's WarmupDecayLR: linear warmup over W steps from peak / (W + 1) to the peak, then linear decay
+    towards peak / (W + 1) at the end of the run.
+
+    Under the engine the first two steps both run at the warmup's start (the schedule's state before its first
+    step, then its step 0). From DeepSpeed's usual start of 0 those two steps would be lost: nothing at batch 64
+    (2 steps of 512), half the training at batch 8192 (2 of 4). From peak / (W + 1) the 4 steps at 8192 run at
+    1/3, 1/3, 2/3 and 1 x the peak."""
+    w = warmup_steps(total_steps)
+    return {"warmup_min_lr": peak / (w + 1), "warmup_max_lr": peak, "warmup_num_steps": w, "warmup_type": "linear",
+            "total_num_steps": "auto"}
+
+
+def ds_config(run: dict[str, Any], num_train: int) -> dict[str, Any]:
+    """The DeepSpeed config of one run (train/bert.py's format: DeepSpeed's keys, "training" and "bert" ours)."""
+    batch = run["batch"]
+    total = EPOCHS * (num_train // batch)  # train/config.py's count: the remainder of an epoch is dropped
+    params = {"lr": run["lr"], "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": WEIGHT_DECAY}
+    if run["optimizer"] == "adamw":
+        params["torch_adam"] = True  # torch.optim.AdamW (DeepSpeed's fused Adam is CUDA-only)
+    return {
+        "train_batch_size": batch,
+        "train_micro_batch_size_per_gpu": min(batch, MAX_MICRO),
+        "zero_optimization": {"stage": 0},
+        "gradient_clipping": 0.0,
+        "optimizer": {"type": OPTIMIZERS[run["optimizer"]], "params": params},
+        "scheduler": {"type": "WarmupDecayLR", "params": schedule(run["lr"], total)},
+        "training": {"epochs": EPOCHS, "exclude_norm_and_bias": True, "recipe": "study-bert"},
+        "bert": {"model": MODEL, "seq_len": SEQ_LEN, "vocab_size": VOCAB_SIZE},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The corpus part and the one tokenizer
+
+
+def rows(tokens: int) -> int:
+    """Packed sequences of a token stream (train/text.py's pack: [CLS] + SEQ_LEN - 1 tokens a row)."""
+    return math.ceil(tokens / (SEQ_LEN - 1))
+
+
+def choose(lengths: list[tuple[str, int]], at_least: int, slack: int | None) -> list[str]:
+    """Documents (name, tokens + 1 for its [SEP]) in a fixed pseudo-random order (CRC-32 of the name), taken
+    until the packed rows reach ``at_least``; with ``slack``, a document that would pass ``at_least + slack``
+    rows is passed over."""
+    chosen, stream = [], 0
+    for name, n in sorted(lengths, key=lambda d: (zlib.crc32(d[0].encode()), d[0])):
+        if slack is not None and rows(stream + n) > at_least + slack:
+            continue
+        chosen.append(name)
+        stream += n
+        if rows(stream) >= at_least:
+            return chosen
+    raise StudyError(f"the corpus has too little text: {rows(stream)} packed sequences of {SEQ_LEN} tokens, the "
+                     f"study needs {at_least}")
+
+
+def prepare(runs_dir: Path, source: Path) -> dict[str, Any]:
+    """Train the tokenizer on the full corpus's training split, copy the chosen documents into <runs>/corpus/ and
+    return what was made (also in <runs>/corpus.json, which later calls reuse)."""
+    info_path = runs_dir / "corpus.json"
+    if info_path.is_file():
+        return json.loads(info_path.read_text())
+    # local: train.text imports torch and transformers (seconds); the plan, table and figures need neither
+    from train.text import (
+        build_corpus,
+        read_documents,
+        split_documents,
+        tokenize,
+        train_tokenizer,
+        unigram_entropy,
+    )
+
+    t0 = time.perf_counter()
+    docs = read_documents(source)
+    train_docs, val_docs = split_documents(docs, VAL_PERCENT)
+    tokenizer = train_tokenizer([d.text for d in train_docs], VOCAB_SIZE)
+    tok_dir = runs_dir / "tokenizer"
+    tokenizer.save_pretrained(str(tok_dir))
+    by_name = {d.name: d for d in docs}
+    picked = {}
+    for split, pool, at_least, slack in (("train", train_docs, TRAIN_SEQUENCES, TRAIN_SLACK),
+                                         ("val", val_docs, VAL_SEQUENCES, None)):
+        lengths = [(d.name, len(ids) + 1) for d, ids in zip(pool, tokenize(tokenizer, pool), strict=True)]
+        picked[split] = choose(lengths, at_least, slack)
+    corpus_dir = runs_dir / "corpus"
+    shutil.rmtree(corpus_dir, ignore_errors=True)
+    for name in picked["train"] + picked["val"]:
+        (corpus_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (corpus_dir / name).write_text(by_name[name].text)
+    # What train/bert.py will see in that folder: the same split (by name), the same packing.
+    again_train, again_val = split_documents(read_documents(corpus_dir), VAL_PERCENT)
+    if sorted(d.name for d in again_val) != sorted(picked["val"]):
+        raise StudyError("the corpus part's held-out split differs from the full corpus's (split_documents changed?)")
+    corpus = build_corpus(tokenizer, again_train, again_val, SEQ_LEN)
+    info = {"source": str(source), "corpus_dir": str(corpus_dir), "tokenizer": str(tok_dir),
+            "source_docs": len(docs), "source_train_docs": len(train_docs), "source_val_docs": len(val_docs),
+            "train_docs": len(again_train), "val_docs": len(again_val), "num_train": len(corpus.train),
+            "num_val": len(corpus.val), "train_tokens": corpus.num_tokens[0], "val_tokens": corpus.num_tokens[1],
+            "val_unigram_entropy": unigram_entropy(corpus.val, corpus.special_ids),
+            "seq_len": SEQ_LEN, "vocab_size": len(tokenizer), "seconds": time.perf_counter() - t0}
+    info_path.write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def finished(run_dir: Path) -> dict[str, Any] | None:
+    """The summary record of a finished run, else None (a line torn by a killed run is not a summary)."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    for line in reversed(metrics.read_text().splitlines()):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("kind") == "summary":
+            return rec
+    return None
+
+
+def command(run: dict[str, Any], runs_dir: Path, info: dict[str, Any]) -> list[str]:
+    out_dir = runs_dir / run["name"]
+    cmd = [sys.executable, "train/bert.py", "--deepspeed_config", str(runs_dir / "configs" / f"{run['name']}.json"),
+           "--data-dir", info["corpus_dir"], "--tokenizer", info["tokenizer"], "--val-percent", str(VAL_PERCENT),
+           "--output-dir", str(out_dir), "--run-name", run["name"], "--seed", "0", "--precision", "fp32",
+           "--no-wandb", "--wandb-group", "study-bert", "--log-interval", "4", "--keep-checkpoints", "1"]
+    return cmd + (["--overwrite"] if out_dir.exists() else [])  # an unfinished run starts again from scratch
+
+
+def run_one(run: dict[str, Any], runs_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    cfg_path = runs_dir / "configs" / f"{run['name']}.json"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(json.dumps(ds_config(run, info["num_train"]), indent=1) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
+               WANDB_MODE="offline")
+    t0 = time.perf_counter()
+    proc = subprocess.run(command(run, runs_dir, info), cwd=REPO, env=env, capture_output=True, text=True)
+    log = runs_dir / f"{run['name']}.log"
+    if proc.returncode != 0:
+        log.write_text(proc.stdout + proc.stderr)
+        raise RuntimeError(f"{run['name']} failed ({proc.returncode}); log in {log}")
+    shutil.rmtree(runs_dir / run["name"] / "checkpoints", ignore_errors=True)  # finished: the model/ folder stays
+    return {"seconds": time.perf_counter() - t0, **(finished(runs_dir / run["name"]) or {})}
+
+
+def run_all(runs: list[dict[str, Any]], runs_dir: Path, info: dict[str, Any], jobs: int) -> int:
+    """Run what is not finished; return the number of failures."""
+    for r in runs:
+        if finished(runs_dir / r["name"]):
+            check_made_as_planned(r, runs_dir / r["name"])
+    todo = [r for r in runs if not finished(runs_dir / r["name"])]
+    print(f"study-bert: {len(runs)} runs, {len(runs) - len(todo)} finished before, {len(todo)} to run ({jobs} at a "
+          f"time)", flush=True)
+    t0, failures = time.perf_counter(), 0
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_one, r, runs_dir, info): r for r in todo}
+        for i, fut in enumerate(as_completed(futures), 1):
+            try:
+                res = fut.result()
+                print(f"[{i}/{len(todo)}] {futures[fut]['name']}: {res['seconds']:.0f} s, held-out MLM loss "
+                      f"{res.get('final_val_loss', float('nan')):.4f} (elapsed {(time.perf_counter() - t0) / 60:.1f} "
+                      f"min)", flush=True)
+            except RuntimeError as e:
+                failures += 1
+                print(f"[{i}/{len(todo)}] {e}", flush=True)
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results, from the run folders
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """Held-out MLM loss after every epoch (with the tokens seen), the final one, and the run's wall time."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if line.strip().startswith("{")]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    summary = next((r for r in reversed(records) if r.get("kind") == "summary"), {})
+    if not epochs:
+        raise StudyError(f"{run_dir}/metrics.jsonl has no epoch record (expected train/bert.py's held-out MLM loss "
+                         f"after each epoch)")
+    return {"tokens": [int(e["tokens"]) for e in epochs], "val_loss": [float(e["val_loss"]) for e in epochs],
+            "val_mlm_accuracy": [float(e["val_mlm_accuracy"]) for e in epochs],
+            "final_val_loss": float(epochs[-1]["val_loss"]), "steps": int(epochs[-1]["step"]),
+            "train_seconds": sum(float(e.get("epoch_time", 0.0)) for e in epochs),
+            "tokens_per_sec": float(epochs[-1].get("tokens_per_sec", 0.0)), "summary": summary}
+
+
+def results(runs: list[dict[str, Any]], runs_dir: Path) -> list[dict[str, Any]]:
+    """The plan's runs that finished, each with what read_run found (a loss that is not finite stays as nan)."""
+    out = []
+    for r in runs:
+        if finished(runs_dir / r["name"]):
+            check_made_as_planned(r, runs_dir / r["name"])
+            out.append({**r, **read_run(runs_dir / r["name"])})
+    return out
+
+
+def check_made_as_planned(run: dict[str, Any], run_dir: Path) -> None:
+    """A finished run folder must hold the run the plan names (a run left from a study with another base lr or
+    batch would otherwise be read as this one)."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        return  # hand-made folders in tests carry only metrics.jsonl
+    cfg = json.loads(cfg_path.read_text())
+    lr, batch = cfg.get("optimizer", {}).get("params", {}).get("lr"), cfg.get("derived", {}).get("global_batch")
+    if lr is None or not math.isclose(lr, run["lr"], rel_tol=1e-9) or batch != run["batch"]:
+        raise StudyError(f"{run_dir} was made with peak lr {lr} at batch {batch}, the plan says lr {run['lr']:.6g} at "
+                         f"batch {run['batch']}: remove that folder (or use another --runs-dir) and run again")
+
+
+def best_of_grid(rows_: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """For each (optimizer, batch): the grid point of lowest final held-out loss (a diverged run, nan or inf,
+    never wins), with ``at_edge`` true when it is the smallest or largest factor of the grid (the optimum may lie
+    outside it) and ``grid`` the factors that ran."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows_:
+        groups.setdefault((r["optimizer"], r["batch"]), []).append(r)
+    for key, group in groups.items():
+        finite = [r for r in group if math.isfinite(r["final_val_loss"])]
+        if not finite:
+            continue
+        win = min(finite, key=lambda r: (r["final_val_loss"], r["factor"]))
+        factors = sorted(r["factor"] for r in group)
+        best[key] = {**win, "at_edge": len(factors) > 1 and win["factor"] in (factors[0], factors[-1]),
+                     "grid": factors}
+    return best
+
+
+def table(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, Any]]) -> str:
+    lines = ["| optimizer | batch | steps | grid factor | peak lr | held-out MLM loss after each epoch | final | "
+             "masked-token acc. (%) | best of grid |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows_, key=lambda r: (r["optimizer"], r["batch"], r["factor"])):
+        b = best.get((r["optimizer"], r["batch"]))
+        mark = ""
+        if b and b["name"] == r["name"]:
+            mark = "**best**" + (" (at the grid's edge)" if b["at_edge"] else "")
+        curve = " / ".join(f"{v:.3f}" for v in r["val_loss"])
+        lines.append(f"| {OPTIMIZERS[r['optimizer']]} | {r['batch']} | {r['steps']} | x{r['factor']:g} | "
+                     f"{r['lr']:.3g} | {curve} | {r['final_val_loss']:.3f} | {r['val_mlm_accuracy'][-1]:.1f} | "
+                     f"{mark} |")
+    return "\n".join(lines) + "\n"
+
+
+def figures(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, Any]], out: Path,
+            entropy: float | None) -> None:
+    import matplotlib  # local: only the figures need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"adamw": "C0", "lamb": "C3"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for opt in OPTIMIZERS:
+        grid = [r for r in rows_ if r["optimizer"] == opt and math.isfinite(r["final_val_loss"])]
+        ax.scatter([r["batch"] for r in grid], [r["final_val_loss"] for r in grid], s=14, color=colors[opt],
+                   alpha=0.25, label=f"{OPTIMIZERS[opt]}, every grid point")
+        pts = sorted((k[1], v) for k, v in best.items() if k[0] == opt)
+        if pts:
+            ax.plot([b for b, _ in pts], [v["final_val_loss"] for _, v in pts], "o-", color=colors[opt],
+                    label=f"{OPTIMIZERS[opt]}, best of the lr grid")
+            for b, v in pts:
+                if v["at_edge"]:
+                    ax.scatter([b], [v["final_val_loss"]], s=90, facecolors="none", edgecolors=colors[opt])
+    if entropy is not None:
+        ax.axhline(entropy, color="0.4", ls="--", lw=1, label=f"unigram entropy ({entropy:.2f} nats)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(BATCHES), [str(b) for b in BATCHES])
+    ax.set_xlabel("global batch (sequences of 32 tokens)")
+    ax.set_ylabel("held-out MLM loss (nats per masked token)")
+    ax.set_title(f"BERT-{MODEL}, {EPOCHS} epochs at every batch (circled: best at the grid's edge)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "fig1_loss_vs_batch.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(OPTIMIZERS), figsize=(11, 4), sharey=True)
+    cmap = plt.get_cmap("viridis")
+    for ax, opt in zip(axes, OPTIMIZERS, strict=True):
+        for i, b in enumerate(BATCHES):
+            v = best.get((opt, b))
+            if v is None:
+                continue
+            ax.plot(v["tokens"], v["val_loss"], "o-", ms=3, color=cmap(i / max(len(BATCHES) - 1, 1)),
+                    label=f"batch {b} (lr {v['lr']:.2g}, {v['steps']} steps)")
+        if entropy is not None:
+            ax.axhline(entropy, color="0.4", ls="--", lw=1, label="unigram entropy")
+        ax.set_title(f"{OPTIMIZERS[opt]}: best of the lr grid at each batch", fontsize=10)
+        ax.set_xlabel("training tokens seen")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out MLM loss (nats per masked token)")
+    handles = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    for ax in axes:
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.18), fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "fig2_loss_vs_tokens.png", dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(runs: list[dict[str, Any]], runs_dir: Path, out: Path, info: dict[str, Any] | None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    rows_ = results(runs, runs_dir)
+    best = best_of_grid(rows_)
+    entropy = info.get("val_unigram_entropy") if info else None
+    figures(rows_, best, out, entropy)
+    (out / "table.md").write_text(table(rows_, best))
+    summary = {
+        "model": MODEL, "seq_len": SEQ_LEN, "vocab_size": VOCAB_SIZE, "epochs": EPOCHS, "base_batch": BASE_BATCH,
+        "base_lr": BASE_LR, "grid": list(GRID), "warmup_fraction": WARMUP_FRACTION, "corpus": {
+            k: v for k, v in (info or {}).items() if k not in ("source", "corpus_dir", "tokenizer")},
+        "runs_planned": len(runs), "runs_finished": len(rows_),
+        "best": {f"{opt}-{b}": {k: v[k] for k in ("factor", "lr", "final_val_loss", "steps", "at_edge")}
+                 | {"final_val_mlm_accuracy": v["val_mlm_accuracy"][-1]}
+                 for (opt, b), v in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1]))},
+        "train_seconds": sum(r["train_seconds"] for r in rows_)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs-dir", default="runs/study-bert", help="run folders, configs, corpus part, tokenizer")
+    p.add_argument("--out", default="docs/study-bert", help="figures, table.md and summary.json")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the corpus to take the part from (default: train/bert.py's, Debian's python3.11-doc)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU core each)")
+    p.add_argument("--optimizers", nargs="*", default=None, help=f"only these of {list(OPTIMIZERS)}")
+    p.add_argument("--batches", nargs="*", type=int, default=None, help=f"only these of {list(BATCHES)}")
+    p.add_argument("--factors", nargs="*", type=float, default=None, help=f"only these grid factors of {list(GRID)}")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their peak lr, run nothing")
+    p.add_argument("--no-run", action="store_true", help="only write the outputs from the finished runs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
+    os.chdir(REPO)  # paths in configs and outputs stay relative to the repository
+    runs_dir, out = Path(args.runs_dir), Path(args.out)
+    try:
+        runs = plan(args.optimizers, args.batches, args.factors)
+    except StudyError as e:
+        raise SystemExit(str(e)) from None
+    if args.dry_run:
+        for r in runs:
+            print(f"{r['name']}: {OPTIMIZERS[r['optimizer']]} batch {r['batch']} peak lr {r['lr']:.4g}"
+                  f"{'  (finished)' if finished(runs_dir / r['name']) else ''}")
+        return 0
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    info_path = runs_dir / "corpus.json"
+    failures = 0
+    t0 = time.perf_counter()
+    if not args.no_run:
+        from train.text import default_corpus  # local: see prepare()
+
+        info = prepare(runs_dir, Path(args.data_dir) if args.data_dir else default_corpus())
+        print(f"study-bert: corpus part {info['train_docs']} + {info['val_docs']} held-out documents, "
+              f"{info['num_train']} + {info['num_val']} sequences of {SEQ_LEN} tokens; held-out unigram entropy "
+              f"{info['val_unigram_entropy']:.4f} nats", flush=True)
+        failures = run_all(runs, runs_dir, info, args.jobs)
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    summary = write_outputs(runs, runs_dir, out, info)
+    print(f"study-bert: {summary['runs_finished']}/{summary['runs_planned']} runs in {out} (this call "
+          f"{(time.perf_counter() - t0) / 60:.1f} min); {failures} failed", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
