@@ -357,8 +357,9 @@ def figures(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, A
     if entropy is not None:
         ax.axhline(entropy, color="0.4", ls="--", lw=1, label=f"unigram entropy ({entropy:.2f} nats)")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(list(BATCHES), [str(b) for b in BATCHES])
-    ax.set_xlabel("global batch (sequences of 32 tokens)")
+    steps = {r["batch"]: r["steps"] for r in rows_}
+    ax.set_xticks(list(BATCHES), [f"{b}\n{steps[b]} steps" if b in steps else str(b) for b in BATCHES])
+    ax.set_xlabel(f"global batch (sequences of {SEQ_LEN} tokens) and optimizer steps in {EPOCHS} epochs")
     ax.set_ylabel("held-out MLM loss (nats per masked token)")
     ax.set_title(f"BERT-{MODEL}, {EPOCHS} epochs at every batch (circled: best at the grid's edge)", fontsize=10)
     ax.grid(alpha=0.3)
@@ -367,28 +368,34 @@ def figures(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, A
     fig.savefig(out / "fig1_loss_vs_batch.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(OPTIMIZERS), figsize=(11, 4), sharey=True)
-    cmap = plt.get_cmap("viridis")
-    for ax, opt in zip(axes, OPTIMIZERS, strict=True):
-        for i, b in enumerate(BATCHES):
+    # fig2: one panel per batch, AdamW against LAMB (best of each one's grid), batch 64's best as the reference
+    fig, axes = plt.subplots(1, len(BATCHES), figsize=(3.1 * len(BATCHES), 3.6), sharey=True)
+    ref = min((v for k, v in best.items() if k[1] == BATCHES[0]), key=lambda v: v["final_val_loss"], default=None)
+    for ax, b in zip(axes, BATCHES, strict=True):
+        if ref is not None and b != BATCHES[0]:
+            ax.plot([t / 1e6 for t in ref["tokens"]], ref["val_loss"], "-", color="0.6", lw=3, alpha=0.5,
+                    label=f"best at batch {BATCHES[0]} ({OPTIMIZERS[ref['optimizer']]})")
+        for opt in OPTIMIZERS:
             v = best.get((opt, b))
-            if v is None:
-                continue
-            ax.plot(v["tokens"], v["val_loss"], "o-", ms=3, color=cmap(i / max(len(BATCHES) - 1, 1)),
-                    label=f"batch {b} (lr {v['lr']:.2g}, {v['steps']} steps)")
+            if v is not None:
+                ax.plot([t / 1e6 for t in v["tokens"]], v["val_loss"], "o-", ms=4, color=colors[opt],
+                        label=f"{OPTIMIZERS[opt]}, best of its lr grid")
         if entropy is not None:
-            ax.axhline(entropy, color="0.4", ls="--", lw=1, label="unigram entropy")
-        ax.set_title(f"{OPTIMIZERS[opt]}: best of the lr grid at each batch", fontsize=10)
-        ax.set_xlabel("training tokens seen")
+            ax.axhline(entropy, color="0.4", ls="--", lw=1, label="unigram entropy of the held-out text")
+        steps = next((v["steps"] for k, v in best.items() if k[1] == b), None)
+        lrs = ", ".join(f"{OPTIMIZERS[o]} {best[(o, b)]['lr']:.2g}" for o in OPTIMIZERS if (o, b) in best)
+        ax.set_title(f"batch {b}" + (f": {steps} steps" if steps else "") + (f"\npeak lr {lrs}" if lrs else ""),
+                     fontsize=9)
+        ax.set_xlabel("training tokens seen (millions)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out MLM loss (nats per masked token)")
-    handles = {}
+    handles: dict[str, Any] = {}
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
-    for ax in axes:
-        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.18), fontsize=7, ncol=2)
-    fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out / "fig2_loss_vs_tokens.png", dpi=110)
     plt.close(fig)
 
