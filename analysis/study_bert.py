@@ -224,14 +224,21 @@ def run_one(run: dict[str, Any], runs_dir: Path, info: dict[str, Any]) -> dict[s
     cfg_path.write_text(json.dumps(ds_config(run, info["num_train"]), indent=1) + "\n")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
                WANDB_MODE="offline")
-    t0 = time.perf_counter()
-    proc = subprocess.run(command(run, runs_dir, info), cwd=REPO, env=env, capture_output=True, text=True)
     log = runs_dir / f"{run['name']}.log"
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen(command(run, runs_dir, info), cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        # wait4 gives this child's CPU time (user + system): the run's cost on an idle core, whatever the load
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        log.write_text(proc.stdout + proc.stderr)
         raise RuntimeError(f"{run['name']} failed ({proc.returncode}); log in {log}")
+    log.unlink()
     shutil.rmtree(runs_dir / run["name"] / "checkpoints", ignore_errors=True)  # finished: the model/ folder stays
-    return {"seconds": time.perf_counter() - t0, **(finished(runs_dir / run["name"]) or {})}
+    cost = {"wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime}
+    (runs_dir / run["name"] / "study_cost.json").write_text(json.dumps(cost) + "\n")
+    return {"seconds": wall, **cost, **(finished(runs_dir / run["name"]) or {})}
 
 
 def run_all(runs: list[dict[str, Any]], runs_dir: Path, info: dict[str, Any], jobs: int) -> int:
@@ -248,7 +255,8 @@ def run_all(runs: list[dict[str, Any]], runs_dir: Path, info: dict[str, Any], jo
         for i, fut in enumerate(as_completed(futures), 1):
             try:
                 res = fut.result()
-                print(f"[{i}/{len(todo)}] {futures[fut]['name']}: {res['seconds']:.0f} s, held-out MLM loss "
+                print(f"[{i}/{len(todo)}] {futures[fut]['name']}: {res['seconds']:.0f} s ({res['cpu_seconds']:.0f} s "
+                      f"CPU), held-out MLM loss "
                       f"{res.get('final_val_loss', float('nan')):.4f} (elapsed {(time.perf_counter() - t0) / 60:.1f} "
                       f"min)", flush=True)
             except RuntimeError as e:
@@ -274,7 +282,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             "val_mlm_accuracy": [float(e["val_mlm_accuracy"]) for e in epochs],
             "final_val_loss": float(epochs[-1]["val_loss"]), "steps": int(epochs[-1]["step"]),
             "train_seconds": sum(float(e.get("epoch_time", 0.0)) for e in epochs),
-            "tokens_per_sec": float(epochs[-1].get("tokens_per_sec", 0.0)), "summary": summary}
+            "tokens_per_sec": float(epochs[-1].get("tokens_per_sec", 0.0)), "summary": summary,
+            **(json.loads((run_dir / "study_cost.json").read_text()) if (run_dir / "study_cost.json").is_file()
+               else {})}
 
 
 def results(runs: list[dict[str, Any]], runs_dir: Path) -> list[dict[str, Any]]:
@@ -415,7 +425,9 @@ def write_outputs(runs: list[dict[str, Any]], runs_dir: Path, out: Path, info: d
         "best": {f"{opt}-{b}": {k: v[k] for k in ("factor", "lr", "final_val_loss", "steps", "at_edge")}
                  | {"final_val_mlm_accuracy": v["val_mlm_accuracy"][-1]}
                  for (opt, b), v in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1]))},
-        "train_seconds": sum(r["train_seconds"] for r in rows_)}
+        "train_seconds": sum(r["train_seconds"] for r in rows_),
+        "run_wall_seconds": sum(r.get("wall_seconds", 0.0) for r in rows_),
+        "run_cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in rows_)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -148,7 +148,8 @@ def test_outputs_table_marks_the_best_and_the_edge(grid_runs, tmp_path):
 def test_finished_runs_are_skipped_and_unfinished_ones_run_again(grid_runs, monkeypatch, capsys):
     fake_run(grid_runs, "lamb-256-x1", [6.0], summary=False, torn=True)  # killed while writing its summary
     started = []
-    monkeypatch.setattr(sb, "run_one", lambda run, runs_dir, info: started.append(run["name"]) or {"seconds": 0.0})
+    monkeypatch.setattr(sb, "run_one", lambda run, runs_dir, info: started.append(run["name"]) or {
+        "seconds": 0.0, "cpu_seconds": 0.0})
     before = (grid_runs / "lamb-64-x1" / "metrics.jsonl").read_text()
     failures = sb.run_all(sb.plan(["lamb"], [64, 256, 8192]), grid_runs, {}, jobs=2)
     assert failures == 0
