@@ -252,29 +252,40 @@ def _run_label(r: Run) -> str:
 
 
 def plot_trust_ratio_heatmaps(runs: list[Run]) -> Figure:
-    """One layer x step heat map of the trust ratio per run (log colour scale shared by all panels)."""
+    """One layer x step heat map of the trust ratio per run (log colour scale shared by all panels). Rows: the layers
+    with a ratio (those LARS/LAMB adapt; batch-norm parameters and biases have none and are left out)."""
     from matplotlib.colors import LogNorm
 
-    with_layers = [r for r in runs if r.layers]
-    data = [(r, *trust_ratio_matrix(r)) for r in with_layers]
+    data = []
+    for r in (r for r in runs if r.layers):
+        names, steps, matrix = trust_ratio_matrix(r)
+        keep = [i for i in range(len(names)) if not all(math.isnan(v) for v in matrix[i])]
+        data.append((r, [names[i] for i in keep], steps, matrix[keep]))
     values = [v for *_, m in data for v in m[m > 0].ravel()] if data else []
     norm = LogNorm(vmin=min(values), vmax=max(values)) if values else None
     rows = max((len(names) for _, names, _, _ in data), default=1)
-    fig, axes = _grid(len(data), width=4.8, height=max(3.4, 0.09 * rows + 1.2))
+    cols = min(4, max(1, len(data)))
+    fig, grid = plt.subplots(math.ceil(max(1, len(data)) / cols), cols, squeeze=False, layout="constrained",
+                             figsize=(4.4 * cols + 1.0, min(12.0, max(3.2, 0.2 * rows + 1.6))
+                                      * math.ceil(max(1, len(data)) / cols)))
+    axes = list(grid.flat)
+    for ax in axes[len(data):]:
+        ax.set_visible(False)
     cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
     image = None
     for ax, (r, names, steps, matrix) in zip(axes, data, strict=False):
         image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm, gid=f"run:{r.name}",
                           extent=(-0.5, len(steps) - 0.5, len(names) - 0.5, -0.5))
         every = max(1, math.ceil(len(names) / 40))  # at most 40 labels (ResNet-50 has 161 tensors)
-        ax.set_yticks(range(0, len(names), every), names[::every], fontsize=max(4, 7 - len(names) // 40))
+        ax.set_yticks(range(0, len(names), every), names[::every] if ax is axes[0] or len(data) == 1 else [],
+                      fontsize=max(4, 7 - len(names) // 40))
         ticks = list(range(0, len(steps), max(1, math.ceil(len(steps) / 8))))
         ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
         ax.set_xlabel("optimizer step")
         ax.set_title(_run_label(r), fontsize=9)
     if image is not None:
-        fig.colorbar(image, ax=axes, label="trust ratio (grey: layer not adapted)", shrink=0.8)
-    fig.suptitle("Per-layer trust ratio over training")
+        fig.colorbar(image, ax=axes, label="trust ratio", shrink=0.9)
+    fig.suptitle("Per-layer trust ratio over training (adapted layers; grey: no record)")
     return fig
 
 
@@ -316,7 +327,7 @@ def plot_trust_ratio_layers(runs: list[Run], layers: list[str] | None = None) ->
 def _ratio_cell(v: float | None) -> str:
     if v is None:
         return "—"
-    return "∞" if math.isinf(v) else f"{v:,.4g}"
+    return "∞" if math.isinf(v) else f"{v:,.0f}" if v >= 1000 else f"{v:.4g}"
 
 
 def w_over_g_markdown(runs: list[Run]) -> str:
@@ -326,14 +337,20 @@ def w_over_g_markdown(runs: list[Run]) -> str:
     names: list[str] = []
     for _, _, ratios in tables:
         names += [n for n in ratios if n not in names]
-    head = ["layer"] + [f"{_run_label(r)}, step {step}" for r, step, _ in tables]
+    adapted = {e["name"]: e.get("adapted", e.get("trust_ratio") is not None) for r, _, _ in tables
+               for e in r.layers[0]["layers"]}
+    head = ["layer", "adapted"] + [f"{_run_label(r)}, step {step}" for r, step, _ in tables]
     lines = ["## ||w|| / ||g|| per layer at the start of training", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
-        lines.append("| " + " | ".join([f"`{n}`"] + [_ratio_cell(ratios.get(n)) for _, _, ratios in tables]) + " |")
+        cells = [f"`{n}`", "yes" if adapted.get(n) else "no"] + [_ratio_cell(ratios.get(n)) for _, _, ratios in tables]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Norms of the weights and of the gradient the optimizer stepped with (after DeepSpeed's averaging "
-              "over ranks), at the first logged step. You et al. 2017 (arXiv:1708.03888) measured this ratio on "
-              "AlexNet-BN from about 5 to over 1,000 across layers: the case for a per-layer learning rate."]
+              "over ranks), at the first logged step; ∞: no gradient reached the layer yet (behind a batch norm "
+              "whose gamma starts at 0), 0: a weight that starts at 0. \"adapted\": the layer gets a trust ratio "
+              "(LARS, LAMB; batch-norm parameters and biases do not). You et al. 2017 (arXiv:1708.03888) measured "
+              "this ratio on AlexNet-BN from about 5 to over 1,000 across layers: the case for a per-layer "
+              "learning rate."]
     return "\n".join(lines) + "\n"
 
 

@@ -271,8 +271,10 @@ def test_compare_writes_heat_map_overlay_and_you_table(tmp_path, two_runs):
                 assert matrix[i, j] == pytest.approx(e["trust_ratio"])
     fig = compare.plot_trust_ratio_heatmaps(loaded)
     image = next(im for ax in fig.axes for im in ax.images if im.get_gid() == f"run:{loaded[1].name}")
-    drawn = image.get_array()
-    assert drawn.shape == (6, 3) and drawn.mask[1].all() and float(drawn[4, 2]) == pytest.approx(matrix[4, 2])
+    drawn = image.get_array()  # the adapted layers' rows only
+    adapted = [i for i, (_, e) in enumerate(zip(NAMES, fake_records(3.0)[0][1], strict=True)) if e["adapted"]]
+    assert adapted == [0, 2, 3, 4] and drawn.shape == (4, 3)
+    assert [float(v) for v in drawn.ravel()] == pytest.approx([float(v) for i in adapted for v in matrix[i]])
     # the overlay: the chosen layer's ratio against epochs, one line per run
     fig = compare.plot_trust_ratio_layers(loaded, ["fc.weight"])
     lines = {ln.get_gid(): ln for ax in fig.axes for ln in ax.get_lines()}
@@ -286,7 +288,8 @@ def test_compare_writes_heat_map_overlay_and_you_table(tmp_path, two_runs):
         for e in first["layers"]:
             row = next(line for line in table.splitlines() if line.startswith(f"| `{e['name']}`"))
             cells = [c.strip() for c in row.strip("|").split("|")]
-            assert float(cells[col].replace(",", "")) == pytest.approx(e["w_norm"] / e["g_norm"], rel=5e-4)
+            assert cells[1] == ("yes" if e["adapted"] else "no")
+            assert float(cells[col + 1].replace(",", "")) == pytest.approx(e["w_norm"] / e["g_norm"], rel=1e-3)
 
 
 def test_compare_without_layer_records_writes_no_layer_panels(tmp_path):
