@@ -47,6 +47,7 @@ RUN_ORDER = (64, 8192, 1024, 256, 4096)  # the ends of the range first: a study 
 BASE_BATCH = 64
 BASE_LR = {"adamw": 1.5e-3, "lamb": 1.5e-2}  # peak lr at BASE_BATCH (from pilot runs; the README gives them)
 GRID = (0.5, 1.0, 2.0)  # factors around the square-root rule at every batch
+EXTEND = 2  # where the best is at an edge of the grid, up to 2 more factors beyond it (x4, x8 or x1/4, x1/8)
 OPTIMIZERS = {"adamw": "AdamW", "lamb": "LAMB"}
 WARMUP_FRACTION = 0.1  # linear warmup over this share of each run's steps (at least 2), then linear decay
 MAX_MICRO = 256  # sequences per forward pass (larger batches accumulate; the result does not depend on it)
@@ -74,10 +75,40 @@ def plan(optimizers: list[str] | None = None, batches: list[int] | None = None,
         unknown = [v for v in given or [] if v not in known]
         if unknown:
             raise StudyError(f"unknown {name}(s) {unknown}; the study has {known}")
-    return [{"optimizer": opt, "batch": b, "factor": f, "lr": lr_for(opt, b, f), "name": run_name(opt, b, f)}
-            for b in RUN_ORDER if not batches or b in batches
+    return [make_run(opt, b, f) for b in RUN_ORDER if not batches or b in batches
             for opt in OPTIMIZERS if not optimizers or opt in optimizers
             for f in GRID if not factors or f in factors]
+
+
+def make_run(optimizer: str, batch: int, factor: float) -> dict[str, Any]:
+    return {"optimizer": optimizer, "batch": batch, "factor": factor, "lr": lr_for(optimizer, batch, factor),
+            "name": run_name(optimizer, batch, factor)}
+
+
+def extra_factors() -> list[float]:
+    """The factors an extension may add: halving below the grid, doubling above it, EXTEND times each way."""
+    return [GRID[0] / 2 ** k for k in range(1, EXTEND + 1)] + [GRID[-1] * 2 ** k for k in range(1, EXTEND + 1)]
+
+
+def with_extensions(runs: list[dict[str, Any]], runs_dir: Path) -> list[dict[str, Any]]:
+    """The plan's runs and the extension runs of the same optimizers and batches that have a folder."""
+    keys = list(dict.fromkeys((r["optimizer"], r["batch"]) for r in runs))
+    return runs + [make_run(o, b, f) for o, b in keys for f in extra_factors()
+                   if (runs_dir / run_name(o, b, f)).is_dir()]
+
+
+def extend(rows_: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One factor beyond the edge wherever the best of what ran is at an edge (Nado et al.: a best at the edge of
+    the search space says the space was too small): twice the largest factor, or half the smallest, while that
+    stays within EXTEND doublings of GRID."""
+    out = []
+    for (opt, b), v in best_of_grid(rows_).items():
+        if not v["at_edge"]:
+            continue
+        f = v["factor"] * 2 if v["factor"] == max(v["grid"]) else v["factor"] / 2
+        if f in extra_factors():
+            out.append(make_run(opt, b, f))
+    return out
 
 
 def warmup_steps(total_steps: int) -> int:
@@ -419,7 +450,8 @@ def write_outputs(runs: list[dict[str, Any]], runs_dir: Path, out: Path, info: d
     (out / "table.md").write_text(table(rows_, best))
     summary = {
         "model": MODEL, "seq_len": SEQ_LEN, "vocab_size": VOCAB_SIZE, "epochs": EPOCHS, "base_batch": BASE_BATCH,
-        "base_lr": BASE_LR, "grid": list(GRID), "warmup_fraction": WARMUP_FRACTION, "corpus": {
+        "base_lr": BASE_LR, "grid": list(GRID), "extended": [r["name"] for r in rows_ if r["factor"] not in GRID],
+        "warmup_fraction": WARMUP_FRACTION, "corpus": {
             k: v for k, v in (info or {}).items() if k not in ("source", "corpus_dir", "tokenizer")},
         "runs_planned": len(runs), "runs_finished": len(rows_),
         "best": {f"{opt}-{b}": {k: v[k] for k in ("factor", "lr", "final_val_loss", "steps", "at_edge")}
@@ -458,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as e:
         raise SystemExit(str(e)) from None
     if args.dry_run:
-        for r in runs:
+        for r in with_extensions(runs, runs_dir):
             print(f"{r['name']}: {OPTIMIZERS[r['optimizer']]} batch {r['batch']} peak lr {r['lr']:.4g}"
                   f"{'  (finished)' if finished(runs_dir / r['name']) else ''}")
         return 0
@@ -474,8 +506,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{info['num_train']} + {info['num_val']} sequences of {SEQ_LEN} tokens; held-out unigram entropy "
               f"{info['val_unigram_entropy']:.4f} nats", flush=True)
         failures = run_all(runs, runs_dir, info, args.jobs)
+        for _ in range(EXTEND if args.factors is None else 0):  # a whole grid was asked for: widen it at edges
+            more = [r for r in extend(results(with_extensions(runs, runs_dir), runs_dir))
+                    if not finished(runs_dir / r["name"])]
+            if not more:
+                break
+            print(f"study-bert: best at the grid's edge, extending: {', '.join(r['name'] for r in more)}", flush=True)
+            failures += run_all(more, runs_dir, info, args.jobs)
     info = json.loads(info_path.read_text()) if info_path.is_file() else None
-    summary = write_outputs(runs, runs_dir, out, info)
+    summary = write_outputs(with_extensions(runs, runs_dir), runs_dir, out, info)
     print(f"study-bert: {summary['runs_finished']}/{summary['runs_planned']} runs in {out} (this call "
           f"{(time.perf_counter() - t0) / 60:.1f} min); {failures} failed", flush=True)
     return 1 if failures else 0

@@ -172,3 +172,21 @@ def test_a_finished_run_made_with_another_lr_is_refused(grid_runs):
         {"optimizer": {"type": "LAMB", "params": {"lr": 0.015}}, "derived": {"global_batch": 64}}))
     assert [r["name"] for r in sb.results(sb.plan(["lamb"], [64]), grid_runs)] == [
         "lamb-64-x0.5", "lamb-64-x1", "lamb-64-x2"]
+
+
+def test_a_best_at_the_edge_extends_the_grid_beyond_it_and_no_further_than_two_doublings(grid_runs):
+    fake_run(grid_runs, "adamw-1024-x0.5", [5.0, 4.8])  # the smallest factor wins: try x0.25 next
+    fake_run(grid_runs, "adamw-1024-x1", [5.0, 4.9])
+    fake_run(grid_runs, "adamw-1024-x2", [5.1, 5.0])
+    rows = sb.results(sb.plan(batches=[64, 1024, 8192]), grid_runs)
+    more = {r["name"]: r["lr"] for r in sb.extend(rows)}
+    # LAMB at 64 is inside its grid: nothing; at 8192 x2 won: x4; AdamW at 1024 x0.5 won: x0.25
+    assert more == pytest.approx({"lamb-8192-x4": 1.5e-2 * 128 ** 0.5 * 4, "adamw-1024-x0.25": 1.5e-3 * 4 * 0.25})
+    fake_run(grid_runs, "lamb-8192-x4", [7.0, 6.5])  # x4 wins too: x8, the last doubling allowed
+    fake_run(grid_runs, "lamb-8192-x8", [7.0, 6.4])  # and x8 wins: no x16
+    runs = sb.with_extensions(sb.plan(["lamb"], [8192]), grid_runs)
+    assert [r["name"] for r in runs] == ["lamb-8192-x0.5", "lamb-8192-x1", "lamb-8192-x2", "lamb-8192-x4",
+                                         "lamb-8192-x8"]
+    best = sb.best_of_grid(sb.results(runs, grid_runs))[("lamb", 8192)]
+    assert (best["name"], best["at_edge"]) == ("lamb-8192-x8", True)
+    assert sb.extend(sb.results(runs, grid_runs)) == []
