@@ -101,6 +101,35 @@ def test_lars_run_records_match_eq6_from_saved_weights_and_gradients(tmp_path, f
     assert max(ratios) / min(ratios) > 10  # layers differ: a per-model ratio would not pass the checks above
 
 
+def test_records_only_due_steps_and_refuses_optimizers_that_cannot_record():
+    """Interval 2 from step 1: records at steps 2 and 4 only (a resumed run passes its next step); interval 0 builds
+    nothing; a torch optimizer (no recording) is refused with a message naming it."""
+    from types import SimpleNamespace
+
+    import optimizers
+    from train.config import ConfigError
+    from train.diagnostics import TrustRatioMonitor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = optimizers.build_optimizer("sgd", model, {"lr": 0.1, "weight_decay": 1e-4})
+    engine = SimpleNamespace(optimizer=opt, module=model)
+    assert TrustRatioMonitor.create(engine, 0, 1) is None and not opt.record
+    log = worker.ListLog()
+    monitor = TrustRatioMonitor.create(engine, 2, next_step=1)
+    for step in range(1, 5):
+        model.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+        monitor.after_step(step, 8 * step, log)
+    assert [r["step"] for r in log.records] == [2, 4]
+    assert [e["name"] for e in log.records[0]["layers"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert TrustRatioMonitor.create(engine, 5, next_step=10).optimizer.record  # resumed before a due step
+    adam = SimpleNamespace(optimizer=torch.optim.Adam(model.parameters()), module=model)
+    with pytest.raises(ConfigError, match="--trust-ratio-interval needs one of our optimizers .* is Adam"):
+        TrustRatioMonitor(adam, 1, 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ZeRO-1/2 and bf16 against ZeRO-0 and float64, through the launcher
 
