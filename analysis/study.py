@@ -4,9 +4,10 @@ Every run is train/imagenet.py with a config from ds_configs/study/ (written by 
 tuned-study table): the narrow small ResNet on Fashion-MNIST; SGD with Goyal et al.'s linear scaling and warmup,
 LARS, LAMB, Smith et al.'s batch increase (and their momentum scaling) at batch 256 ... 8192, the same 3-epoch
 budget for all, each method's lr tuned at each batch on a grid of 3 values around its scaling rule. One process
-per run, ``--jobs`` at a time, in three phases: the grids; two more seeds at the best lr of each method at the
-smallest and the largest batch (chosen from the finished grids); the momentum-scaling runs. Finished runs (a
-summary record in metrics.jsonl) are skipped, so the study can be stopped and resumed. Then
+per run, ``--jobs`` at a time, in phases: the grids (1); where a grid's best lr is its smallest or largest, the next
+lr out, x1/9 or x9 (1.5); two more seeds at the best lr of each method at the smallest and the largest batch (2);
+Smith et al.'s momentum scaling (3, and its extensions 3.5). Each phase's runs follow from the earlier ones.
+Finished runs (a summary record in metrics.jsonl) are skipped, so the study can be stopped and resumed. Then
 analysis.study_figures draws the figures and writes table.md and summary.json into ``--out``.
 
     python -m analysis.study --jobs 2                    # everything (about 30 minutes on 2 idle CPU cores)
@@ -33,6 +34,8 @@ STUDY_CONFIGS = REPO / "ds_configs" / "study"
 MLP_CONFIGS = REPO / "ds_configs" / "study-mlp"
 ARCH = "resnet_small_narrow"
 GRID_TAGS = ("x1_3", "x1", "x3")  # ds_configs/generate.py TUNED_GRID: the rule's lr x 1/3, 1, 3
+EDGE_STEP = {"x1_3": "x1_9", "x3": "x9"}  # TUNED_EXTENSION: one step past the edge where the best lies there
+ALL_TAGS = ("x1_9", *GRID_TAGS, "x9")
 METHOD_ORDER = ("goyal", "smith", "lars", "lamb", "momentum")
 BATCH_ORDER = (256, 8192, 1024, 4096, 2048)
 SEED_BATCHES = (256, 8192)  # extra seeds at the best lr where the comparison is decided
@@ -47,9 +50,9 @@ MLP_EXTRA_SEED_POINTS = {"goyal": (1024, 4096, 8192), "linear": (8192,), "lars":
 def parse_config_name(stem: str) -> tuple[str, int, str]:
     """"goyal-1024-x1_3" -> ("goyal", 1024, "x1_3")."""
     parts = stem.split("-")
-    if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in GRID_TAGS:
+    if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in ALL_TAGS:
         raise ValueError(f"ds_configs/study/{stem}.json: expected METHOD-BATCH-TAG with TAG one of "
-                         f"{', '.join(GRID_TAGS)}; run python ds_configs/generate.py")
+                         f"{', '.join(ALL_TAGS)}; run python ds_configs/generate.py")
     return parts[0], int(parts[1]), parts[2]
 
 
@@ -75,12 +78,13 @@ def final_error(run_dir: Path) -> float | None:
     return err if isinstance(err, (int, float)) and err == err else None
 
 
-def grid_runs(methods: list[str] | None = None, batches: list[int] | None = None) -> list[dict[str, Any]]:
-    """Phase 1 and 3: every grid point of the study (seed 0); momentum scaling is phase 3."""
+def grid_runs(methods: list[str] | None = None, batches: list[int] | None = None,
+              tags: tuple[str, ...] = GRID_TAGS) -> list[dict[str, Any]]:
+    """Phase 1 (3 for momentum scaling): every grid point of the study with a tag in ``tags``, seed 0."""
     out = []
     for cfg in STUDY_CONFIGS.glob("*.json"):
         method, batch, tag = parse_config_name(cfg.stem)
-        if (methods and method not in methods) or (batches and batch not in batches):
+        if (methods and method not in methods) or (batches and batch not in batches) or tag not in tags:
             continue
         out.append({"config": cfg, "method": method, "batch": batch, "tag": tag, "seed": 0,
                     "phase": 3 if method == "momentum" else 1, "name": f"{cfg.stem}-seed0"})
@@ -89,29 +93,48 @@ def grid_runs(methods: list[str] | None = None, batches: list[int] | None = None
     return sorted(out, key=lambda r: (
         r["phase"], BATCH_ORDER.index(r["batch"]) if r["batch"] in BATCH_ORDER else len(BATCH_ORDER),
         METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else len(METHOD_ORDER), r["batch"],
-        GRID_TAGS.index(r["tag"])))
+        ALL_TAGS.index(r["tag"])))
 
 
 def best_of_grid(errors: dict[str, float | None]) -> str | None:
-    """The grid tag with the lowest error (ties: the earlier tag in GRID_TAGS); None if no point finished."""
-    done = [(err, GRID_TAGS.index(tag), tag) for tag, err in errors.items() if err is not None]
+    """The grid tag with the lowest error (ties: the smaller lr); None if no point finished."""
+    done = [(err, ALL_TAGS.index(tag), tag) for tag, err in errors.items() if err is not None]
     return min(done)[2] if done else None
 
 
-def seed_runs(grid: list[dict[str, Any]], runs_dir: Path) -> list[dict[str, Any]]:
-    """Phase 2: seeds 1 and 2 at the best lr of each method at SEED_BATCHES, once that grid has finished."""
+def _groups(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, dict[str, Any]]]:
+    out: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        out.setdefault((r["method"], r["batch"]), {})[r["tag"]] = r
+    return out
+
+
+def edge_runs(grid: list[dict[str, Any]], runs_dir: Path) -> list[dict[str, Any]]:
+    """Phase 1.5 (3.5): where a finished grid's best lr is its smallest or largest, the next lr out (x1/9 or x9)."""
     out = []
-    by_group: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
-    for r in grid:
-        by_group.setdefault((r["method"], r["batch"]), {})[r["tag"]] = r
-    for (method, batch), points in sorted(by_group.items()):
+    extension = {(r["method"], r["batch"], r["tag"]): r for r in grid_runs(tags=tuple(EDGE_STEP.values()))}
+    for (method, batch), points in sorted(_groups(grid).items()):
+        if not all(finished(runs_dir / r["name"]) for r in points.values()):
+            continue
+        best = best_of_grid({tag: final_error(runs_dir / r["name"]) for tag, r in points.items()})
+        nxt = extension.get((method, batch, EDGE_STEP.get(best or "", "")))
+        if nxt is not None:
+            out.append({**nxt, "phase": nxt["phase"] + 0.5})
+    return out
+
+
+def seed_runs(grid: list[dict[str, Any]], runs_dir: Path) -> list[dict[str, Any]]:
+    """Phase 2: seeds 1 and 2 at the best lr of each method at SEED_BATCHES, once that grid (and its extension
+    past an edge, if any, in ``grid``) has finished."""
+    out = []
+    for (method, batch), points in sorted(_groups(grid).items()):
         if method not in SEED_METHODS or batch not in SEED_BATCHES:
             continue
         if not all(finished(runs_dir / r["name"]) for r in points.values()):
             continue
         best = best_of_grid({tag: final_error(runs_dir / r["name"]) for tag, r in points.items()})
-        if best is None:
-            continue
+        if best is None or (best in EDGE_STEP and EDGE_STEP[best] not in points):
+            continue  # the extension past this edge has not been planned yet
         for seed in EXTRA_SEEDS:
             r = points[best]
             out.append({**r, "seed": seed, "phase": 2, "name": f"{r['config'].stem}-seed{seed}"})
@@ -119,9 +142,10 @@ def seed_runs(grid: list[dict[str, Any]], runs_dir: Path) -> list[dict[str, Any]
 
 
 def plan(runs_dir: Path, methods: list[str] | None = None, batches: list[int] | None = None,
-         seeds: bool = True) -> list[dict[str, Any]]:
-    """All runs of the study known now, in the order they run (phase 1, 2, 3)."""
+         seeds: bool = True, extend: bool = True) -> list[dict[str, Any]]:
+    """All runs of the study known now, in the order they run (phase 1, 1.5, 2, 3, 3.5)."""
     grid = grid_runs(methods, batches)
+    grid += edge_runs(grid, runs_dir) if extend else []
     extra = seed_runs(grid, runs_dir) if seeds else []
     return sorted(grid + extra, key=lambda r: r["phase"])  # stable: the order within a phase is kept
 
@@ -195,13 +219,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="resnet: the tuned study (docs/study/); bert: analysis.study_bert with the remaining "
                         "arguments; mlp: the first, untuned MLP study (ds_configs/study-mlp/)")
     p.add_argument("--runs-dir", default=None, help="where the run folders go (default runs/study, runs/study-mlp)")
-    p.add_argument("--out", default=None, help="figures, table and summary (default docs/study, docs/study-mlp)")
+    p.add_argument("--out", default=None, help="figures, table and summary (default docs/study, docs/study/mlp)")
     p.add_argument("--data-dir", default=os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
     p.add_argument("--arch", default=None, help=f"model of every run (default {ARCH}; the MLP study: mlp)")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="runs at a time")
     p.add_argument("--methods", nargs="*", default=None, help="only these methods")
     p.add_argument("--batches", nargs="*", type=int, default=None, help="only these global batches")
     p.add_argument("--no-seeds", action="store_true", help="skip phase 2 (extra seeds at the best lr)")
+    p.add_argument("--no-extend", action="store_true", help="do not try the next lr past a grid's edge")
     p.add_argument("--noise-scale-interval", type=int, default=10, help="0: do not measure the noise scale")
     p.add_argument("--trust-ratio-interval", type=int, default=0,
                    help="log per-layer trust ratios every N steps in the goyal/lars/lamb runs (0: off)")
@@ -223,13 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)  # paths in the outputs stay relative to the repository (no machine's absolute paths)
     mlp = args.workload == "mlp"
     runs_dir = Path(args.runs_dir or ("runs/study-mlp" if mlp else "runs/study"))
-    out = Path(args.out or ("docs/study-mlp" if mlp else "docs/study"))
+    out = Path(args.out or ("docs/study/mlp" if mlp else "docs/study"))
     args.arch = args.arch or ("mlp" if mlp else ARCH)
     runs_dir.mkdir(parents=True, exist_ok=True)
 
     def current() -> list[dict[str, Any]]:
         return mlp_plan(args.methods, args.batches) if mlp else \
-            plan(runs_dir, args.methods, args.batches, seeds=not args.no_seeds)
+            plan(runs_dir, args.methods, args.batches, seeds=not args.no_seeds, extend=not args.no_extend)
 
     t0 = time.perf_counter()
     failures, tried = 0, set()

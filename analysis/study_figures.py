@@ -1,8 +1,9 @@
 """The tuned study's figures, table and summary (docs/study/), from its run folders: `python -m analysis.study`.
 
 Each run is named METHOD-BATCH-TAG-seedS (analysis/study.py), TAG the point of the lr grid (the method's scaling
-rule x 1/3, 1, 3). For each method and batch the best grid point is the one with the lowest final validation
-error of seed 0 (seeds 1 and 2 exist only at the best point; they give the mean +- std). Written to ``out``:
+rule x 1/3, 1, 3, and x1/9 or x9 where the best was at an edge). For each method and batch the best grid point is
+the one with the lowest final validation error of seed 0 (seeds 1 and 2 exist only at the best point; they give
+the mean +- std). Written to ``out``:
 
 1. fig1_error_vs_batch.png: Goyal et al. 2017 (arXiv:1706.02677) Fig. 1: validation error against batch, the
    best of the grid per method, the grid's other points faint; the gradient noise scale B_noise measured in the
@@ -38,8 +39,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from analysis.compare import critical_batch, fmt_batch  # noqa: E402
 from analysis.runs import Run  # noqa: E402
 
-GRID_TAGS = ("x1_3", "x1", "x3")
-GRID_FACTORS = {"x1_3": "1/3", "x1": "1", "x3": "3"}
+GRID_TAGS = ("x1_9", "x1_3", "x1", "x3", "x9")  # x1/9 and x9 run only past an edge (analysis/study.py)
+GRID_FACTORS = {"x1_9": "1/9", "x1_3": "1/3", "x1": "1", "x3": "3", "x9": "9"}
 METHODS = {
     "goyal": "SGD + linear scaling + warmup (Goyal)",
     "lars": "LARS (You et al. 2017)",
@@ -49,6 +50,7 @@ METHODS = {
 }
 COLORS = {"goyal": "tab:blue", "lars": "tab:orange", "lamb": "tab:green", "smith": "tab:red", "momentum": "tab:purple"}
 DIMINISHING = 2.0  # steps more than this x the perfect-scaling steps: the diminishing-returns region
+EASY = 2.0  # the second, easier target: this x the hard one (a fixed epoch budget leaves large batches short)
 USEFUL = 0.8  # the maximal useful batch: the smallest whose steps are within 1/USEFUL of the method's fewest
 
 
@@ -158,33 +160,38 @@ def analyse(runs: list[Run]) -> dict[str, Any]:
             losses = [min(p[2] for p in smoothed_losses(s[0])) for s in points.values() if 0 in s and s[0].steps]
             if losses:
                 min_loss[method] = min(losses)
-    target = choose_target(min_loss) if min_loss else None
-    per_method: dict[str, dict[str, Any]] = {}
-    for g in groups:
-        points = grid[(g["method"], g["batch"])]
-        best_steps = None
-        for tag, seeds in points.items():
-            if 0 in seeds and target is not None:
-                s = steps_to_target([(p[0], p[2]) for p in smoothed_losses(seeds[0])], target)
-                g["grid"][tag]["steps_to_target"] = s
-                if s is not None and (best_steps is None or s < best_steps):
-                    best_steps = s
-        g["steps_to_target"] = best_steps
-        pm = per_method.setdefault(g["method"], {"steps": {}})
-        if best_steps is not None:
-            pm["steps"][g["batch"]] = best_steps
-    for pm in per_method.values():
-        steps = pm["steps"]
-        fit = fit_critical_batch(steps)
-        pm["fit"] = None if fit is None else {"s_min": fit[0], "b_crit": fit[1]}
-        pm["maximal_useful_batch"] = maximal_useful_batch(steps)
-        if smallest in steps:
-            perfect = {b: steps[smallest] * smallest / b for b in steps}
-            pm["diminishing_from"] = min((b for b in steps if steps[b] > DIMINISHING * perfect[b]), default=None)
-        pm["steps"] = {str(b): s for b, s in sorted(steps.items())}
+    hard = choose_target(min_loss) if min_loss else None
+    targets = [] if hard is None else [{"name": "hard", "loss": hard}, {"name": "easy", "loss": EASY * hard}]
+    per_target: dict[str, dict[str, dict[str, Any]]] = {}
+    for t in targets:
+        per_method: dict[str, dict[str, Any]] = {}
+        for g in groups:
+            best_steps = None
+            for tag, seeds in grid[(g["method"], g["batch"])].items():
+                if 0 not in seeds:
+                    continue
+                st = steps_to_target([(p[0], p[2]) for p in smoothed_losses(seeds[0])], t["loss"])
+                g["grid"][tag].setdefault("steps_to_target", {})[t["name"]] = st
+                if st is not None and (best_steps is None or st < best_steps):
+                    best_steps = st
+            g.setdefault("steps_to_target", {})[t["name"]] = best_steps
+            steps = per_method.setdefault(g["method"], {"steps": {}})["steps"]
+            if best_steps is not None:
+                steps[g["batch"]] = best_steps
+        for pm in per_method.values():
+            steps = pm["steps"]
+            fit = fit_critical_batch(steps)
+            pm["fit"] = None if fit is None else {"s_min": fit[0], "b_crit": fit[1]}
+            pm["maximal_useful_batch"] = maximal_useful_batch(steps)
+            pm["diminishing_from"] = None
+            if smallest in steps:
+                perfect = {b: steps[smallest] * smallest / b for b in steps}
+                pm["diminishing_from"] = min((b for b in steps if steps[b] > DIMINISHING * perfect[b]), default=None)
+            pm["steps"] = {str(b): st for b, st in sorted(steps.items())}
+        per_target[t["name"]] = per_method
     crit = critical_batch([r for r in runs if parse_run_name(r.name)[0] == "goyal"])
-    return {"groups": groups, "target_loss": target, "min_loss_at_smallest": min_loss, "smallest_batch": smallest,
-            "per_method": per_method, "noise_scale": crit}
+    return {"groups": groups, "targets": targets, "min_loss_at_smallest": min_loss, "smallest_batch": smallest,
+            "per_target": per_target, "noise_scale": crit}
 
 
 def _best_runs(runs: list[Run], summary: dict[str, Any]) -> dict[tuple[str, int], list[Run]]:
@@ -284,47 +291,51 @@ def plot_loss_vs_epochs(runs: list[Run], summary: dict[str, Any]) -> Any:
 
 
 def plot_steps_to_target(summary: dict[str, Any]) -> Any:
-    fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
+    """One panel per target: steps to it against batch, log-log (Shallue et al. 2018 Fig. 1 style)."""
+    targets = summary["targets"]
+    fig, axes = plt.subplots(1, max(1, len(targets)), figsize=(5.2 * max(1, len(targets)) + 2.6, 4.6), sharey=True,
+                             squeeze=False, layout="constrained")
     smallest = summary["smallest_batch"]
     all_b = sorted({g["batch"] for g in summary["groups"]})
-    ref = summary["per_method"].get("goyal", {}).get("steps", {}).get(str(smallest))
-    if ref is not None:
-        ax.plot(all_b, [ref * smallest / b for b in all_b], color="grey", ls=":", lw=1.2,
-                label="perfect scaling (from Goyal at the smallest batch)")
-        ax.fill_between(all_b, [DIMINISHING * ref * smallest / b for b in all_b], [1e6] * len(all_b), color="grey",
-                        alpha=0.1, lw=0, label=f"diminishing returns (> {DIMINISHING:g}x perfect scaling)")
-    for method, pm in summary["per_method"].items():
-        steps = {int(b): s for b, s in pm["steps"].items()}
-        if not steps:
-            continue
-        bs = sorted(steps)
-        color = COLORS.get(method, "grey")
-        ax.plot(bs, [steps[b] for b in bs], marker="o", color=color, label=METHODS.get(method, method),
-                gid=f"method:{method}")
-        mub = pm.get("maximal_useful_batch")
-        if mub is not None:
-            ax.scatter([mub], [steps[mub]], marker="*", s=200, color=color, edgecolor="k", zorder=5)
-        missing = [g["batch"] for g in summary["groups"] if g["method"] == method and g["steps_to_target"] is None]
-        top = max(max(steps.values()) * 1.6, 10)
-        ax.scatter(missing, [top] * len(missing), marker="x", color=color)
+    ys = [st for pt in summary["per_target"].values() for pm in pt.values() for st in pm["steps"].values()]
     crit = summary.get("noise_scale")
-    if crit:
-        ax.axvline(crit["b_noise"], color="k", ls="--", lw=1,
-                   label=f"predicted critical batch B_noise = {crit['b_noise']:,.0f}")
-    ax.scatter([], [], marker="*", s=120, color="white", edgecolor="k", label="maximal useful batch")
-    ax.scatter([], [], marker="x", color="k", label="target not reached")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(all_b, [fmt_batch(b) for b in all_b])
-    ys = [s for pm in summary["per_method"].values() for s in pm["steps"].values()]
-    if ys:
-        ax.set_ylim(min(ys) / 2, max(ys) * 2.5)
-    ax.set_xlabel("global batch")
-    ax.set_ylabel("optimizer steps to target (best lr)")
-    target = summary.get("target_loss")
-    ax.set_title(f"Steps to training loss {target} against batch (Shallue et al. 2018 style)", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    for ax, t in zip(axes[0], targets, strict=False):
+        per_method = summary["per_target"][t["name"]]
+        ref = per_method.get("goyal", {}).get("steps", {}).get(str(smallest))
+        if ref is not None:
+            ax.plot(all_b, [ref * smallest / b for b in all_b], color="grey", ls=":", lw=1.2,
+                    label="perfect scaling (from Goyal at the smallest batch)")
+            ax.fill_between(all_b, [DIMINISHING * ref * smallest / b for b in all_b], [1e6] * len(all_b),
+                            color="grey", alpha=0.1, lw=0, label=f"diminishing returns (> {DIMINISHING:g}x perfect)")
+        top = max(ys) * 1.8 if ys else 10
+        for method, pm in per_method.items():
+            steps = {int(b): st for b, st in pm["steps"].items()}
+            color = COLORS.get(method, "grey")
+            bs = sorted(steps)
+            ax.plot(bs, [steps[b] for b in bs], marker="o", color=color, label=METHODS.get(method, method),
+                    gid=f"method:{method}")
+            mub = pm.get("maximal_useful_batch")
+            if mub is not None:
+                ax.scatter([mub], [steps[mub]], marker="*", s=220, color=color, edgecolor="k", zorder=5)
+            missing = [g["batch"] for g in summary["groups"]
+                       if g["method"] == method and g["steps_to_target"].get(t["name"]) is None]
+            ax.scatter(missing, [top] * len(missing), marker="x", color=color, zorder=4)
+        if crit:
+            ax.axvline(crit["b_noise"], color="k", ls="--", lw=1,
+                       label=f"predicted critical batch: B_noise = {crit['b_noise']:,.0f}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(all_b, [fmt_batch(b) for b in all_b])
+        if ys:
+            ax.set_ylim(min(ys) / 2, max(ys) * 2.5)
+        ax.set_xlabel("global batch")
+        ax.set_title(f"{t['name']} target: training loss {t['loss']:.3g}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("optimizer steps to target (best lr)")
+    axes[0][0].scatter([], [], marker="*", s=120, color="white", edgecolor="k", label="maximal useful batch")
+    axes[0][0].scatter([], [], marker="x", color="k", label="target not reached (top)")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=8, frameon=False)
+    fig.suptitle("Steps to a target training loss against batch (Shallue et al. 2018 style)", fontsize=10)
     return fig
 
 
@@ -332,39 +343,48 @@ def _cell(v: float | None, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def _steps(d: dict[str, int | None] | None) -> str:
+    d = d or {}
+    return " / ".join("—" if d.get(n) is None else str(d[n]) for n in ("hard", "easy"))
+
+
 def table_markdown(summary: dict[str, Any], planned: list[str] | None = None) -> str:
     lines = ["# Tuned study: the whole grid", "",
-             "Final validation top-1 error (%) of seed 0 at each lr of the grid (the method's rule x 1/3, 1, 3); "
-             "**bold**: the best, by which the method is judged at that batch; *edge*: the best lr is the grid's "
-             "smallest or largest, so the optimum may lie outside. Best: mean ± sample std over the seeds run at "
-             "the best lr (n). Steps: optimizer steps to the target training loss at that lr.", "",
-             "| method | batch | lr × 1/3 | lr × 1 | lr × 3 | best (n) | steps to target |",
-             "|---|---|---|---|---|---|---|"]
+             "Final validation top-1 error (%) of seed 0 at each lr of the grid (the method's rule x 1/3, 1, 3; "
+             "x1/9 or x9 only where the best of the three was at that edge), "
+             "with the steps that lr took to the hard / easy target training loss; **bold**: the best error, by "
+             "which the method is judged at that batch; *edge*: the best lr is the grid's smallest or largest, so "
+             "the optimum may lie outside. Best: mean ± sample std over the seeds run at the best lr (n). Steps: "
+             "the fewest over the grid (Shallue et al. take the best lr for each batch).", "",
+             "| method | batch | lr × 1/9 | lr × 1/3 | lr × 1 | lr × 3 | lr × 9 | best (n) | steps to hard / easy "
+             "target |", "|---|---|---|---|---|---|---|---|---|"]
     for g in summary["groups"]:
         cells = []
         for tag in GRID_TAGS:
             p = g["grid"].get(tag)
             if p is None:
-                cells.append("not run")
+                cells.append("not run" if tag in ("x1_3", "x1", "x3") else "")
                 continue
-            txt = f"{_cell(p['error_seed0'])} (lr {p['lr']:.3g}"
-            txt += f", {p['steps_to_target']} st)" if p.get("steps_to_target") is not None else ")"
+            txt = f"{_cell(p['error_seed0'])} (lr {p['lr']:.3g}; {_steps(p.get('steps_to_target'))} st)"
             cells.append(f"**{txt}**" if tag == g["best"] else txt)
         best = "—" if g["best_mean"] is None else f"{g['best_mean']:.2f}" + (
             f" ± {g['best_std']:.2f}" if g["best_std"] is not None else "") + f" ({g['best_seeds']})"
         if g["edge"]:
             best += " *edge*"
         lines.append(f"| {g['method']} | {g['batch']:,} | " + " | ".join(cells) +
-                     f" | {best} | {g['steps_to_target'] if g['steps_to_target'] is not None else '—'} |")
-    lines += ["", f"Target training loss: {summary['target_loss']} (the largest of each method's lowest loss at "
-              f"batch {summary['smallest_batch']}: every method reaches it there).", ""]
-    lines += ["| method | maximal useful batch | diminishing returns from | fitted B_crit (S = S_min (1 + B_crit/B)) |",
-              "|---|---|---|---|"]
-    for method, pm in summary["per_method"].items():
-        fit = pm.get("fit")
-        fitted = "—" if fit is None else f"{fit['b_crit']:,.0f} (S_min {fit['s_min']:.0f})"
-        lines.append(f"| {method} | {pm.get('maximal_useful_batch') or '—'} | {pm.get('diminishing_from') or '—'} | "
-                     f"{fitted} |")
+                     f" | {best} | {_steps(g.get('steps_to_target'))} |")
+    for t in summary["targets"]:
+        lines += ["", f"**{t['name'].capitalize()} target: training loss {t['loss']:.3g}** " + (
+            f"(the largest of each method's lowest loss at batch {summary['smallest_batch']}: every method reaches it "
+            f"there)" if t["name"] == "hard" else f"({EASY:g} x the hard target)") + ".", "",
+            "| method | steps by batch | maximal useful batch | diminishing returns from | fitted B_crit "
+            "(S = S_min (1 + B_crit/B)) |", "|---|---|---|---|---|"]
+        for method, pm in summary["per_target"][t["name"]].items():
+            fit = pm.get("fit")
+            fitted = "—" if fit is None else f"{fit['b_crit']:,.0f} (S_min {fit['s_min']:.0f})"
+            steps = ", ".join(f"{fmt_batch(int(b))}: {st}" for b, st in pm["steps"].items()) or "—"
+            lines.append(f"| {method} | {steps} | {pm.get('maximal_useful_batch') or '—'} | "
+                         f"{pm.get('diminishing_from') or '—'} | {fitted} |")
     crit = summary.get("noise_scale")
     if crit:
         lines += ["", f"Gradient noise scale B_simple (Goyal runs that trained normally; median of per-run medians): "

@@ -125,6 +125,8 @@ TUNED_BATCHES = [256, 1024, 2048, 4096, 8192]
 TUNED_EPOCHS = 3
 TUNED_DECAY = {"milestones_epochs": [2], "factor": 5}
 TUNED_GRID = {"x1_3": 1 / 3, "x1": 1.0, "x3": 3.0}  # file-name tag -> factor on the rule's lr
+# One step further where the grid's best is at its edge (analysis/study.py runs it only then).
+TUNED_EXTENSION = {"x1_9": 1 / 9, "x9": 9.0}
 TUNED_METHODS = {
     "goyal": "SGD, Nesterov 0.9, linear scaling 0.1 x B/256, warmup from 0.1 x factor (Goyal et al. 2017)",
     "lars": "LARS, eta 0.001, lr 10 x sqrt(B/8192) (MLCommons' 10.0 at 8k, square-root scaling), warmup from 0, "
@@ -195,7 +197,7 @@ def tuned_study_points() -> list[tuple[str, int, str, float]]:
     out = []
     for method in TUNED_METHODS:
         for batch in TUNED_MOMENTUM_BATCHES if method == "momentum" else TUNED_BATCHES:
-            for tag, factor in TUNED_GRID.items():
+            for tag, factor in (TUNED_GRID | TUNED_EXTENSION).items():
                 if tuned_study_config(method, batch, factor) is not None:
                     out.append((method, batch, tag, factor))
     return out

@@ -18,6 +18,7 @@ from analysis import study, study_figures
 from train.config import TRAINING_DEFAULTS, ConfigError, resolve, scaled_momentum
 
 FACTORS = {"x1_3": 1 / 3, "x1": 1.0, "x3": 3.0}
+EXTENSION = {"x1_9": 1 / 9, "x9": 9.0}
 
 
 def rule(method: str, batch: int) -> float:
@@ -39,6 +40,9 @@ def test_grid_lrs_are_the_rule_times_the_grid_factors_and_every_run_has_the_same
         assert cfg["scheduler"]["params"]["warmup_max_lr"] == pytest.approx(lr, rel=1e-12)
         groups.setdefault((r["method"], r["batch"]), {})[r["tag"]] = lr
     assert all(set(tags) == set(FACTORS) for tags in groups.values())
+    for r in study.grid_runs(tags=tuple(EXTENSION)):  # the steps past an edge exist for every grid
+        lr = json.loads(r["config"].read_text())["optimizer"]["params"]["lr"]
+        assert lr == pytest.approx(rule(r["method"], r["batch"]) * EXTENSION[r["tag"]], rel=1e-12), r["name"]
     for method in ("goyal", "lars", "lamb"):
         assert {b for m, b in groups if m == method} == {256, 1024, 2048, 4096, 8192}
     # Smith's batch x5 at epoch 2 must leave >= 4 steps an epoch of 60,000: 5 B <= 15,000.
@@ -65,6 +69,19 @@ def test_best_of_grid_and_the_seed_phase(tmp_path):
         write_run(tmp_path / r["name"], err)
     seeds = study.seed_runs(runs, tmp_path)
     assert [s["name"] for s in seeds] == ["lars-8192-x1-seed1", "lars-8192-x1-seed2"]
+    assert study.edge_runs(runs, tmp_path) == []  # the best is inside the grid
+    # Best at the largest lr: the next lr out (x9) runs first, then the seeds go to the best of all four.
+    runs = study.grid_runs(["goyal"], [256])
+    for r, err in zip(runs, (30.0, 20.0, 15.0), strict=True):
+        write_run(tmp_path / r["name"], err)
+    ext = study.edge_runs(runs, tmp_path)
+    assert [(e["name"], e["phase"]) for e in ext] == [("goyal-256-x9-seed0", 1.5)]
+    assert study.seed_runs(runs, tmp_path) == []  # waits for the extension
+    assert study.seed_runs(runs + ext, tmp_path) == []  # planned, not finished
+    write_run(tmp_path / "goyal-256-x9-seed0", 12.0)
+    assert [s["name"] for s in study.seed_runs(runs + ext, tmp_path)] == ["goyal-256-x9-seed1", "goyal-256-x9-seed2"]
+    assert [r["name"] for r in study.plan(tmp_path, ["goyal"], [256]) if r["phase"] != 1] == \
+        ["goyal-256-x9-seed0", "goyal-256-x9-seed1", "goyal-256-x9-seed2"]
     assert study.seed_runs(study.grid_runs(["lars"], [1024]), tmp_path) == []  # not a seed batch
     # An unfinished grid plans no seeds yet.
     runs = study.grid_runs(["lamb"], [256])
