@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import subprocess
@@ -107,6 +108,7 @@ def test_records_only_due_steps_and_refuses_optimizers_that_cannot_record():
     from types import SimpleNamespace
 
     import optimizers
+    from optimizers.sgd import LARS_ETA
     from train.config import ConfigError
     from train.diagnostics import TrustRatioMonitor
 
@@ -115,6 +117,8 @@ def test_records_only_due_steps_and_refuses_optimizers_that_cannot_record():
     opt = optimizers.build_optimizer("sgd", model, {"lr": 0.1, "weight_decay": 1e-4})
     engine = SimpleNamespace(optimizer=opt, module=model)
     assert TrustRatioMonitor.create(engine, 0, 1) is None and not opt.record
+    lars_eta = inspect.signature(optimizers.LARS).parameters["trust_coefficient"].default
+    assert LARS_ETA == lars_eta  # SGD records the ratio of LARS's default eta
     log = worker.ListLog()
     monitor = TrustRatioMonitor.create(engine, 2, next_step=1)
     for step in range(1, 5):
