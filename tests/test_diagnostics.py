@@ -343,3 +343,16 @@ def test_default_layers_are_first_middle_and_last_adapted_and_unknown_layers_are
     assert runs.default_layers(loaded[0]) == ["stem.0.weight", "blocks.0.conv1.weight", "fc.weight"]
     with pytest.raises(runs.RunError, match="--layers fc.weigth: no such layer"):
         compare.compare(loaded, tmp_path / "out", layers=["fc.weigth"])
+
+
+def test_wandb_history_rows_give_back_the_ratios():
+    """RunLog logs a layers record to wandb as layers/step and trust_ratio/<layer>; the history row comes back as a
+    "layers" record with those ratios (the norms stay in metrics.jsonl)."""
+    from analysis import runs
+
+    rows = [{"samples": 512, "_step": 512, "step/loss": 2.0, "layers/step": 2, "trust_ratio/fc.weight": 0.003,
+             "trust_ratio/stem.0.weight": 0.002}]
+    records = list(runs.records_from_history(rows))
+    layers = [r for r in records if r["kind"] == "layers"]
+    assert len(layers) == 1 and layers[0]["step"] == 2 and layers[0]["samples"] == 512
+    assert {e["name"]: e["trust_ratio"] for e in layers[0]["layers"]} == {"fc.weight": 0.003, "stem.0.weight": 0.002}
