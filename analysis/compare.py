@@ -252,8 +252,10 @@ def _run_label(r: Run) -> str:
 
 
 def plot_trust_ratio_heatmaps(runs: list[Run]) -> Figure:
-    """One layer x step heat map of the trust ratio per run (log colour scale shared by all panels). Rows: the layers
-    with a ratio (those LARS/LAMB adapt; batch-norm parameters and biases have none and are left out)."""
+    """One layer x step heat map of the trust ratio per run. Rows: the layers with a ratio (those LARS/LAMB adapt;
+    batch-norm parameters and biases have none and are left out). One log colour scale, with its own colour bar, per
+    kind of ratio (:func:`ratio_kind`: LARS's ratio, LARC's clipped factor, LAMB's ||w|| / ||u||, the ratio LARS
+    would apply under SGD), shared by the runs of that kind: the kinds are different quantities."""
     from matplotlib.colors import LogNorm
 
     data = []
@@ -261,8 +263,10 @@ def plot_trust_ratio_heatmaps(runs: list[Run]) -> Figure:
         names, steps, matrix = trust_ratio_matrix(r)
         keep = [i for i in range(len(names)) if not all(math.isnan(v) for v in matrix[i])]
         data.append((r, [names[i] for i in keep], steps, matrix[keep]))
-    values = [v for *_, m in data for v in m[m > 0].ravel()] if data else []
-    norm = LogNorm(vmin=min(values), vmax=max(values)) if values else None
+    norms: dict[str, LogNorm | None] = {}
+    for kind in dict.fromkeys(ratio_kind(r) for r, *_ in data):
+        values = [v for r, _, _, m in data if ratio_kind(r) == kind for v in m[m > 0].ravel()]
+        norms[kind] = LogNorm(vmin=min(values), vmax=max(values)) if values else None
     rows = max((len(names) for _, names, _, _ in data), default=1)
     cols = min(4, max(1, len(data)))
     fig, grid = plt.subplots(math.ceil(max(1, len(data)) / cols), cols, squeeze=False, layout="constrained",
@@ -272,10 +276,12 @@ def plot_trust_ratio_heatmaps(runs: list[Run]) -> Figure:
     for ax in axes[len(data):]:
         ax.set_visible(False)
     cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
-    image = None
+    images: dict[str, tuple[Any, list[Any]]] = {}
     for ax, (r, names, steps, matrix) in zip(axes, data, strict=False):
-        image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm, gid=f"run:{r.name}",
-                          extent=(-0.5, len(steps) - 0.5, len(names) - 0.5, -0.5))
+        kind = ratio_kind(r)
+        image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap, norm=norms[kind],
+                          gid=f"run:{r.name}", extent=(-0.5, len(steps) - 0.5, len(names) - 0.5, -0.5))
+        images.setdefault(kind, (image, []))[1].append(ax)
         every = max(1, math.ceil(len(names) / 40))  # at most 40 labels (ResNet-50 has 161 tensors)
         ax.set_yticks(range(0, len(names), every), names[::every] if ax is axes[0] or len(data) == 1 else [],
                       fontsize=max(4, 7 - len(names) // 40))
@@ -283,10 +289,26 @@ def plot_trust_ratio_heatmaps(runs: list[Run]) -> Figure:
         ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
         ax.set_xlabel("optimizer step")
         ax.set_title(_run_label(r), fontsize=9)
-    if image is not None:
-        fig.colorbar(image, ax=axes, label="trust ratio", shrink=0.9)
+    for kind, (image, kind_axes) in images.items():
+        fig.colorbar(image, ax=kind_axes, label=RATIO_LABELS.get(kind, kind), shrink=0.9)
     fig.suptitle("Per-layer trust ratio over training (adapted layers; grey: no record)")
     return fig
+
+
+#: Colour-bar label of each kind of ratio (:func:`ratio_kind`).
+RATIO_LABELS = {"LARS applied": "LARS trust ratio", "LARS larc_clipped": "LARC factor min(ratio / lr, 1)",
+                "LAMB applied": "LAMB ||w|| / ||u||", "SGD lars_would_apply": "ratio LARS would apply (SGD)"}
+
+
+def ratio_kind(r: Run) -> str:
+    """What a run's ratios are: the recording optimizer and its "ratio" field (train/diagnostics.py), e.g.
+    "LARS larc_clipped"; runs of one kind share a colour scale."""
+    first = r.layers[0]
+    if "optimizer" in first and "ratio" in first:
+        return f"{first['optimizer']} {first['ratio']}"
+    by_config = {"lars": "LARS applied", "larc": "LARS larc_clipped", "lamb": "LAMB applied",
+                 "sgd": "SGD lars_would_apply"}  # records from wandb's history carry neither field
+    return by_config.get(str(r.optimizer).lower(), str(r.optimizer))
 
 
 def _epochs_of(r: Run, rec: dict[str, Any]) -> float:

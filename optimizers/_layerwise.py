@@ -87,7 +87,7 @@ class NormPlan:
     ``dtype``/``device``: of the norms, also when this rank holds no segment of the group (only padding) and still
     takes part in the group's ``all_reduce``. ``record``: :func:`layer_norms` leaves its per-layer norms in
     ``recorded`` (``"w"``, ``"x"``; the optimizer adds the ``"ratio"`` it applied), for diagnostics.
-    ``group_layers``: the layers (ids) of a bound group on every rank.
+    ``group_layers``: the layers (ids) of a bound group on every rank; set only for a step that records.
     """
 
     layer_index: Tensor | None = None
@@ -241,7 +241,7 @@ class RecordsLayers:
                 grads += [p.grad.view(-1).narrow(0, s.start, s.numel) for s in layout.segments]
             stepped.append(p)
             layouts.append(layout)
-        return params, grads, stepped, LayerwiseOptimizer._plan(layouts, stepped)
+        return params, grads, stepped, LayerwiseOptimizer._plan(layouts, stepped, record=True)
 
 
 def recorded_norms(xs: Sequence[Tensor], ys: Sequence[Tensor], plan: NormPlan) -> tuple[Tensor, Tensor]:
@@ -351,10 +351,12 @@ class LayerwiseOptimizer(RecordsLayers, torch.optim.Optimizer):
             stepped.append(p)
             counts.append(len(views[0]))
             layouts.append(layout)
-        return params, grads, states, stepped, counts, self._plan(layouts, stepped)
+        return params, grads, states, stepped, counts, self._plan(layouts, stepped, record=self.record)
 
     @staticmethod
-    def _plan(layouts: list[FlatLayout | None], stepped: list[Tensor]) -> NormPlan:
+    def _plan(layouts: list[FlatLayout | None], stepped: list[Tensor], record: bool) -> NormPlan:
+        """The norm plan of one param group; ``group_layers`` (what a recorded step reports) only when ``record``,
+        so that a step with diagnostics off does no extra work."""
         dtype = torch.promote_types(stepped[0].dtype, torch.float32) if stepped else torch.float32
         device = stepped[0].device if stepped else torch.device("cpu")
         bound = [layout for layout in layouts if layout is not None]
@@ -366,9 +368,11 @@ class LayerwiseOptimizer(RecordsLayers, torch.optim.Optimizer):
         if any(b.num_layers != first.num_layers or b.process_group is not first.process_group for b in bound):
             raise RuntimeError("tensors of one param group are bound to different layer counts or process groups")
         index = torch.cat([b.layer_index(device) for b in bound]) if len(bound) > 1 else first.layer_index(device)
-        group_layers = sorted({layer for b in bound for layer in b.group_layers}) or sorted(
-            {seg.layer for b in bound for seg in b.segments})
-        return NormPlan(index, first.num_layers, first.process_group, dtype, device, group_layers=tuple(group_layers))
+        group_layers: tuple[int, ...] = ()
+        if record:
+            group_layers = tuple(sorted({layer for b in bound for layer in b.group_layers}) or sorted(
+                {seg.layer for b in bound for seg in b.segments}))
+        return NormPlan(index, first.num_layers, first.process_group, dtype, device, group_layers=group_layers)
 
 
 def expand(values: Sequence[Any], counts: Sequence[int]) -> list[Any]:

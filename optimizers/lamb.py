@@ -55,7 +55,8 @@ def _bias_corrections(step: int, beta1: float, beta2: float, bias_correction: bo
 
 def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                         steps: list[int], plan: NormPlan | None, *, lr: float, beta1: float, beta2: float, eps: float,
-                        weight_decay: float, max_trust_ratio: float | None, bias_correction: bool) -> None:
+                        weight_decay: float, max_trust_ratio: float | None, bias_correction: bool,
+                        group_step: int | None = None) -> None:
     updates = []
     for w, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
@@ -78,7 +79,8 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
 
 def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                   steps: list[int], plan: NormPlan | None, *, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float, max_trust_ratio: float | None, bias_correction: bool) -> None:
+                  weight_decay: float, max_trust_ratio: float | None, bias_correction: bool,
+                  group_step: int | None = None) -> None:
     """Multi-tensor LAMB. With s = sqrt(bc2) / bc1 the update is u = s * u' where
     u' = m / (sqrt(v) + eps * sqrt(bc2)) + (wd / s) * w; the trust ratio ||w|| / ||u|| times u equals
     ||w|| / ||u'|| times u', so s only survives where the ratio is 1 or clamped. This saves the passes that
@@ -86,7 +88,12 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     if not params:
         if plan is not None:
             layer_norms(params, params, plan, foreach=True)  # a bound group's all_reduce needs every rank
-            plan.recorded = None  # norms of u' without its scale here: diagnostics get ||w|| and ||g|| only
+            if plan.recorded is not None:  # the other ranks' ||u'||: scale as they do, with the group's step
+                if group_step is None:
+                    raise ValueError("lamb: a recorded step of a rank holding only padding of a bound group needs "
+                                     "group_step (the group's step number) to scale ||u'|| to ||u||")
+                bc1, bc2 = _bias_corrections(group_step, beta1, beta2, bias_correction)
+                _record_update_norms(plan, math.sqrt(bc2) / bc1, max_trust_ratio)
         return
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -127,25 +134,34 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     else:  # tensors at different step counts (some skipped steps without a gradient): rare, one small copy
         scale = torch.tensor(scales, dtype=w_norm.dtype, device=w_norm.device)
     ratio = trust_ratio(w_norm, u_norm * scale, max_ratio=max_trust_ratio) * scale
-    if plan.recorded is not None:  # diagnostics: ||u|| = s ||u'|| and the ratio ||w|| / ||u|| (clamped) it gives
-        plan.recorded["x"] = plan.recorded["x"] * scale  # one scale per group when bound (one flat tensor)
-        plan.recorded["ratio"] = trust_ratio(plan.recorded["w"], plan.recorded["x"], max_ratio=max_trust_ratio)
+    if plan.recorded is not None:
+        _record_update_norms(plan, scale, max_trust_ratio)
     torch._foreach_addcmul_(params, updates, list(ratio.to(params[0].dtype).unbind(0)), value=-lr)
+
+
+def _record_update_norms(plan: NormPlan, scale: float | Tensor, max_trust_ratio: float | None) -> None:
+    """Diagnostics: ||u|| = s ||u'|| and the ratio ||w|| / ||u|| (clamped) it gives; one scale per group when bound
+    (one flat tensor per rank, at one step count on every rank)."""
+    assert plan.recorded is not None
+    plan.recorded["x"] = plan.recorded["x"] * scale
+    plan.recorded["ratio"] = trust_ratio(plan.recorded["w"], plan.recorded["x"], max_ratio=max_trust_ratio)
 
 
 def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
          steps: list[int], plan: NormPlan | None, lr: float, beta1: float, beta2: float, eps: float,
          weight_decay: float, max_trust_ratio: float | None = None, bias_correction: bool = True,
-         foreach: bool | None = None) -> None:
+         foreach: bool | None = None, group_step: int | None = None) -> None:
     """Functional LAMB step over layer segments (see the module docstring).
 
     ``steps[i]`` is the step number (1 on the first step) of segment ``i``; ``plan`` maps segments to layers
     (``NormPlan()``: each segment is a layer; ``None``: no trust ratio). ``foreach=None`` picks the multi-tensor
-    path.
+    path. ``group_step``: the group's step number, needed only by a recorded step (``plan.record``) of a rank that
+    holds no segment of a bound group (only padding), to scale the other ranks' update norms as they do.
     """
     fn = _single_tensor_lamb if foreach is False else _foreach_lamb
     fn(params, grads, exp_avgs, exp_avg_sqs, steps, plan, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-       weight_decay=weight_decay, max_trust_ratio=max_trust_ratio, bias_correction=bias_correction)
+       weight_decay=weight_decay, max_trust_ratio=max_trust_ratio, bias_correction=bias_correction,
+       group_step=group_step)
 
 
 class LAMB(LayerwiseOptimizer):
@@ -197,7 +213,8 @@ class LAMB(LayerwiseOptimizer):
             lamb(params, grads, states["exp_avg"], states["exp_avg_sq"], steps=expand(steps, counts),
                  plan=plan if group["adapt"] else None, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                  weight_decay=group["weight_decay"], max_trust_ratio=group["max_trust_ratio"],
-                 bias_correction=group["bias_correction"], foreach=group["foreach"])
+                 bias_correction=group["bias_correction"], foreach=group["foreach"],
+                 group_step=max(steps) if steps else None)
             if self.record:
                 rec = plan.recorded or {}
                 self._add_record(plan, stepped, w_norm, g_norm, rec.get("ratio"), rec.get("x"))

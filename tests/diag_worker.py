@@ -26,9 +26,15 @@ import optimizers  # noqa: E402
 from train.diagnostics import TrustRatioMonitor  # noqa: E402
 
 STEPS = 3
+MAX_TRUST_RATIO = 0.3
+UNUSED = "unused"  # the name of the unused parameter of the lars_unused variant's model
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     **base.VARIANTS,
     "sgd": ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
+    "larc": ("larc", base.VARIANTS["lars"][1]),  # at step 1 clips the large Linear's ratio at 1, not the others
+    # LAMB with a clamp between the layers' ratios (||w|| / ||u|| 0.11-0.19, and 0.40-0.60 for the large Linear)
+    "lamb_clamp": ("lamb", {**base.VARIANTS["lamb"][1], "max_trust_ratio": MAX_TRUST_RATIO}),
+    "lars_unused": base.VARIANTS["lars"],  # the model has a parameter the forward pass does not use
 }
 
 
@@ -44,12 +50,22 @@ class ListLog:
         self.wandb.append(dict(wandb_extra or {}))
 
 
+def make_model(variant: str) -> torch.nn.Module:
+    """tests/ds_optim_worker.py's model; for ``*_unused`` with a (5, 4) parameter outside the forward pass (first in
+    ``named_parameters()``, so in the adapted group, whose flat partition it shifts by 20 elements)."""
+    model = base.make_model()
+    if variant.endswith("_unused"):
+        weight = torch.randn(5, 4, generator=torch.Generator().manual_seed(7))
+        model.register_parameter(UNUSED, torch.nn.Parameter(weight))
+    return model
+
+
 def run(mode: str, variant: str) -> dict[str, Any]:
     import deepspeed
     import deepspeed.comm as dist
 
     name, params = VARIANTS[variant]
-    model = base.make_model()
+    model = make_model(variant)
     opt = optimizers.build_optimizer(name, model, params)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=base.ds_config(mode))
     binding = optimizers.bind_deepspeed(engine)

@@ -5,8 +5,12 @@
   around LARS.step in the run's own process).
 * Through the deepspeed launcher on 2 ranks (tests/diag_worker.py, one launch): the records under ZeRO-1/2, where a
   Linear weight straddles the ranks' partitions, equal ZeRO-0's and a float64 plain-PyTorch recomputation of
-  LARS, LAMB and SGD (the ratio LARS would apply), to within a rounding control measured here: the distance of the
-  same recomputation in fp32 from float64. bf16 ZeRO-1 equals bf16 ZeRO-0 alike.
+  LARS, LARC (min(ratio / lr, 1)), LAMB (||u|| too; and with a max_trust_ratio that clamps one layer of three) and
+  SGD (the ratio LARS would apply), to within a rounding control measured here: the distance of the same
+  recomputation in fp32 from float64. bf16 ZeRO-1 equals bf16 ZeRO-0 alike. A parameter outside the forward pass
+  has an entry in every record, the same in ZeRO-0 and ZeRO-2.
+* In one process: an entry for a parameter the optimizer skips (no gradient); a LAMB rank holding only padding of a
+  bound group keeps its record; the config check that refuses AdamW before the engine is built.
 * analysis.compare's heat map, overlay and ||w||/||g|| table from hand-made metrics files.
 """
 
@@ -134,18 +138,79 @@ def test_records_only_due_steps_and_refuses_optimizers_that_cannot_record():
         TrustRatioMonitor(adam, 1, 1)
 
 
+def test_a_parameter_the_optimizer_skips_has_an_entry():
+    """Used without DeepSpeed's all-reduce (which zero-fills), a parameter outside the forward pass has no gradient
+    and the optimizer skips it; its entry still comes, in model order: ||w|| of the parameter, g_norm 0, no ratio,
+    and "adapted" as its param group says."""
+    from types import SimpleNamespace
+
+    import optimizers
+    from train.diagnostics import TrustRatioMonitor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    model.register_module("unused", nn.Linear(5, 2))  # registered, but Sequential.forward ran its modules before
+    forward = nn.Sequential(*list(model)[:3])
+    opt = optimizers.build_optimizer("lars", model, {"lr": 0.1, "weight_decay": 1e-4})
+    monitor = TrustRatioMonitor(SimpleNamespace(optimizer=opt, module=model), 1, 1)
+    log = worker.ListLog()
+    forward(torch.randn(8, 4)).square().mean().backward()
+    opt.step()
+    monitor.after_step(1, 8, log)
+    entries = log.records[0]["layers"]
+    assert [e["name"] for e in entries] == ["0.weight", "0.bias", "2.weight", "2.bias", "unused.weight", "unused.bias"]
+    for e, p in zip(entries[4:], (model.unused.weight, model.unused.bias), strict=True):
+        assert p.grad is None and e["g_norm"] == 0.0 and e["trust_ratio"] is None, e
+        assert e["w_norm"] == pytest.approx(float(p.detach().double().norm()), rel=1e-12)
+        assert e["adapted"] == (p.ndim > 1)  # build_param_groups: weights adapted, biases not
+
+
+def test_config_check_refuses_an_optimizer_that_cannot_record_before_the_engine():
+    """train/imagenet.py and train/bert.py call check_optimizer on the config right after reading it."""
+    from train.config import ConfigError
+    from train.diagnostics import check_optimizer
+
+    cfg = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    with pytest.raises(ConfigError, match="--trust-ratio-interval 5 needs one of our optimizers .* type is 'AdamW'"):
+        check_optimizer(cfg, 5)
+    check_optimizer(cfg, 0)  # off: any optimizer
+    for name in ("SGD", "LARS", "larc", "Lamb"):
+        check_optimizer({"optimizer": {"type": name}}, 5)
+
+
+def test_lamb_rank_holding_only_padding_keeps_its_record():
+    """A rank whose share of a bound LAMB group is only padding (no segment) still records every layer of the group
+    with a ratio and ||u||: the norms the group's all-reduce brings (zero here, one process: ratio 1, the zero-norm
+    rule) and the update-norm scale from the group's step count. Without it the record had no ratio."""
+    from optimizers import LAMB, FlatLayout
+
+    flat = torch.nn.Parameter(torch.zeros(6))  # this rank's partition: padding only
+    opt = LAMB([flat], lr=0.1, weight_decay=0.01)
+    opt.set_layout(flat, FlatLayout(numel=6, segments=(), num_layers=3, group_layers=(0, 2)))
+    flat.grad = torch.zeros(6)
+    for _ in range(2):
+        opt.record = True
+        opt.step()
+        (stats,) = opt.take_records()
+        assert stats.layers == (0, 2)
+        assert stats.ratio is not None and stats.ratio.tolist() == [1.0, 1.0]
+        assert stats.u_norm is not None and stats.u_norm.tolist() == [0.0, 0.0]
+    assert torch.equal(flat.detach(), torch.zeros(6))  # padding is never written
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ZeRO-1/2 and bf16 against ZeRO-0 and float64, through the launcher
 
 RUNS = ("fp32-z0:lars", "fp32-z1:lars", "fp32-z2:lars", "fp32-z0:lamb", "fp32-z2:lamb", "fp32-z0:sgd",
-        "fp32-z2:sgd", "bf16-z0:lars", "bf16-z1:lars")
+        "fp32-z2:sgd", "bf16-z0:lars", "bf16-z1:lars", "fp32-z2:lamb_clamp", "fp32-z2:larc")
+UNUSED_RUNS = ("fp32-z0:lars_unused", "fp32-z2:lars_unused")  # in the same launch
 
 
 @pytest.fixture(scope="module")
 def zero_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("diag") / "results.pt"
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/diag_worker.py", "--out", str(out),
-           "--runs", *RUNS]
+           "--runs", *RUNS, *UNUSED_RUNS]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=child_env())
     assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -153,9 +218,10 @@ def zero_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @functools.cache
 def reference(variant: str, dtype: torch.dtype, world_size: int = 2) -> list[dict[str, tuple]]:
-    """Per step and layer (||w||, ||g||, ratio) of a plain PyTorch run written out here: LARS (You et al. 2017,
-    eq. 6 and Algorithm 1 in the torch momentum form), LAMB (You et al. 2019, Algorithm 2) or momentum SGD with the
-    ratio LARS (eta 0.001) would apply; the gradient is the mean of the ranks' micro-batch gradients."""
+    """Per step and layer (||w||, ||g||, ratio), and for LAMB ||u||, of a plain PyTorch run written out here: LARS
+    (You et al. 2017, eq. 6 and Algorithm 1 in the torch momentum form), LARC (apex's clip: min(ratio / lr, 1)), LAMB
+    (You et al. 2019, Algorithm 2; the ratio clamped at max_trust_ratio where set) or momentum SGD with the ratio
+    LARS (eta 0.001) would apply; the gradient is the mean of the ranks' micro-batch gradients."""
     name, params = worker.VARIANTS[variant]
     model = base.make_model().to(dtype)
     adapted = {n for n, p in model.named_parameters() if p.ndim > 1}  # no BN parameters or biases (build_param_groups)
@@ -174,11 +240,13 @@ def reference(variant: str, dtype: torch.dtype, world_size: int = 2) -> list[dic
                 wd = params["weight_decay"] if n in adapted else 0.0
                 wn, gn = float(w.norm()), float(g.norm())
                 ratio = None
-                if name in ("lars", "sgd"):
+                if name in ("lars", "larc", "sgd"):
                     eta = params.get("trust_coefficient", 0.001)
                     if n in adapted:
                         ratio = eta * wn / (gn + wd * wn + 1e-8) if wn > 0 and gn > 0 else 1.0
-                    d = (g + wd * w) * (ratio if name == "lars" and ratio is not None else 1.0)
+                        if name == "larc" and wn > 0 and gn > 0:
+                            ratio = min(ratio / lr, 1.0)
+                    d = (g + wd * w) * (ratio if name != "sgd" and ratio is not None else 1.0)
                     s["v"] = d.clone() if step == 0 else 0.9 * s["v"] + d
                     w -= lr * s["v"]
                 else:  # LAMB, eps 1e-6, betas (0.9, 0.999)
@@ -186,11 +254,11 @@ def reference(variant: str, dtype: torch.dtype, world_size: int = 2) -> list[dic
                     s["v"] = 0.001 * g * g if step == 0 else 0.999 * s["v"] + 0.001 * g * g
                     t = step + 1
                     u = (s["m"] / (1 - 0.9 ** t)) / ((s["v"] / (1 - 0.999 ** t)).sqrt() + 1e-6) + wd * w
-                    if n in adapted:
-                        un = float(u.norm())
-                        ratio = wn / un if wn > 0 and un > 0 else 1.0
+                    un = float(u.norm()) if n in adapted else None
+                    if un is not None:
+                        ratio = min(wn / un, params.get("max_trust_ratio") or math.inf) if wn > 0 and un > 0 else 1.0
                     w -= lr * (ratio if ratio is not None else 1.0) * u
-                rec[n] = (wn, gn, ratio)
+                rec[n] = (wn, gn, ratio) if name != "lamb" else (wn, gn, ratio, un)
         out.append(rec)
     return out
 
@@ -206,7 +274,9 @@ def max_diff(got: list[dict[str, tuple]], want: list[dict[str, tuple]]) -> float
 
 
 def as_tuples(records: list[dict[str, Any]]) -> list[dict[str, tuple]]:
-    return [{e["name"]: (e["w_norm"], e["g_norm"], e["trust_ratio"]) for e in r["layers"]} for r in records]
+    """(w_norm, g_norm, trust_ratio), and u_norm where logged (LAMB), per step and layer."""
+    return [{e["name"]: (e["w_norm"], e["g_norm"], e["trust_ratio"]) + ((e["u_norm"],) if "u_norm" in e else ())
+             for e in r["layers"]} for r in records]
 
 
 @functools.cache
@@ -230,21 +300,55 @@ def test_zero_stages_log_the_ratios_of_zero_0_and_of_float64(zero_results, run):
     names = [n for n, _ in base.make_model().named_parameters()]
     assert all(list(r) == names for r in got)
     tol = ROUNDING_FACTOR * rounding_control(variant)
+    zero_0 = f"{mode.split('-')[0]}-z0:{variant}"
     if "z0" not in mode:
         assert res["split_layers"], f"{run}: no layer straddles the partitions ({res['binding']})"
-        same = as_tuples(zero_results["results"][f"{mode.split('-')[0]}-z0:{variant}"]["records"])
+    if "z0" not in mode and zero_0 in RUNS:
+        same = as_tuples(zero_results["results"][zero_0]["records"])
         assert max_diff(got, same) < tol, f"{run} vs ZeRO-0: {max_diff(got, same):.2e} (tolerance {tol:.1e})"
     if mode.startswith("fp32"):
         want = reference(variant, torch.float64)
         assert max_diff(got, want) < tol, f"{run} vs float64: {max_diff(got, want):.2e} (tolerance {tol:.1e})"
     record = res["records"][0]
-    assert record["ratio"] == ("lars_would_apply" if variant == "sgd" else "applied")
+    assert record["ratio"] == {"sgd": "lars_would_apply", "larc": "larc_clipped"}.get(variant, "applied")
     assert res["wandb"][0] == {f"trust_ratio/{e['name']}": e["trust_ratio"] for e in record["layers"]
                                if e["adapted"]}
-    if variant == "lamb":  # ||u|| logged, and ratio = ||w|| / ||u||
-        for e in record["layers"]:
-            if e["adapted"]:
-                assert e["trust_ratio"] == pytest.approx(e["w_norm"] / e["u_norm"], rel=1e-6)
+    adapted = [e for r in res["records"] for e in r["layers"] if e["adapted"]]
+    if variant.startswith("lamb"):  # ||u|| logged (against float64 above), and ratio = ||w|| / ||u|| after clamping
+        clamp = worker.VARIANTS[variant][1].get("max_trust_ratio") or math.inf
+        for e in adapted:
+            assert e["trust_ratio"] == pytest.approx(min(e["w_norm"] / e["u_norm"], clamp), rel=1e-6)
+        if clamp < math.inf:  # the clamp binds for some layers, not for others
+            assert {e["trust_ratio"] == pytest.approx(clamp, rel=1e-6) for e in adapted} == {True, False}
+    if variant == "larc":  # min(ratio / lr, 1): clipped at 1 for some layers at step 1, not for others
+        assert {e["trust_ratio"] == 1.0 for e in record["layers"] if e["adapted"]} == {True, False}
+
+
+@pytest.mark.launcher
+def test_a_parameter_without_gradient_has_an_entry_in_every_zero_stage(zero_results):
+    """A parameter outside the forward pass (tests/diag_worker.py's lars_unused model) is in every record with the
+    same numbers in ZeRO-0 and ZeRO-2: DeepSpeed hands the optimizer a zero gradient for it in both (ZeRO-0's
+    all-reduce zero-fills a missing gradient), so g_norm 0, LARS's ratio 1 for a zero gradient, and weight decay only
+    (w_t = c_t w_0 with the momentum recursion written out here). The other layers equal the plain LARS run's."""
+    w0 = float(worker.make_model("lars_unused").get_parameter(worker.UNUSED).detach().double().norm())
+    lr, wd = worker.VARIANTS["lars"][1]["lr"], worker.VARIANTS["lars"][1]["weight_decay"]
+    c, v, scale = 1.0, 0.0, []
+    for step in range(worker.STEPS):
+        scale.append(c)
+        v = 0.9 * v + wd * c if step else wd * c  # d = ratio (0 + wd w) with ratio 1
+        c -= base.lr_at(lr, step, worker.STEPS) * v
+    plain = as_tuples(zero_results["results"]["fp32-z0:lars"]["records"])
+    names = [worker.UNUSED] + [n for n, _ in base.make_model().named_parameters()]
+    for run in UNUSED_RUNS:
+        records = zero_results["results"][run]["records"]
+        assert [r["step"] for r in records] == [1, 2, 3]
+        for step, (r, others) in enumerate(zip(records, plain, strict=True)):
+            assert [e["name"] for e in r["layers"]] == names, run
+            e = r["layers"][0]
+            assert e["adapted"] and e["g_norm"] == 0.0 and e["trust_ratio"] == 1.0, (run, e)
+            assert e["w_norm"] == pytest.approx(w0 * scale[step], rel=1e-6), (run, e)
+            got = {x["name"]: (x["w_norm"], x["g_norm"], x["trust_ratio"]) for x in r["layers"][1:]}
+            assert max_diff([got], [others]) < ROUNDING_FACTOR * rounding_control("lars"), run
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,6 +412,20 @@ def test_compare_writes_heat_map_overlay_and_you_table(tmp_path, two_runs):
     adapted = [i for i, (_, e) in enumerate(zip(NAMES, fake_records(3.0)[0][1], strict=True)) if e["adapted"]]
     assert adapted == [0, 2, 3, 4] and drawn.shape == (4, 3)
     assert [float(v) for v in drawn.ravel()] == pytest.approx([float(v) for i in adapted for v in matrix[i]])
+    # one log colour scale per kind of ratio: the LARS runs share one, a LAMB run (||w|| / ||u||) gets its own
+    lamb = runs.load_run(write_run(tmp_path / "lamb-256", 256, fake_records(100.0), optimizer="LAMB"))
+    fig = compare.plot_trust_ratio_heatmaps([*loaded, lamb])
+    norms = {im.get_gid(): (im.norm.vmin, im.norm.vmax) for ax in fig.axes for im in ax.images}
+
+    def extent(*scales: float) -> tuple[float, float]:
+        ratios = [e["trust_ratio"] for sc in scales for _, ls in fake_records(sc) for e in ls if e["trust_ratio"]]
+        return min(ratios), max(ratios)
+
+    for r in loaded:
+        assert norms[f"run:{r.name}"] == pytest.approx(extent(1.0, 3.0))
+    assert norms[f"run:{lamb.name}"] == pytest.approx(extent(100.0))
+    assert {ax.get_ylabel() for ax in fig.axes if not ax.images and ax.get_visible()} >= {
+        "LARS trust ratio", "LAMB ||w|| / ||u||"}
     # the overlay: the chosen layer's ratio against epochs, one line per run
     fig = compare.plot_trust_ratio_layers(loaded, ["fc.weight"])
     lines = {ln.get_gid(): ln for ax in fig.axes for ln in ax.get_lines()}

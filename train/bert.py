@@ -125,6 +125,7 @@ def bert_config(name: str, vocab_size: int, tokenizer: Any) -> Any:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("DeepSpeed").setLevel(args.ds_log_level.upper())
     cfg = load_json(args.deepspeed_config)  # bad JSON fails here, before anything heavy
+    diagnostics.check_optimizer(cfg, args.trust_ratio_interval)  # an optimizer that cannot record: refused now
     recipe = cfg.pop("bert", {})  # ours: the recipe's model, sequence length and vocabulary size
     if not isinstance(recipe, dict) or set(recipe) - {"model", "seq_len", "vocab_size"}:
         raise ConfigError(f'{args.deepspeed_config}: the "bert" block may hold model, seq_len and vocab_size; got '

@@ -98,6 +98,7 @@ class Run(RunParts):
 def main(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("DeepSpeed").setLevel(args.ds_log_level.upper())
     cfg = load_json(args.deepspeed_config)  # bad JSON fails here, before anything heavy
+    diagnostics.check_optimizer(cfg, args.trust_ratio_interval)  # an optimizer that cannot record: refused now
     world = distributed.init(args.dist_timeout)
     image_size = args.image_size or (28 if args.dataset == "fashion-mnist" else 224)
     channels = input_channels(args.arch, 1 if args.dataset == "fashion-mnist" else 3)
