@@ -35,6 +35,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # LAMB with a clamp between the layers' ratios (||w|| / ||u|| 0.11-0.19, and 0.40-0.60 for the large Linear)
     "lamb_clamp": ("lamb", {**base.VARIANTS["lamb"][1], "max_trust_ratio": MAX_TRUST_RATIO}),
     "lars_unused": base.VARIANTS["lars"],  # the model has a parameter the forward pass does not use
+    "lamb_pad": base.VARIANTS["lamb"],  # TinyHead: rank 1's share of the tiny weight's group is only padding
 }
 
 
@@ -60,17 +61,38 @@ def make_model(variant: str) -> torch.nn.Module:
     return model
 
 
+class TinyHead(torch.nn.Module):
+    """make_model's network with its first two logits scaled by a (1, 2) weight that has a param group of its own
+    (``lamb_pad``): on 2 ranks ZeRO pads that group to 4 elements, so rank 1's partition of it is only padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = base.make_model()
+        self.tiny = torch.nn.Parameter(torch.tensor([[1.5, 0.5]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return torch.cat([out[:, :2] * self.tiny, out[:, 2:]], 1)
+
+
 def run(mode: str, variant: str) -> dict[str, Any]:
     import deepspeed
     import deepspeed.comm as dist
 
     name, params = VARIANTS[variant]
-    model = make_model(variant)
-    opt = optimizers.build_optimizer(name, model, params)
+    if variant.endswith("_pad"):
+        model: torch.nn.Module = TinyHead()
+        groups = optimizers.build_param_groups(model.body, params["weight_decay"])
+        groups.append({"params": [model.tiny], "weight_decay": params["weight_decay"]})
+        opt = optimizers.LAMB(groups, **params)
+    else:
+        model = make_model(variant)
+        opt = optimizers.build_optimizer(name, model, params)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=base.ds_config(mode))
     binding = optimizers.bind_deepspeed(engine)
     monitor = TrustRatioMonitor(engine, interval=1, next_step=1)
-    log = ListLog() if dist.get_rank() == 0 else None
+    every_rank = variant.endswith("_pad")  # every rank's records come back (rank 1's differ only if one is wrong)
+    log = ListLog() if dist.get_rank() == 0 or every_rank else None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[mode.split("-")[0]]
     for step in range(STEPS):
         base.train_step(engine, step, dist.get_rank(), dtype, params["lr"], STEPS)
@@ -79,6 +101,12 @@ def run(mode: str, variant: str) -> dict[str, Any]:
     result = {"wrapper": type(engine.optimizer).__name__, "binding": str(split),
               "split_layers": list(getattr(split, "split_layers", ())),
               "records": log.records if log else [], "wandb": log.wandb if log else []}
+    if every_rank:  # per rank: its records, and per param group whether its partition is only padding
+        flats = getattr(engine.optimizer, "single_partition_of_fp32_groups", [])
+        mine = {"records": log.records if log else [],
+                "padding_only": [not opt.layout_of(t).segments for t in flats if opt.layout_of(t) is not None]}
+        result["ranks"] = [None] * dist.get_world_size()
+        torch.distributed.all_gather_object(result["ranks"], mine)
     engine.destroy()
     return result
 

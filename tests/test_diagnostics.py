@@ -8,7 +8,8 @@
   LARS, LARC (min(ratio / lr, 1)), LAMB (||u|| too; and with a max_trust_ratio that clamps one layer of three) and
   SGD (the ratio LARS would apply), to within a rounding control measured here: the distance of the same
   recomputation in fp32 from float64. bf16 ZeRO-1 equals bf16 ZeRO-0 alike. A parameter outside the forward pass
-  has an entry in every record, the same in ZeRO-0 and ZeRO-2.
+  has an entry in every record, the same in ZeRO-0 and ZeRO-2. A LAMB rank whose share of a group is only padding
+  records what rank 0 does.
 * In one process: an entry for a parameter the optimizer skips (no gradient); a LAMB rank holding only padding of a
   bound group keeps its record; the config check that refuses AdamW before the engine is built.
 * analysis.compare's heat map, overlay and ||w||/||g|| table from hand-made metrics files.
@@ -203,14 +204,15 @@ def test_lamb_rank_holding_only_padding_keeps_its_record():
 
 RUNS = ("fp32-z0:lars", "fp32-z1:lars", "fp32-z2:lars", "fp32-z0:lamb", "fp32-z2:lamb", "fp32-z0:sgd",
         "fp32-z2:sgd", "bf16-z0:lars", "bf16-z1:lars", "fp32-z2:lamb_clamp", "fp32-z2:larc")
-UNUSED_RUNS = ("fp32-z0:lars_unused", "fp32-z2:lars_unused")  # in the same launch
+UNUSED_RUNS = ("fp32-z0:lars_unused", "fp32-z2:lars_unused")  # in the same launch, as PAD_RUN
+PAD_RUN = "fp32-z1:lamb_pad"
 
 
 @pytest.fixture(scope="module")
 def zero_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("diag") / "results.pt"
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/diag_worker.py", "--out", str(out),
-           "--runs", *RUNS, *UNUSED_RUNS]
+           "--runs", *RUNS, *UNUSED_RUNS, PAD_RUN]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=child_env())
     assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -349,6 +351,21 @@ def test_a_parameter_without_gradient_has_an_entry_in_every_zero_stage(zero_resu
             assert e["w_norm"] == pytest.approx(w0 * scale[step], rel=1e-6), (run, e)
             got = {x["name"]: (x["w_norm"], x["g_norm"], x["trust_ratio"]) for x in r["layers"][1:]}
             assert max_diff([got], [others]) < ROUNDING_FACTOR * rounding_control("lars"), run
+
+
+@pytest.mark.launcher
+def test_lamb_rank_holding_only_padding_of_a_group_records_what_rank_0_does(zero_results):
+    """ZeRO-1, 2 ranks, LAMB with a 2-element weight in a param group of its own (tests/diag_worker.py's TinyHead):
+    rank 1's partition of that group is only padding, yet its records equal rank 0's, the ratio and ||u|| of that
+    layer included (the update-norm scale comes from the group's step count). Without that, rank 1 had no ratio."""
+    res = zero_results["results"][PAD_RUN]
+    rank0, rank1 = res["ranks"]
+    assert rank0["padding_only"] == [False, False, False] and rank1["padding_only"] == [False, False, True]
+    assert [r["step"] for r in rank1["records"]] == [1, 2, 3]
+    assert rank1["records"] == rank0["records"]
+    for record in rank0["records"]:
+        (tiny,) = [e for e in record["layers"] if e["name"] == "tiny"]
+        assert tiny["adapted"] and tiny["trust_ratio"] == pytest.approx(tiny["w_norm"] / tiny["u_norm"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
