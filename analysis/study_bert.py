@@ -402,7 +402,9 @@ def figures(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, A
     ax.set_xticks(list(BATCHES), [f"{b}\n{steps[b]} steps" if b in steps else str(b) for b in BATCHES])
     ax.set_xlabel(f"global batch (sequences of {SEQ_LEN} tokens) and optimizer steps in {EPOCHS} epochs")
     ax.set_ylabel("held-out MLM loss (nats per masked token)")
-    ax.set_title(f"BERT-{MODEL}, {EPOCHS} epochs at every batch (circled: best at the grid's edge)", fontsize=10)
+    edge = any(v["at_edge"] for v in best.values())
+    ax.set_title(f"BERT-{MODEL}, {EPOCHS} epochs at every batch" + (" (circled: best at the grid's edge)" if edge
+                                                                      else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
