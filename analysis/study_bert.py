@@ -68,21 +68,21 @@ def run_name(optimizer: str, batch: int, factor: float) -> str:
 
 
 def plan(optimizers: list[str] | None = None, batches: list[int] | None = None,
-         factors: list[float] | None = None) -> list[dict[str, Any]]:
+         factors: list[float] | None = None, epochs: int = EPOCHS) -> list[dict[str, Any]]:
     """Every run of the study (optimizer, batch, grid factor, peak lr, name), whole grids in RUN_ORDER."""
     for name, given, known in (("optimizer", optimizers, list(OPTIMIZERS)), ("batch", batches, list(BATCHES)),
                                ("grid factor", factors, list(GRID))):
         unknown = [v for v in given or [] if v not in known]
         if unknown:
             raise StudyError(f"unknown {name}(s) {unknown}; the study has {known}")
-    return [make_run(opt, b, f) for b in RUN_ORDER if not batches or b in batches
+    return [make_run(opt, b, f, epochs) for b in RUN_ORDER if not batches or b in batches
             for opt in OPTIMIZERS if not optimizers or opt in optimizers
             for f in GRID if not factors or f in factors]
 
 
-def make_run(optimizer: str, batch: int, factor: float) -> dict[str, Any]:
+def make_run(optimizer: str, batch: int, factor: float, epochs: int = EPOCHS) -> dict[str, Any]:
     return {"optimizer": optimizer, "batch": batch, "factor": factor, "lr": lr_for(optimizer, batch, factor),
-            "name": run_name(optimizer, batch, factor)}
+            "epochs": epochs, "name": run_name(optimizer, batch, factor)}
 
 
 def extra_factors() -> list[float]:
@@ -92,8 +92,8 @@ def extra_factors() -> list[float]:
 
 def with_extensions(runs: list[dict[str, Any]], runs_dir: Path) -> list[dict[str, Any]]:
     """The plan's runs and the extension runs of the same optimizers and batches that have a folder."""
-    keys = list(dict.fromkeys((r["optimizer"], r["batch"]) for r in runs))
-    return runs + [make_run(o, b, f) for o, b in keys for f in extra_factors()
+    keys = list(dict.fromkeys((r["optimizer"], r["batch"], r["epochs"]) for r in runs))
+    return runs + [make_run(o, b, f, e) for o, b, e in keys for f in extra_factors()
                    if (runs_dir / run_name(o, b, f)).is_dir()]
 
 
@@ -107,7 +107,7 @@ def extend(rows_: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         f = v["factor"] * 2 if v["factor"] == max(v["grid"]) else v["factor"] / 2
         if f in extra_factors():
-            out.append(make_run(opt, b, f))
+            out.append(make_run(opt, b, f, v["epochs"]))
     return out
 
 
@@ -132,7 +132,7 @@ def schedule(peak: float, total_steps: int) -> dict[str, Any]:
 def ds_config(run: dict[str, Any], num_train: int) -> dict[str, Any]:
     """The DeepSpeed config of one run (train/bert.py's format: DeepSpeed's keys, "training" and "bert" ours)."""
     batch = run["batch"]
-    total = EPOCHS * (num_train // batch)  # train/config.py's count: the remainder of an epoch is dropped
+    total = run["epochs"] * (num_train // batch)  # train/config.py's count: the remainder of an epoch is dropped
     params = {"lr": run["lr"], "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": WEIGHT_DECAY}
     if run["optimizer"] == "adamw":
         params["torch_adam"] = True  # torch.optim.AdamW (DeepSpeed's fused Adam is CUDA-only)
@@ -143,7 +143,7 @@ def ds_config(run: dict[str, Any], num_train: int) -> dict[str, Any]:
         "gradient_clipping": 0.0,
         "optimizer": {"type": OPTIMIZERS[run["optimizer"]], "params": params},
         "scheduler": {"type": "WarmupDecayLR", "params": schedule(run["lr"], total)},
-        "training": {"epochs": EPOCHS, "exclude_norm_and_bias": True, "recipe": "study-bert"},
+        "training": {"epochs": run["epochs"], "exclude_norm_and_bias": True, "recipe": "study-bert"},
         "bert": {"model": MODEL, "seq_len": SEQ_LEN, "vocab_size": VOCAB_SIZE},
     }
 
@@ -336,9 +336,11 @@ def check_made_as_planned(run: dict[str, Any], run_dir: Path) -> None:
         return  # hand-made folders in tests carry only metrics.jsonl
     cfg = json.loads(cfg_path.read_text())
     lr, batch = cfg.get("optimizer", {}).get("params", {}).get("lr"), cfg.get("derived", {}).get("global_batch")
-    if lr is None or not math.isclose(lr, run["lr"], rel_tol=1e-9) or batch != run["batch"]:
-        raise StudyError(f"{run_dir} was made with peak lr {lr} at batch {batch}, the plan says lr {run['lr']:.6g} at "
-                         f"batch {run['batch']}: remove that folder (or use another --runs-dir) and run again")
+    epochs = cfg.get("training", {}).get("epochs", run["epochs"])
+    if lr is None or not math.isclose(lr, run["lr"], rel_tol=1e-9) or batch != run["batch"] or epochs != run["epochs"]:
+        raise StudyError(f"{run_dir} was made with peak lr {lr} at batch {batch} for {epochs} epochs, the plan says "
+                         f"lr {run['lr']:.6g} at batch {run['batch']} for {run['epochs']}: remove that folder (or use "
+                         f"another --runs-dir) and run again")
 
 
 def best_of_grid(rows_: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -400,10 +402,11 @@ def figures(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, A
     ax.set_xscale("log", base=2)
     steps = {r["batch"]: r["steps"] for r in rows_}
     ax.set_xticks(list(BATCHES), [f"{b}\n{steps[b]} steps" if b in steps else str(b) for b in BATCHES])
-    ax.set_xlabel(f"global batch (sequences of {SEQ_LEN} tokens) and optimizer steps in {EPOCHS} epochs")
+    epochs = rows_[0]["epochs"] if rows_ else EPOCHS
+    ax.set_xlabel(f"global batch (sequences of {SEQ_LEN} tokens) and optimizer steps in {epochs} epochs")
     ax.set_ylabel("held-out MLM loss (nats per masked token)")
     edge = any(v["at_edge"] for v in best.values())
-    ax.set_title(f"BERT-{MODEL}, {EPOCHS} epochs at every batch" + (" (circled: best at the grid's edge)" if edge
+    ax.set_title(f"BERT-{MODEL}, {epochs} epochs at every batch" + (" (circled: best at the grid's edge)" if edge
                                                                       else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
@@ -451,7 +454,8 @@ def write_outputs(runs: list[dict[str, Any]], runs_dir: Path, out: Path, info: d
     figures(rows_, best, out, entropy)
     (out / "table.md").write_text(table(rows_, best))
     summary = {
-        "model": MODEL, "seq_len": SEQ_LEN, "vocab_size": VOCAB_SIZE, "epochs": EPOCHS, "base_batch": BASE_BATCH,
+        "model": MODEL, "seq_len": SEQ_LEN, "vocab_size": VOCAB_SIZE, "epochs": runs[0]["epochs"] if runs else EPOCHS,
+        "base_batch": BASE_BATCH,
         "base_lr": BASE_LR, "grid": list(GRID), "extended": [r["name"] for r in rows_ if r["factor"] not in GRID],
         "warmup_fraction": WARMUP_FRACTION, "corpus": {
             k: v for k, v in (info or {}).items() if k not in ("source", "corpus_dir", "tokenizer")},
@@ -476,6 +480,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", nargs="*", default=None, help=f"only these of {list(OPTIMIZERS)}")
     p.add_argument("--batches", nargs="*", type=int, default=None, help=f"only these of {list(BATCHES)}")
     p.add_argument("--factors", nargs="*", type=float, default=None, help=f"only these grid factors of {list(GRID)}")
+    p.add_argument("--epochs", type=int, default=EPOCHS,
+                   help="epochs of every run (the study's comparison is at 4; more, in another --runs-dir, is a "
+                        "side check of the step count)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their peak lr, run nothing")
     p.add_argument("--no-run", action="store_true", help="only write the outputs from the finished runs")
     return p
@@ -483,12 +490,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.jobs < 1:
-        raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs < 1 or args.epochs < 1:
+        raise SystemExit(f"--jobs and --epochs must be at least 1, got {args.jobs} and {args.epochs}")
     os.chdir(REPO)  # paths in configs and outputs stay relative to the repository
     runs_dir, out = Path(args.runs_dir), Path(args.out)
     try:
-        runs = plan(args.optimizers, args.batches, args.factors)
+        runs = plan(args.optimizers, args.batches, args.factors, args.epochs)
     except StudyError as e:
         raise SystemExit(str(e)) from None
     if args.dry_run:

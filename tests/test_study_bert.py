@@ -166,12 +166,16 @@ def test_finished_runs_are_skipped_and_unfinished_ones_run_again(grid_runs, monk
 def test_a_finished_run_made_with_another_lr_is_refused(grid_runs):
     (grid_runs / "lamb-64-x1" / "config.json").write_text(json.dumps(
         {"optimizer": {"type": "LAMB", "params": {"lr": 0.02}}, "derived": {"global_batch": 64}}))
-    with pytest.raises(sb.StudyError, match=r"made with peak lr 0.02 at batch 64, the plan says lr 0.015 at batch 64"):
+    with pytest.raises(sb.StudyError, match=r"made with peak lr 0.02 at batch 64 for 4 epochs, the plan says "
+                                            r"lr 0.015 at batch 64 for 4"):
         sb.run_all(sb.plan(["lamb"], [64]), grid_runs, {}, jobs=1)
     (grid_runs / "lamb-64-x1" / "config.json").write_text(json.dumps(
-        {"optimizer": {"type": "LAMB", "params": {"lr": 0.015}}, "derived": {"global_batch": 64}}))
+        {"optimizer": {"type": "LAMB", "params": {"lr": 0.015}}, "derived": {"global_batch": 64},
+         "training": {"epochs": 4}}))
     assert [r["name"] for r in sb.results(sb.plan(["lamb"], [64]), grid_runs)] == [
         "lamb-64-x0.5", "lamb-64-x1", "lamb-64-x2"]
+    with pytest.raises(sb.StudyError, match=r"for 4 epochs, the plan says lr 0.015 at batch 64 for 16"):
+        sb.results(sb.plan(["lamb"], [64], epochs=16), grid_runs)  # a 16-epoch side check needs its own folder
 
 
 def test_a_best_at_the_edge_extends_the_grid_beyond_it_and_no_further_than_two_doublings(grid_runs):
