@@ -316,13 +316,15 @@ def bert_config(batch: int, seq_len: int, lr: float, warmup: float, epochs: int,
     demo = recipe == "bert-demo"
     sched = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_epochs": round(warmup * epochs, 4),
              "warmup_type": "linear", "total_num_epochs": "auto"}
+    # Linear warmup, then linear decay to 0 (power 1) for both optimizers. train.schedules' WarmupPolyLR, not
+    # DeepSpeed's WarmupDecayLR: that one runs the first two optimizer steps at warmup_min_lr (0 here), so step t
+    # gets the lr meant for step t - 1.
+    scheduler = {"type": "WarmupPolyLR", "params": {**sched, "end_lr": 0.0, "power": 1.0}}
     if optimizer == "LAMB":
         opt = {"type": "LAMB", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01}}
-        scheduler = {"type": "WarmupPolyLR", "params": {**sched, "end_lr": 0.0, "power": 1.0}}
-    else:  # DeepSpeed's AdamW as torch.optim.AdamW (no CUDA extension), with DeepSpeed's linear warmup and decay
+    else:  # DeepSpeed's AdamW as torch.optim.AdamW (no CUDA extension)
         opt = {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01,
                                            "torch_adam": True}}
-        scheduler = {"type": "WarmupDecayLR", "params": sched}
     return {"train_batch_size": batch, "train_micro_batch_size_per_gpu": 32 if demo else 64 if seq_len == 128 else 16,
             **({} if demo else {"fp16": dict(FP16)}), "zero_optimization": {"stage": 1},
             "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0 if optimizer == "LAMB" or demo else 1.0,

@@ -73,3 +73,38 @@ def test_rejects_log_warmup_and_bad_gamma():
         WarmupMultiStepLR(torch.optim.SGD([p], lr=1.0), warmup_type="log")
     with pytest.raises(ValueError, match="gamma must be in"):
         WarmupMultiStepLR(torch.optim.SGD([p], lr=1.0), gamma=2.0)
+
+
+def test_every_bert_recipe_warms_up_linearly_from_its_first_step():
+    """Devlin et al. and You et al.: linear warmup to the peak, then linear decay to 0. Each shipped BERT config's
+    schedule, stepped as DeepSpeed's engine steps it, runs step t (0-based) at peak x t / W during the warmup and
+    reaches 0 at the end. DeepSpeed's own WarmupDecayLR, the control, fails this: it runs the
+    first two steps at warmup_min_lr, so every warmup step gets the previous step's lr."""
+    import json
+    from pathlib import Path
+
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    from train.schedules import SCHEDULES
+
+    W, T = 10, 100
+
+    def linear_warmup_and_decay(seen: list[float], peak: float) -> bool:
+        warm = all(math.isclose(seen[t], peak * t / W, abs_tol=1e-15) for t in range(W + 1))
+        decay = all(math.isclose(seen[t], peak * (T - t) / (T - W), rel_tol=1e-9) for t in range(W, T))
+        return warm and decay
+
+    configs = sorted((Path(__file__).resolve().parent.parent / "ds_configs" / "bert").glob("*.json"))
+    assert len(configs) >= 8
+    for path in configs:
+        sched = json.loads(path.read_text())["scheduler"]
+        p = sched["params"]
+        assert sched["type"] in SCHEDULES, f"{path.name}: {sched['type']} is not one of train.schedules' schedules"
+        assert (p["warmup_min_lr"], p["end_lr"], p["power"]) == (0.0, 0.0, 1.0), path.name
+        seen = lrs_seen(SCHEDULES[sched["type"]], T, warmup_min_lr=0.0, warmup_max_lr=p["warmup_max_lr"],
+                        warmup_num_steps=W, total_num_steps=T, end_lr=0.0, power=1.0)
+        assert linear_warmup_and_decay(seen, p["warmup_max_lr"]), (path.name, seen[:W + 2])
+    deepspeed_seen = lrs_seen(WarmupDecayLR, T, warmup_min_lr=0.0, warmup_max_lr=1e-4, warmup_num_steps=W,
+                              total_num_steps=T, warmup_type="linear")
+    assert deepspeed_seen[:3] == [0.0, 0.0, 1e-4 / W]  # the control: one step late
+    assert not linear_warmup_and_decay(deepspeed_seen, 1e-4)
