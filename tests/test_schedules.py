@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
-from train.schedules import WarmupMultiStepLR, WarmupPolyLR
+from train.schedules import SCHEDULES, WarmupMultiStepLR, WarmupPolyLR
 
 
 def lrs_seen(schedule_cls, steps: int, **params) -> list[float]:
@@ -80,13 +83,6 @@ def test_every_bert_recipe_warms_up_linearly_from_its_first_step():
     schedule, stepped as DeepSpeed's engine steps it, runs step t (0-based) at peak x t / W during the warmup and
     reaches 0 at the end. DeepSpeed's own WarmupDecayLR, the control, fails this: it runs the
     first two steps at warmup_min_lr, so every warmup step gets the previous step's lr."""
-    import json
-    from pathlib import Path
-
-    from deepspeed.runtime.lr_schedules import WarmupDecayLR
-
-    from train.schedules import SCHEDULES
-
     W, T = 10, 100
 
     def linear_warmup_and_decay(seen: list[float], peak: float) -> bool:
