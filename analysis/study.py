@@ -66,8 +66,9 @@ def finished(run_dir: Path) -> dict[str, Any] | None:
             rec = json.loads(line)
         except json.JSONDecodeError:  # a line torn by a killed run: that run is not finished
             continue
-        if rec.get("kind") == "summary":
+        if isinstance(rec, dict) and rec.get("kind") == "summary":
             return rec
+    return None
     return None
 
 

@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from analysis.study import finished  # the same 'finished run' rule as the ResNet study
+
 REPO = Path(__file__).resolve().parent.parent
 
 # --- The study's choices (docs/study-bert/README.md says why each) ------------------------------------------------
@@ -223,21 +225,6 @@ def prepare(runs_dir: Path, source: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running
-
-
-def finished(run_dir: Path) -> dict[str, Any] | None:
-    """The summary record of a finished run, else None (a line torn by a killed run is not a summary)."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    for line in reversed(metrics.read_text().splitlines()):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("kind") == "summary":
-            return rec
-    return None
 
 
 def command(run: dict[str, Any], runs_dir: Path, info: dict[str, Any]) -> list[str]:

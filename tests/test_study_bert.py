@@ -61,17 +61,10 @@ def test_config_same_epochs_for_every_batch_and_warmup_a_tenth_of_the_steps_from
 
 def deepspeed_lrs(params: dict, total: int) -> list[float]:
     """The lr of each optimizer step under DeepSpeed's WarmupDecayLR (the engine reads it before stepping)."""
-    import torch
     from deepspeed.runtime.lr_schedules import WarmupDecayLR
+    from test_schedules import lrs_seen
 
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = WarmupDecayLR(opt, **{**params, "total_num_steps": total})
-    out = []
-    for _ in range(total):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
+    return lrs_seen(WarmupDecayLR, total, **{**params, "total_num_steps": total})
 
 
 def test_corpus_part_stops_at_the_wanted_sequences_and_skips_a_document_that_overshoots():
