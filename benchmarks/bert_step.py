@@ -74,6 +74,7 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, tmp: 
     import optimizers
     from train.bert import MaskedLM, bert_config, micro_seed
     from train.data import GlobalBatchSampler
+    from train.distributed import exit_process
     from train.text import Masker, build_corpus, default_corpus, load_tokenizer, read_documents, split_documents
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # as train/distributed.py does on CPU
@@ -110,6 +111,7 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, tmp: 
             t_log = now
     queue.put((rank, rates[1:]))
     dist.destroy_process_group()
+    exit_process(0)  # no finalisation with gloo threads alive (train/distributed.py)
 
 
 def run_ddp(tmp: Path, args: argparse.Namespace) -> list[float]:

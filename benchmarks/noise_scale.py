@@ -101,3 +101,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_process(0)  # DeepSpeed keeps the gloo threads alive: no finalisation with them

@@ -178,6 +178,7 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, preci
     import torch.nn.functional as F
 
     from train.data import GlobalBatchSampler, synthetic
+    from train.distributed import exit_process
     from train.models import SmallResNet
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # as train/imagenet.py does on CPU
@@ -231,6 +232,7 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, preci
             t_log = now
     queue.put((rank, rates[1:], cpu_marks))
     dist.destroy_process_group()
+    exit_process(0)  # no finalisation with gloo threads alive (train/distributed.py)
 
 
 def run_ddp(args: argparse.Namespace, precision: str, steps: int) -> tuple[list[float], list[float], float]:

@@ -123,7 +123,7 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=300))
     torch.distributed.barrier()
-    from train.distributed import release_cpu_shm_names
+    from train.distributed import exit_process, release_cpu_shm_names
 
     release_cpu_shm_names()
     results = {spec: run(*spec.split(":")) for spec in args.runs}
@@ -131,6 +131,7 @@ def main() -> None:
         torch.save({"world_size": dist.get_world_size(), "results": results}, args.out)
     dist.barrier()
     torch.distributed.destroy_process_group()
+    exit_process(0)  # DeepSpeed keeps the gloo threads alive: no finalisation with them (train/distributed.py)
 
 
 if __name__ == "__main__":

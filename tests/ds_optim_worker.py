@@ -398,7 +398,7 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo" if get_accelerator().device_name() == "cpu" else None,
                                timeout=timedelta(seconds=args.timeout))
     torch.distributed.barrier()  # then free DeepSpeed's CPU shared-memory names (train/distributed.py)
-    from train.distributed import release_cpu_shm_names
+    from train.distributed import exit_process, release_cpu_shm_names
 
     release_cpu_shm_names()
     results: dict[str, dict[str, Any]] = {}
@@ -414,7 +414,8 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save({"world_size": dist.get_world_size(), "steps": args.steps, "results": results}, args.out)
     dist.barrier()
-    torch.distributed.destroy_process_group()  # a live gloo group can abort the exit (train/distributed.shutdown)
+    torch.distributed.destroy_process_group()
+    exit_process(0)  # DeepSpeed keeps the gloo threads alive: no finalisation with them (train/distributed.py)
 
 
 if __name__ == "__main__":

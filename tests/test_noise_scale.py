@@ -307,7 +307,7 @@ def _worker(out: Path) -> None:
 
     deepspeed.init_distributed()
     torch.distributed.barrier()  # then free DeepSpeed's CPU shared-memory names (train/distributed.py)
-    from train.distributed import release_cpu_shm_names
+    from train.distributed import exit_process, release_cpu_shm_names
 
     release_cpu_shm_names()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -335,7 +335,8 @@ def _worker(out: Path) -> None:
         states.append({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
     result["changed_with_monitor"] = [k for k in states[0] if not torch.equal(states[0][k], states[1][k])]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()  # a live gloo group can abort the exit (train/distributed.shutdown)
+    torch.distributed.destroy_process_group()
+    exit_process(0)  # DeepSpeed keeps the gloo threads alive: no finalisation with them (train/distributed.py)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from train import distributed
 from train.checkpoints import DEFAULT_KEEP, CheckpointError, CheckpointSaveError
@@ -146,3 +146,18 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
         if close_group:  # a finished run, a fault every rank met, or a signal the ranks agreed on (SystemExit)
             distributed.shutdown()
     return 0
+
+
+def entry(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> NoReturn:
+    """An entry point's ``__main__``: parse the command line, :func:`run` ``main`` and end the process with its exit
+    code through :func:`train.distributed.exit_process` (no interpreter finalisation with DeepSpeed's gloo threads
+    alive). A signal's ``SystemExit`` keeps its code; an unexpected exception prints its traceback and exits 1, as
+    Python would."""
+    try:
+        code: int | str | None = run(main, parser.parse_args())
+    except SystemExit as e:
+        code = e.code
+    except Exception:  # noqa: BLE001 - reported as Python would (torch.distributed's hook adds "[rankN]:"), exit 1
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    distributed.exit_process(code)

@@ -775,4 +775,4 @@ def finish(c: Coordinator, setup: Setup, state: State, log: Any, model: torch.nn
 if __name__ == "__main__":
     from train import downpour  # the module, not this script: RPC names its functions train.downpour.*
 
-    sys.exit(cli.run(downpour.main, downpour.get_args_parser().parse_args()))
+    cli.entry(downpour.main, downpour.get_args_parser())

@@ -284,4 +284,4 @@ def finish(run: Run, out_dir: Path, pos: Position) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, get_args_parser().parse_args()))
+    cli.entry(main, get_args_parser())
