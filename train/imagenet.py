@@ -33,7 +33,7 @@ from train.config import Resolved, batch_arithmetic, load_json  # noqa: E402
 from train.data import DATASETS, GlobalBatchSampler, build_data, eval_shard, to_model_input  # noqa: E402
 from train.diagnostics import TrustRatioMonitor  # noqa: E402
 from train.engine import build_engine, engine_dtype  # noqa: E402
-from train.loop import (  # noqa: E402  # noqa: E402
+from train.loop import (  # noqa: E402
     RunParts,
     after_step,
     end_run,
