@@ -39,7 +39,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.distributed import single_process_env  # noqa: E402
+from train.distributed import exit_process, single_process_env  # noqa: E402
 
 ANCHOR = 2470.0  # images/s, ResNet-50 v1.5, A100 80GB, AMP, batch 256 (NVIDIA DeepLearningExamples)
 TARGET_SYNTHETIC = 3000.0  # images/s, ResNet-50 fp16 synthetic on one H100/H200 (issue 11)
@@ -444,3 +444,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # DeepSpeed keeps its gloo threads alive on a CPU: no finalisation with them

@@ -409,6 +409,8 @@ def main(args):
         raise ConfigError("bad value")
     if args.outcome == "bug":
         raise ValueError("a bug")
+    if args.outcome == "interrupt":  # Ctrl-C before the run's signal handlers are installed
+        raise KeyboardInterrupt
 
 atexit.register(lambda: print("finalised", flush=True))
 parser = argparse.ArgumentParser()
@@ -417,7 +419,7 @@ cli.entry(main, parser)
 """
 
 
-@pytest.mark.parametrize("outcome, code", [("done", 0), ("signal", 143), ("config", 2), ("bug", 1)])
+@pytest.mark.parametrize("outcome, code", [("done", 0), ("signal", 143), ("config", 2), ("bug", 1), ("interrupt", 130)])
 def test_an_entry_point_ends_without_interpreter_finalisation(outcome, code):
     """A DeepSpeed rank's gloo threads are still running at exit, destroy_process_group or not (DeepSpeed holds the
     groups), and a finalising interpreter aborts now and then with them (SIGABRT, exit -6, after "done": it failed
@@ -426,7 +428,8 @@ def test_an_entry_point_ends_without_interpreter_finalisation(outcome, code):
     proc = subprocess.run([sys.executable, "-c", ENTRY_SCRIPT, outcome], cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout) == (code, "ran\n"), proc.stderr[-3000:]
-    assert {"config": "error: bad value", "bug": "ValueError: a bug"}.get(outcome, "") in proc.stderr
+    assert {"config": "error: bad value", "bug": "ValueError: a bug", "interrupt": "KeyboardInterrupt"}.get(
+        outcome, "") in proc.stderr
 
 
 def test_pytest_ends_without_finalisation_after_deepspeed_ran_in_it(tmp_path):

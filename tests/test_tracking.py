@@ -224,3 +224,37 @@ def test_a_wandb_server_that_never_answers_costs_bounded_time_and_no_rank_times_
     assert len(list(run.glob("wandb/offline-run-*/run-*.wandb"))) == 1
     assert [r["kind"] for r in read_metrics(run)][-1] == "summary"
     print(f"hung wandb server: run of 2 steps done in {took:.1f} s (wandb waited 5 s, then offline)")
+
+
+STOPPED_SCRIPT = r"""
+import argparse
+from pathlib import Path
+from train import cli
+from train.tracking import RunLog
+
+def main(args):
+    Path(args.out).mkdir()
+    log = RunLog(Path(args.out), use_wandb=True, project="largebatch-test", group=None, name="stopped", tags=[],
+                 config={"k": 1})
+    log.log({"kind": "step", "step": 1, "samples": 8, "loss": 2.0})
+    raise SystemExit(143)  # how a SIGTERM the ranks agreed on ends a run: the log is never closed
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out")
+cli.entry(main, parser)
+"""
+
+
+def test_a_run_stopped_by_a_signal_finishes_its_wandb_run_with_the_exit_code(tmp_path):
+    """A run that stops early never reaches RunLog.close, and the entry point's exit skips wandb's atexit hook
+    (train/distributed.exit_process): cli.entry finishes the open run itself, so wandb's file ends with the exit
+    record (exit code 143), as a finished run's does."""
+    env = wandb_env(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", STOPPED_SCRIPT, str(tmp_path / "run")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list((tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, list((tmp_path / "run").rglob("*"))
+    records = inspect(files[0], env)
+    assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [143]
+    assert [r["history"]["item"]["step/loss"] for r in records if r["type"] == "history"] == [2.0]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from train import distributed
+from train import distributed, tracking
 from train.checkpoints import DEFAULT_KEEP, CheckpointError, CheckpointSaveError
 from train.config import ConfigError
 from train.data import DataError
@@ -149,15 +149,19 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
 
 
 def entry(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> NoReturn:
-    """An entry point's ``__main__``: parse the command line, :func:`run` ``main`` and end the process with its exit
-    code through :func:`train.distributed.exit_process` (no interpreter finalisation with DeepSpeed's gloo threads
-    alive). A signal's ``SystemExit`` keeps its code; an unexpected exception prints its traceback and exits 1, as
-    Python would."""
+    """An entry point's ``__main__``: parse the command line, :func:`run` ``main``, finish an open wandb run with the
+    exit code and end the process through :func:`train.distributed.exit_process` (no interpreter finalisation with
+    DeepSpeed's gloo threads alive). A signal's ``SystemExit`` keeps its code; an unexpected exception prints its
+    traceback and exits 1, and Ctrl-C before the signal handlers are installed 130, as Python would."""
     try:
-        code: int | str | None = run(main, parser.parse_args())
+        code = distributed.exit_code(run(main, parser.parse_args()))
     except SystemExit as e:
-        code = e.code
+        code = distributed.exit_code(e.code)
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        code = 128 + 2  # SIGINT
     except Exception:  # noqa: BLE001 - reported as Python would (torch.distributed's hook adds "[rankN]:"), exit 1
         sys.excepthook(*sys.exc_info())
         code = 1
+    tracking.finish_wandb(code)
     distributed.exit_process(code)

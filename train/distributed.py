@@ -7,6 +7,7 @@ CPU shared-memory names, and returns the :class:`World` (rank, size, printing on
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
@@ -77,9 +78,9 @@ def shutdown() -> bool:
     Call when no collective is pending on any rank (a run that finished, or a fault every rank met). A process that
     exits with its gloo group alive leaves the group's C++ worker threads to interpreter finalisation, which
     aborts some exits with "terminate called without an active exception" (SIGABRT, exit -6; pytorch/pytorch issue
-    190489): measured here, 1 in 15 five-rank gloo jobs without this call, 0 in 15 with it. torch's docs ask for
-    ``destroy_process_group()`` at the end of every trainer for the same reason. It stops the threads only where
-    nothing else holds the group; DeepSpeed does, so an entry point also ends through :func:`exit_process`.
+    190489); torch's docs ask for ``destroy_process_group()`` at the end of every trainer. The call stops the
+    threads only where nothing else holds the group. DeepSpeed does, so an entry point also ends through
+    :func:`exit_process`.
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
@@ -98,21 +99,32 @@ def exit_process(code: int | str | None) -> NoReturn:
     run). During finalisation, a native thread that takes the GIL (to drop a tensor's Python object) is ended by
     CPython (bpo-36427), and its C++ stack reports "terminate called without an active exception": SIGABRT, exit -6,
     for a run that had finished (pytorch/pytorch issue 190489; here about 1 in several hundred rank exits of the
-    suite, and two failed CI runs). ``os._exit`` skips finalisation; atexit handlers do not run, so stdio and
-    logging are flushed here.
+    suite, and two failed CI runs). ``os._exit`` skips finalisation; atexit handlers do not run, so Python's and
+    C's stdio and logging are flushed here, and an open wandb run must be finished before
+    (:func:`train.tracking.finish_wandb`; :func:`train.cli.entry` does both).
     """
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
+    status = exit_code(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
             pass
-    os._exit(code)
+    try:
+        ctypes.CDLL(None).fflush(None)  # what native code wrote through C stdio (buffered when piped)
+    except (OSError, AttributeError):
+        pass
+    os._exit(status)
+
+
+def exit_code(code: int | str | None) -> int:
+    """The exit status ``sys.exit(code)`` gives: None 0, an int itself, anything else printed to stderr and 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr, flush=True)
+    return 1
 
 
 def release_cpu_shm_names() -> int:

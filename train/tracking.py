@@ -78,6 +78,25 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def finish_wandb(exit_code: int) -> bool:
+    """Finish this process's open wandb run with the process's exit code; return whether one was open.
+
+    :meth:`RunLog.close` finishes a run that ends normally. The other ways out (a signal, too many bad steps, a hung
+    rank, a full disk, an exception) leave it open, and :func:`train.distributed.exit_process` skips wandb's atexit
+    hook that would finish it: without this call the run's last records are not uploaded and wandb shows it
+    crashed. A failure here costs one warning line (metrics.jsonl is complete)."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return False
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception as e:  # noqa: BLE001 (any wandb failure must leave the exit as it is)
+        print(f"WARNING: wandb failed to finish ({type(e).__name__}: {e}); metrics.jsonl is complete",
+              file=sys.stderr, flush=True)
+    return True
+
+
 class RunLog:
     """Writes records to ``metrics.jsonl`` and to wandb. Create it on rank 0 only."""
 
