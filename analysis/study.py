@@ -69,7 +69,6 @@ def finished(run_dir: Path) -> dict[str, Any] | None:
         if isinstance(rec, dict) and rec.get("kind") == "summary":
             return rec
     return None
-    return None
 
 
 def final_error(run_dir: Path) -> float | None:

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -159,7 +160,7 @@ def entry(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentPa
         code = distributed.exit_code(e.code)
     except KeyboardInterrupt:
         sys.excepthook(*sys.exc_info())
-        code = 128 + 2  # SIGINT
+        code = 128 + signal.SIGINT
     except Exception:  # noqa: BLE001 - reported as Python would (torch.distributed's hook adds "[rankN]:"), exit 1
         sys.excepthook(*sys.exc_info())
         code = 1
