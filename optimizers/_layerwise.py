@@ -337,7 +337,8 @@ class LayerwiseOptimizer(RecordsLayers, torch.optim.Optimizer):
                     f"{type(self).__name__} is stepping a tensor of shape {tuple(p.shape)}, not the shape of any "
                     "parameter it was constructed with, so its trust ratio would mix layers. "
                     "DeepSpeed's ZeRO, bf16 and fp16 wrappers replace parameters with (flat) fp32 copies: call "
-                    "optimizers.bind_deepspeed(engine) once after deepspeed.initialize.")
+                    "optimizers.bind_deepspeed(engine) once after deepspeed.initialize; with the Hugging Face "
+                    "Trainer, train with optimizers.hf.LayerwiseTrainer, which builds the optimizer and binds it.")
             state = self.state[p]
             tensors = [p, p.grad] + [state[key] for key in state_keys]
             if layout is None:
