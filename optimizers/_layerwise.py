@@ -147,18 +147,19 @@ def _blas_dot_norm(t: Tensor) -> bool:
 
 
 def trust_ratio(w_norm: Tensor, x_norm: Tensor, *, coefficient: float = 1.0, weight_decay: float = 0.0,
-                eps: float = 0.0, max_ratio: float | None = None) -> Tensor:
+                eps: float = 0.0, max_ratio: float | None = None, min_ratio: float | None = None) -> Tensor:
     """Layer-wise trust ratios, elementwise over vectors of layer norms (one tensor op each, no host sync)::
 
-        ratio = coefficient * ||w|| / (||x|| + weight_decay * ||w|| + eps),  at most max_ratio,
+        ratio = coefficient * ||w|| / (||x|| + weight_decay * ||w|| + eps),  at most max_ratio, at least min_ratio,
         ratio = 1 where ||w|| == 0 or ||x|| == 0                              (fresh zero-initialised layers)
 
     LARS (eq. 6): ``x = g``, ``coefficient = eta``; LARC: ``coefficient = eta / lr``, ``max_ratio = 1``;
-    LAMB: ``x = u`` (the Adam update with weight decay), ``coefficient = 1``, ``max_ratio = max_trust_ratio``.
+    LAMB: ``x = u`` (the Adam update with weight decay), ``coefficient = 1``, ``max_ratio = max_trust_ratio``,
+    ``min_ratio = min_trust_ratio``. The clamps do not apply to the 1 of a zero norm (as DeepSpeed's FusedLamb).
     """
     ratio = coefficient * w_norm / (x_norm + weight_decay * w_norm + eps)
-    if max_ratio is not None:
-        ratio = ratio.clamp_(max=max_ratio)
+    if max_ratio is not None or min_ratio is not None:
+        ratio = ratio.clamp_(min=min_ratio, max=max_ratio)
     return torch.where((w_norm > 0.0) & (x_norm > 0.0), ratio, 1.0)
 
 
@@ -194,6 +195,27 @@ class RecordsLayers:
     def _init_layouts(self) -> None:
         self._layouts: dict[int, tuple[weakref.ref[Tensor], FlatLayout]] = {}
         self.records: list[LayerStats] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` copy: torch's state plus the public switches set on this object
+        (``record``, ``allow_unbound``); refused once flat layouts are bound (``bind_deepspeed``, ``bind_layouts``)."""
+        bound = [layout for ref, layout in self.__dict__.get("_layouts", {}).values() if ref() is not None]
+        if bound:
+            raise TypeError(
+                f"{type(self).__name__} is bound to {len(bound)} DeepSpeed flat partition(s) (bind_deepspeed): the "
+                "layouts name tensors of this process and its data-parallel process group, which a copy or a pickle "
+                "cannot carry, and the copy would step each flat partition as one layer. Save state_dict() (or "
+                "engine.save_checkpoint), build a new optimizer and engine, and call bind_deepspeed on it.")
+        state = super().__getstate__()  # type: ignore[misc]
+        for key in ("record", "allow_unbound"):
+            if key in self.__dict__:
+                state[key] = self.__dict__[key]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]  # also called by torch's load_state_dict, on this object
+        if "_layouts" not in self.__dict__:  # a copy or an unpickled object: no layouts, no records yet
+            self._init_layouts()
 
     def set_layout(self, tensor: Tensor, layout: FlatLayout) -> None:
         """Declare how the elements of ``tensor`` (a tensor this optimizer steps) map onto the model's layers."""
@@ -273,28 +295,23 @@ class LayerwiseOptimizer(RecordsLayers, torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._validate_group(group)
         for p in group["params"]:
+            if p.is_complex():
+                self.param_groups.pop()
+                raise ValueError(
+                    f"{type(self).__name__} does not support complex parameters (got one of dtype {p.dtype}, shape "
+                    f"{tuple(p.shape)}): its trust ratio and update are defined for real tensors. Optimize "
+                    "torch.view_as_real(parameter) as a real parameter instead.")
+        for p in group["params"]:
             self._constructed[id(p)] = weakref.ref(p)
             self._constructed_shapes.add(p.shape)
 
     def _validate_group(self, group: dict[str, Any]) -> None:  # overridden by subclasses
         pass
 
-    def __getstate__(self) -> dict[str, Any]:
-        """What ``copy.deepcopy`` and ``pickle`` copy; refused once ``bind_deepspeed`` has bound flat layouts."""
-        bound = [layout for ref, layout in self._layouts.values() if ref() is not None]
-        if bound:
-            raise TypeError(
-                f"{type(self).__name__} is bound to {len(bound)} DeepSpeed flat partition(s) (bind_deepspeed): the "
-                "layouts name tensors of this process and its data-parallel process group, which a copy or a pickle "
-                "cannot carry, and the copy would step each flat partition as one layer. Save state_dict() (or "
-                "engine.save_checkpoint), build a new optimizer and engine, and call bind_deepspeed on it.")
-        return super().__getstate__()
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by torch's load_state_dict, on this very object
         if "_constructed" not in self.__dict__:  # a copy or an unpickled object: it steps the tensors it holds
             self._constructed, self._constructed_shapes = {}, set()
-            self._init_layouts()
             for group in self.param_groups:
                 for p in group["params"]:
                     self._constructed[id(p)] = weakref.ref(p)

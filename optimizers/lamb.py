@@ -11,23 +11,32 @@ For each layer ``l`` (one model parameter tensor) at step ``t``::
     u_l = m_hat / (sqrt(v_hat) + eps) + wd * w_l                        (decoupled weight decay, as AdamW)
     r_l = ||w_l|| / ||u_l||            (1 if ||w_l|| == 0 or ||u_l|| == 0)
     r_l = min(r_l, max_trust_ratio)    (if max_trust_ratio is set: a clamp on the ratio)
+    r_l = max(r_l, min_trust_ratio)    (if min_trust_ratio is set; neither clamp touches the 1 of a zero norm)
     w_l <- w_l - lr * r_l * u_l
 
-``max_trust_ratio`` clamps the ratio, as NVIDIA's and DeepSpeed's fused LAMB do (``max_coeff``, default 10 there,
-with ``min_coeff`` 0.01). It is not the paper's scaling function phi, which is applied to the weight norm,
+``max_trust_ratio`` and ``min_trust_ratio`` clamp the ratio as DeepSpeed's FusedLamb does (``max_coeff``, default
+10, and ``min_coeff``, default 0.01, applied only where both norms are non-zero; DeepSpeedExamples' bing_bert BERT
+recipe sets 0.3 and 0.01). NVIDIA's fused LAMB (apex ``FusedLAMB``, DeepLearningExamples' ``FusedLAMBAMP``) does
+not clamp the ratio. It is not the paper's scaling function phi, which is applied to the weight norm,
 ``r_l = phi(||w_l||) / ||u_l||`` with e.g. ``phi(z) = min(max(z, gamma_l), gamma_u)``: a bound on ``||w_l||``
 bounds the ratio only together with ``||u_l||``. Left unset, ``phi(z) = z``, the paper's choice in its experiments.
 
 Param groups with ``adapt=False`` skip the ratio (``r_l = 1``): AdamW with that group's ``weight_decay``.
 
-Defaults: ``lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, max_trust_ratio=None`` (the paper's BERT
+Defaults: ``lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, max_trust_ratio=None, min_trust_ratio=None``
+(the paper's BERT
 settings: eps 1e-6, wd 0.01; phi(z) = z). Keyword names follow torch.optim.AdamW. The weight-decay default is the
 class's only: ``optimizers.build_optimizer("lamb", model, params)`` (and so every config) takes ``weight_decay``
 from ``params`` with a default of 0, as for every optimizer there; set it explicitly (0.01 for the paper's BERT).
 
-What differs from other implementations: timm's Lamb clips the global gradient norm inside the optimizer by
-default, and DeepSpeed's FusedLamb clamps the ratio to [0.01, 10]; neither happens here unless asked for
-(``max_trust_ratio``). Norms are of real layers even on DeepSpeed's flat ZeRO/bf16 partitions once
+What differs from other implementations: NVIDIA's fused LAMB (apex ``FusedLAMB`` and DeepLearningExamples'
+``FusedLAMBAMP``, ``max_grad_norm`` 1.0 by default) and timm's Lamb clip the global gradient norm inside the
+optimizer (every gradient divided by ``||g||_global / max_grad_norm`` where that exceeds 1) before the moments;
+here no clipping happens inside the optimizer: clip before ``step()`` (DeepSpeed's ``gradient_clipping`` scales
+every gradient by the same rule, ``max / ||g||_global`` where that is below 1). NVIDIA also adapts only groups with
+weight decay (unless ``use_nvlamb``), as ``build_param_groups``' ``adapt=False`` group does. DeepSpeed's FusedLamb
+clamps the ratio to [0.01, 10]; here only with ``min_trust_ratio`` / ``max_trust_ratio``. ``maximize=True``
+ascends (``-g`` in place of ``g``). Norms are of real layers even on DeepSpeed's flat ZeRO/bf16 partitions once
 ``bind_deepspeed`` has run. No ``.item()`` or other host sync in ``step()``: zero norms go through
 ``torch.where`` and the step count is a Python int.
 """
@@ -56,10 +65,11 @@ def _bias_corrections(step: int, beta1: float, beta2: float, bias_correction: bo
 def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                         steps: list[int], plan: NormPlan | None, *, lr: float, beta1: float, beta2: float, eps: float,
                         weight_decay: float, max_trust_ratio: float | None, bias_correction: bool,
-                        group_step: int | None = None) -> None:
+                        group_step: int | None = None, min_trust_ratio: float | None = None,
+                        maximize: bool = False) -> None:
     updates = []
     for w, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
-        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        m.mul_(beta1).add_(g, alpha=-(1.0 - beta1) if maximize else 1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         bc1, bc2 = _bias_corrections(step, beta1, beta2, bias_correction)
         m_hat = m / bc1
@@ -67,10 +77,10 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         updates.append(m_hat / (v_hat.sqrt() + eps) + weight_decay * w)
     if plan is not None:
         w_norms, u_norms = layer_norms(params, updates, plan, foreach=False)
-        ratios = trust_ratio(w_norms, u_norms, max_ratio=max_trust_ratio)
+        ratios = trust_ratio(w_norms, u_norms, max_ratio=max_trust_ratio, min_ratio=min_trust_ratio)
         if plan.recorded is not None:  # diagnostics: the same formula on the per-layer norms
             plan.recorded["ratio"] = ratios if plan.layer_index is None else trust_ratio(
-                plan.recorded["w"], plan.recorded["x"], max_ratio=max_trust_ratio)
+                plan.recorded["w"], plan.recorded["x"], max_ratio=max_trust_ratio, min_ratio=min_trust_ratio)
     for i, (w, u) in enumerate(zip(params, updates, strict=True)):
         if plan is not None:
             u = u * ratios[i].to(u.dtype)
@@ -80,11 +90,14 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
 def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                   steps: list[int], plan: NormPlan | None, *, lr: float, beta1: float, beta2: float, eps: float,
                   weight_decay: float, max_trust_ratio: float | None, bias_correction: bool,
-                  group_step: int | None = None) -> None:
+                  group_step: int | None = None, min_trust_ratio: float | None = None,
+                  maximize: bool = False) -> None:
     """Multi-tensor LAMB. With s = sqrt(bc2) / bc1 the update is u = s * u' where
     u' = m / (sqrt(v) + eps * sqrt(bc2)) + (wd / s) * w; the trust ratio ||w|| / ||u|| times u equals
     ||w|| / ||u'|| times u', so s only survives where the ratio is 1 or clamped. This saves the passes that
-    form m_hat and v_hat."""
+    form m_hat and v_hat. Tensors are bucketed by step count and dtype: each bucket takes its own fp16-safe choice
+and its ratios in its own dtype (a group may mix fp32 and fp16 tensors)."""
+    clamps = dict(max_ratio=max_trust_ratio, min_ratio=min_trust_ratio)
     if not params:
         if plan is not None:
             layer_norms(params, params, plan, foreach=True)  # a bound group's all_reduce needs every rank
@@ -93,17 +106,22 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
                     raise ValueError("lamb: a recorded step of a rank holding only padding of a bound group needs "
                                      "group_step (the group's step number) to scale ||u'|| to ||u||")
                 bc1, bc2 = _bias_corrections(group_step, beta1, beta2, bias_correction)
-                _record_update_norms(plan, math.sqrt(bc2) / bc1, max_trust_ratio)
+                _record_update_norms(plan, math.sqrt(bc2) / bc1, clamps)
         return
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    if maximize:  # m = lerp(m, -g) = -lerp(-m, g), exactly (negation is exact); v takes g^2 either way
+        torch._foreach_neg_(exp_avgs)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_neg_(exp_avgs)
+    else:
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    buckets: dict[int, list[int]] = {}
+    buckets: dict[tuple[int, torch.dtype], list[int]] = {}
     for i, step in enumerate(steps):
-        buckets.setdefault(step, []).append(i)
+        buckets.setdefault((step, params[i].dtype), []).append(i)
     updates: list[Tensor] = [torch.empty(0)] * len(params)
     scales = [0.0] * len(params)
-    for step, idx in buckets.items():
+    for (step, _), idx in buckets.items():
         bc1, bc2 = _bias_corrections(step, beta1, beta2, bias_correction)
         scale = math.sqrt(bc2) / bc1
         # One fresh buffer per step, as torch's AdamW: 1 / (sqrt(v) + eps') in place, then times m. A second
@@ -129,28 +147,42 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     if plan is None:
         return
     w_norm, u_norm = layer_norms(params, updates, plan, foreach=True)
-    if len(buckets) == 1:
+    if len(set(scales)) == 1:
         scale: float | Tensor = scales[0]
     else:  # tensors at different step counts (some skipped steps without a gradient): rare, one small copy
         scale = torch.tensor(scales, dtype=w_norm.dtype, device=w_norm.device)
-    ratio = trust_ratio(w_norm, u_norm * scale, max_ratio=max_trust_ratio) * scale
+    ratio = trust_ratio(w_norm, u_norm * scale, **clamps) * scale
     if plan.recorded is not None:
-        _record_update_norms(plan, scale, max_trust_ratio)
-    torch._foreach_addcmul_(params, updates, list(ratio.to(params[0].dtype).unbind(0)), value=-lr)
+        _record_update_norms(plan, scale, clamps)
+    for dtype, idx in _by_dtype(params).items():
+        if len(idx) == len(params):
+            torch._foreach_addcmul_(params, updates, list(ratio.to(dtype).unbind(0)), value=-lr)
+        else:
+            ratios = ratio.to(dtype)
+            torch._foreach_addcmul_([params[i] for i in idx], [updates[i] for i in idx], [ratios[i] for i in idx],
+                                    value=-lr)
 
 
-def _record_update_norms(plan: NormPlan, scale: float | Tensor, max_trust_ratio: float | None) -> None:
+def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[int]]:
+    out: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        out.setdefault(t.dtype, []).append(i)
+    return out
+
+
+def _record_update_norms(plan: NormPlan, scale: float | Tensor, clamps: dict[str, float | None]) -> None:
     """Diagnostics: ||u|| = s ||u'|| and the ratio ||w|| / ||u|| (clamped) it gives; one scale per group when bound
     (one flat tensor per rank, at one step count on every rank)."""
     assert plan.recorded is not None
     plan.recorded["x"] = plan.recorded["x"] * scale
-    plan.recorded["ratio"] = trust_ratio(plan.recorded["w"], plan.recorded["x"], max_ratio=max_trust_ratio)
+    plan.recorded["ratio"] = trust_ratio(plan.recorded["w"], plan.recorded["x"], **clamps)
 
 
 def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
          steps: list[int], plan: NormPlan | None, lr: float, beta1: float, beta2: float, eps: float,
          weight_decay: float, max_trust_ratio: float | None = None, bias_correction: bool = True,
-         foreach: bool | None = None, group_step: int | None = None) -> None:
+         foreach: bool | None = None, group_step: int | None = None, min_trust_ratio: float | None = None,
+         maximize: bool = False) -> None:
     """Functional LAMB step over layer segments (see the module docstring).
 
     ``steps[i]`` is the step number (1 on the first step) of segment ``i``; ``plan`` maps segments to layers
@@ -161,7 +193,7 @@ def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     fn = _single_tensor_lamb if foreach is False else _foreach_lamb
     fn(params, grads, exp_avgs, exp_avg_sqs, steps, plan, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
        weight_decay=weight_decay, max_trust_ratio=max_trust_ratio, bias_correction=bias_correction,
-       group_step=group_step)
+       group_step=group_step, min_trust_ratio=min_trust_ratio, maximize=maximize)
 
 
 class LAMB(LayerwiseOptimizer):
@@ -169,10 +201,11 @@ class LAMB(LayerwiseOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, *, max_trust_ratio: float | None = None,
-                 bias_correction: bool = True, foreach: bool | None = None) -> None:
+                 min_trust_ratio: float | None = None, bias_correction: bool = True, foreach: bool | None = None,
+                 maximize: bool = False) -> None:
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, max_trust_ratio=max_trust_ratio, bias_correction=bias_correction,
-                        adapt=True, foreach=foreach)
+                        weight_decay=weight_decay, max_trust_ratio=max_trust_ratio, min_trust_ratio=min_trust_ratio,
+                        bias_correction=bias_correction, adapt=True, foreach=foreach, maximize=maximize)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -184,8 +217,17 @@ class LAMB(LayerwiseOptimizer):
         check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
         check_number("eps", group["eps"], low=0.0)
         check_number("weight_decay", group["weight_decay"], low=0.0)
+        group.setdefault("min_trust_ratio", None)  # state dicts saved before these options existed
+        group.setdefault("maximize", False)
         if group["max_trust_ratio"] is not None:
             check_number("max_trust_ratio", group["max_trust_ratio"], low=0.0, low_open=True)
+        if group["min_trust_ratio"] is not None:
+            check_number("min_trust_ratio", group["min_trust_ratio"], low=0.0)
+            if group["max_trust_ratio"] is not None and group["min_trust_ratio"] > group["max_trust_ratio"]:
+                raise ValueError(f"min_trust_ratio {group['min_trust_ratio']!r} exceeds max_trust_ratio "
+                                 f"{group['max_trust_ratio']!r}; expected min_trust_ratio <= max_trust_ratio")
+        if not isinstance(group["maximize"], bool):
+            raise ValueError(f"maximize must be True or False; got {group['maximize']!r}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -214,7 +256,8 @@ class LAMB(LayerwiseOptimizer):
                  plan=plan if group["adapt"] else None, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                  weight_decay=group["weight_decay"], max_trust_ratio=group["max_trust_ratio"],
                  bias_correction=group["bias_correction"], foreach=group["foreach"],
-                 group_step=max(steps) if steps else None)
+                 group_step=max(steps) if steps else None, min_trust_ratio=group["min_trust_ratio"],
+                 maximize=group["maximize"])
             if self.record:
                 rec = plan.recorded or {}
                 self._add_record(plan, stepped, w_norm, g_norm, rec.get("ratio"), rec.get("x"))

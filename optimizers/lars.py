@@ -24,6 +24,8 @@ Param groups with ``adapt=False`` skip the trust ratio (``trust_l = 1``): plain 
 ``weight_decay``. ``build_param_groups`` puts batch-norm parameters and biases there with ``weight_decay=0``
 (MLPerf reference, timm).
 
+``maximize=True`` ascends: ``-g`` in place of ``g`` (the norm ``||g||`` is the same), as torch.optim.SGD.
+
 Defaults: ``lr=1.0, momentum=0.9, weight_decay=0, trust_coefficient=0.001, eps=1e-8, clip=False``
 (MLPerf ResNet-50: eta 0.001, momentum 0.9, wd 1e-4 or 5e-5, base lr ~10 for 16k batches).
 
@@ -59,7 +61,7 @@ __all__ = ["LARS", "lars"]
 def lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, fresh: list[bool],
          scales: list[float], plan: NormPlan | None, lr: float, momentum: float, dampening: float,
          weight_decay: float, nesterov: bool, trust_coefficient: float, eps: float, clip: bool,
-         lr_in_momentum: bool = False, foreach: bool | None = None) -> None:
+         lr_in_momentum: bool = False, foreach: bool | None = None, maximize: bool = False) -> None:
     """Functional LARS step over layer segments (see the module docstring).
 
     ``params[i]``/``grads[i]``/``momentum_buffers[i]`` are segments (whole tensors, or views into a flat
@@ -81,7 +83,7 @@ def lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tenso
         ratios = list(ratio.to(params[0].dtype).unbind(0)) if params else []
     apply_momentum(params, grads, momentum_buffers, fresh=fresh, scales=scales, lr=lr, momentum=momentum,
                    dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, lr_in_momentum=lr_in_momentum,
-                   foreach=foreach, ratios=ratios)
+                   foreach=foreach, ratios=ratios, maximize=maximize)
 
 
 class LARS(LayerwiseOptimizer):
@@ -90,10 +92,11 @@ class LARS(LayerwiseOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1.0, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, trust_coefficient: float = 0.001,
                  eps: float = 1e-8, clip: bool = False, lr_in_momentum: bool = False,
-                 momentum_correction: bool = True, foreach: bool | None = None) -> None:
+                 momentum_correction: bool = True, foreach: bool | None = None, maximize: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         trust_coefficient=trust_coefficient, eps=eps, clip=clip, adapt=True,
-                        lr_in_momentum=lr_in_momentum, momentum_correction=momentum_correction, foreach=foreach)
+                        lr_in_momentum=lr_in_momentum, momentum_correction=momentum_correction, foreach=foreach,
+                        maximize=maximize)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -126,7 +129,7 @@ class LARS(LayerwiseOptimizer):
                  lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                  weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                  trust_coefficient=group["trust_coefficient"], eps=group["eps"], clip=group["clip"],
-                 lr_in_momentum=group["lr_in_momentum"], foreach=group["foreach"])
+                 lr_in_momentum=group["lr_in_momentum"], foreach=group["foreach"], maximize=group["maximize"])
             if plan.recorded is not None:
                 self._add_record(plan, stepped, plan.recorded["w"], plan.recorded["x"], plan.recorded["ratio"])
         return loss

@@ -27,6 +27,8 @@ If ``lr_{t-1}`` was 0 (a warmup that starts at 0), ``c_t`` is undefined and take
 holds nothing of the steps taken at lr 0, while the torch velocity does, so the two forms agree only from the first
 step with a positive lr on. Start warmups above 0 when comparing them.
 
+``maximize=True`` ascends (``-g`` in place of ``g``), as torch.optim.SGD's ``maximize``.
+
 Defaults: ``lr=0.1, momentum=0.9, weight_decay=0`` (Goyal: momentum 0.9, wd 1e-4 for ResNet-50, set by the
 config). Param-group keys ``weight_decay`` override per group; ``adapt`` is accepted and ignored (SGD has no
 trust ratio). Elementwise, so it is exact on DeepSpeed's flat partitions without any binding.
@@ -59,8 +61,10 @@ def _buckets(keys: list[Any]) -> dict[Any, list[int]]:
 
 def _single_tensor_momentum(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], fresh: list[bool],
                             scales: list[float], ratios: list[Tensor] | None, *, lr: float, momentum: float,
-                            dampening: float, weight_decay: float, nesterov: bool, lr_in_momentum: bool) -> None:
+                            dampening: float, weight_decay: float, nesterov: bool, lr_in_momentum: bool,
+                            maximize: bool = False) -> None:
     for i, (w, g) in enumerate(zip(params, grads, strict=True)):
+        g = g.neg() if maximize else g
         d = g.add(w, alpha=weight_decay) if weight_decay != 0.0 else g
         if ratios is not None:
             d = d * ratios[i]
@@ -87,7 +91,8 @@ def _single_tensor_momentum(params: list[Tensor], grads: list[Tensor], bufs: lis
 
 def _foreach_momentum(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], fresh: list[bool],
                       scales: list[float], ratios: list[Tensor] | None, *, lr: float, momentum: float,
-                      dampening: float, weight_decay: float, nesterov: bool, lr_in_momentum: bool) -> None:
+                      dampening: float, weight_decay: float, nesterov: bool, lr_in_momentum: bool,
+                      maximize: bool = False) -> None:
     """The single-tensor step, with ``d = r (g + wd w)`` never formed: each use of ``d`` is split into a ``w`` term
     and a ``g`` term added in place, so the step allocates no parameter-sized buffer. (torch.optim.SGD forms
     ``g + wd w`` in a fresh buffer; on CPU those pages cost more than the arithmetic: 2.6x an in-place add.)"""
@@ -98,15 +103,16 @@ def _foreach_momentum(params: list[Tensor], grads: list[Tensor], bufs: list[Tens
         """``targets[k] += coef * d[idx[k]]``; the ``w`` term first, so that ``targets`` may be the params."""
         g = [grads[i] for i in idx]
         w = [params[i] for i in idx]
+        g_coef = -coef if maximize else coef  # maximize: d = -g + wd w
         if ratios is None:
             if weight_decay != 0.0:
                 torch._foreach_add_(targets, w, alpha=coef * weight_decay)
-            torch._foreach_add_(targets, g, alpha=coef)
+            torch._foreach_add_(targets, g, alpha=g_coef)
         else:
             r = [ratios[i] for i in idx]
             if weight_decay != 0.0:
                 torch._foreach_addcmul_(targets, w, r, value=coef * weight_decay)
-            torch._foreach_addcmul_(targets, g, r, value=coef)
+            torch._foreach_addcmul_(targets, g, r, value=g_coef)
 
     everything = list(range(len(params)))
     if momentum == 0.0:
@@ -131,25 +137,27 @@ def _foreach_momentum(params: list[Tensor], grads: list[Tensor], bufs: list[Tens
 
 def apply_momentum(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *, fresh: list[bool],
                    scales: list[float], lr: float, momentum: float, dampening: float, weight_decay: float,
-                   nesterov: bool, lr_in_momentum: bool, foreach: bool, ratios: list[Tensor] | None = None) -> None:
+                   nesterov: bool, lr_in_momentum: bool, foreach: bool, ratios: list[Tensor] | None = None,
+                   maximize: bool = False) -> None:
     """Momentum step along ``d_i = r_i * (g_i + weight_decay * w_i)`` (torch form, or the Caffe2 form).
 
     ``r_i = ratios[i]`` (a 0-dim tensor: LARS's trust ratio) or 1 when ``ratios`` is None (SGD). ``bufs[i]`` is
     the velocity of ``params[i]`` (ignored when ``momentum == 0``), ``fresh[i]`` says it is the first step for
-    it, ``scales[i]`` is the Caffe2-form momentum correction ``lr_t / lr_{t-1}``. Shared by SGD and LARS.
+    it, ``scales[i]`` is the Caffe2-form momentum correction ``lr_t / lr_{t-1}``. ``maximize``: ascend, with ``-g``
+    in place of ``g`` (as torch.optim.SGD). Shared by SGD and LARS.
     """
     fn = _foreach_momentum if foreach else _single_tensor_momentum
     fn(params, grads, bufs, fresh, scales, ratios, lr=lr, momentum=momentum, dampening=dampening,
-       weight_decay=weight_decay, nesterov=nesterov, lr_in_momentum=lr_in_momentum)
+       weight_decay=weight_decay, nesterov=nesterov, lr_in_momentum=lr_in_momentum, maximize=maximize)
 
 
 def sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, fresh: list[bool],
         scales: list[float], lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-        lr_in_momentum: bool, foreach: bool | None = None) -> None:
+        lr_in_momentum: bool, foreach: bool | None = None, maximize: bool = False) -> None:
     """Functional SGD step (see the module docstring). ``foreach=None`` picks the multi-tensor path."""
     apply_momentum(params, grads, momentum_buffers, fresh=fresh, scales=scales, lr=lr, momentum=momentum,
                    dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                   lr_in_momentum=lr_in_momentum, foreach=foreach is not False)
+                   lr_in_momentum=lr_in_momentum, foreach=foreach is not False, maximize=maximize)
 
 
 def validate_momentum_group(group: dict[str, Any]) -> None:
@@ -157,6 +165,9 @@ def validate_momentum_group(group: dict[str, Any]) -> None:
     check_number("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
     check_number("dampening", group["dampening"], low=0.0, high=1.0)
     check_number("weight_decay", group["weight_decay"], low=0.0)
+    group.setdefault("maximize", False)  # state dicts saved before maximize existed
+    if not isinstance(group["maximize"], bool):
+        raise ValueError(f"maximize must be True or False; got {group['maximize']!r}")
     if group["nesterov"] and (group["momentum"] <= 0.0 or group["dampening"] != 0.0):
         raise ValueError(f"nesterov=True needs momentum > 0 and dampening = 0; got momentum={group['momentum']!r}, "
                          f"dampening={group['dampening']!r}")
@@ -190,9 +201,10 @@ class SGD(RecordsLayers, torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, lr_in_momentum: bool = False,
-                 momentum_correction: bool = True, foreach: bool | None = None) -> None:
+                 momentum_correction: bool = True, foreach: bool | None = None, maximize: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        lr_in_momentum=lr_in_momentum, momentum_correction=momentum_correction, foreach=foreach)
+                        lr_in_momentum=lr_in_momentum, momentum_correction=momentum_correction, foreach=foreach,
+                        maximize=maximize)
         self._init_layouts()
         super().__init__(params, defaults)
 
@@ -224,7 +236,7 @@ class SGD(RecordsLayers, torch.optim.Optimizer):
                 grads.append(p.grad)
             sgd(params, grads, bufs, fresh=fresh, scales=scales, lr=group["lr"], momentum=group["momentum"],
                 dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                lr_in_momentum=group["lr_in_momentum"], foreach=group["foreach"])
+                lr_in_momentum=group["lr_in_momentum"], foreach=group["foreach"], maximize=group["maximize"])
         return loss
 
     def _record_lars_ratio(self, group: dict[str, Any]) -> None:

@@ -174,16 +174,18 @@ def test_lars_paper_form_with_correction_equals_torch_form():
 # LAMB, You et al. 2019 (arXiv:1904.00962), Algorithm 2
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("foreach", [True, False])
-@pytest.mark.parametrize("max_trust_ratio", [None, 0.5])
-def test_lamb_matches_algorithm_2(foreach, max_trust_ratio):
+@pytest.mark.parametrize("max_trust_ratio,min_trust_ratio", [(None, None), (0.5, None), (None, 3.0), (5.0, 4.5)])
+def test_lamb_matches_algorithm_2(foreach, max_trust_ratio, min_trust_ratio):
     """m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; m^ = m/(1-b1^t); v^ = v/(1-b2^t);
-    u = m^/(sqrt(v^)+eps) + wd w; w -= lr * min(||w||/||u||, max) * u, elementwise in plain Python floats."""
+    u = m^/(sqrt(v^)+eps) + wd w; w -= lr * max(min(||w||/||u||, max), min) * u, elementwise in plain Python
+    floats. The unclamped ratios here lie between 2.1 and 4.0, so min 3 raises some of them and [4.5, 5] all."""
     lrs, b1, b2, eps, wd = [0.01, 0.02, 0.05], 0.9, 0.99, 1e-6, 0.1
     w0, grads = _fixed_problem()
     params = [nn.Parameter(w.clone()) for w in w0]
     opt = LAMB(params, lr=lrs[0], betas=(b1, b2), eps=eps, weight_decay=wd, max_trust_ratio=max_trust_ratio,
-               foreach=foreach)
+               min_trust_ratio=min_trust_ratio, foreach=foreach)
     ws = [[float(x) for x in w.flatten()] for w in w0]
+    raw, applied = [], []
     ms = [[0.0] * len(w) for w in ws]
     vs = [[0.0] * len(w) for w in ws]
     for t, (lr, g_step) in enumerate(zip(lrs, grads, strict=True), start=1):
@@ -194,8 +196,12 @@ def test_lamb_matches_algorithm_2(foreach, max_trust_ratio):
             u = [m / (1 - b1**t) / (math.sqrt(v / (1 - b2**t)) + eps) + wd * w
                  for m, v, w in zip(ms[i], vs[i], ws[i], strict=True)]
             ratio = math.sqrt(sum(w * w for w in ws[i])) / math.sqrt(sum(x * x for x in u))
+            raw.append(ratio)
             if max_trust_ratio is not None:
                 ratio = min(ratio, max_trust_ratio)
+            if min_trust_ratio is not None:
+                ratio = max(ratio, min_trust_ratio)
+            applied.append(ratio)
             ws[i] = [w - lr * ratio * x for w, x in zip(ws[i], u, strict=True)]
         for group in opt.param_groups:
             group["lr"] = lr
@@ -203,6 +209,42 @@ def test_lamb_matches_algorithm_2(foreach, max_trust_ratio):
         opt.step()
     for p, e in zip(params, ws, strict=True):
         torch.testing.assert_close(p.detach().flatten(), torch.tensor(e, dtype=DT), rtol=1e-10, atol=1e-12)
+    assert 2.0 < min(raw) < 3.0 < max(raw) < 4.5, raw  # the clamps above act where the docstring says
+    if min_trust_ratio is not None or max_trust_ratio is not None:
+        assert applied != raw
+
+
+def test_lamb_min_and_max_trust_ratio_from_a_config_and_in_diagnostics():
+    """bing_bert's clamp (DeepSpeedExamples, FusedLamb max_coeff 0.3, min_coeff 0.01) through build_optimizer from a
+    config's params; a recorded step reports the clamped ratio it applied, computed here from the recorded norms."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-3)  # ||w|| / ||u|| far below 0.01 on the first step
+        model[1].weight.mul_(100.0)  # and far above 0.3
+    opt = build_optimizer("lamb", model, {"lr": 0.01, "weight_decay": 0.01, "min_trust_ratio": 0.01,
+                                          "max_trust_ratio": 0.3})
+    assert opt.param_groups[0]["min_trust_ratio"] == 0.01 and opt.param_groups[0]["max_trust_ratio"] == 0.3
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(5, 4)).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.record = True
+    opt.step()
+    stats = opt.take_records()[0]
+    w_norm, u_norm = stats.w_norm, stats.u_norm
+    unclamped = w_norm / u_norm
+    assert stats.tensors == [model[0].weight, model[1].weight]  # the decayed, adapted group
+    assert float(unclamped[0]) < 0.01 and float(unclamped[1]) > 0.3
+    torch.testing.assert_close(stats.ratio, unclamped.clamp(0.01, 0.3))
+    # the first step of Adam without bias: u = g / (|g| + eps') + wd w, the weight moved by lr * ratio * u
+    for i in (0, 2):
+        g, w = grads[i], before[i]
+        u = g / (g.abs() + 1e-6) + 0.01 * w  # m^ = g, sqrt(v^) = |g| at t = 1
+        ratio = min(max(float(w.norm() / u.norm()), 0.01), 0.3)
+        torch.testing.assert_close(list(model.parameters())[i].detach(), w - 0.01 * ratio * u, rtol=1e-5,
+                                   atol=1e-7)
+    with pytest.raises(ValueError, match="min_trust_ratio 0.5 exceeds max_trust_ratio 0.3"):
+        build_optimizer("lamb", model, {"lr": 0.01, "min_trust_ratio": 0.5, "max_trust_ratio": 0.3})
 
 
 @pytest.mark.parametrize("foreach", [True, False])
