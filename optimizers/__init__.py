@@ -7,6 +7,8 @@ Use::
     print(bind_deepspeed(engine))   # every rank, once, before the first step
 
 The registry is data: each name maps to a class and the options its variant presets (timm style).
+With the Hugging Face Trainer: ``optimizers.hf.LayerwiseTrainer`` builds the optimizer and binds it (not imported
+here: it needs transformers and accelerate).
 """
 
 from __future__ import annotations

@@ -30,6 +30,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+#: Devices on which a bound flat partition (ZeRO-1/2, bf16) is stepped as ONE tensor with a per-element ratio
+#: (:meth:`FlatLayout.per_element`) instead of one 0-dim ratio per segment. torch 2.14's foreach kernels take their
+#: fused multi-tensor path only when corresponding tensors have equal sizes, so ``_foreach_addcmul_`` with a list of
+#: 0-dim ratios launches one kernel per segment on a GPU (161 on ResNet-50); no foreach overload takes
+#: per-tensor scalars that live on the device (``ScalarList`` and the ``Tensor scalars`` overload are read on the
+#: host). The price is one partition-sized ratio buffer per step, which on CPU (where every foreach op is a loop of
+#: per-tensor ops anyway) costs page faults and saves nothing: CPU keeps the per-segment form.
+FUSED_FLAT_DEVICES: tuple[str, ...] = ("cuda", "xpu", "hpu", "mps")
+
+
+def fused_flat(device: torch.device) -> bool:
+    """Whether LARS and LAMB step a bound flat partition on ``device`` as one tensor (``FUSED_FLAT_DEVICES``)."""
+    return device.type in FUSED_FLAT_DEVICES
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -56,6 +70,7 @@ class FlatLayout:
     process_group: Any = None
     group_layers: tuple[int, ...] = ()
     _index_cache: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+    _run_cache: dict[torch.device, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         end = 0
@@ -73,6 +88,29 @@ class FlatLayout:
             ids = [seg.layer for seg in self.segments]
             self._index_cache[device] = torch.tensor(ids, dtype=torch.long, device=device)
         return self._index_cache[device]
+
+    def per_element(self, values: Tensor) -> Tensor:
+        """``values[i]`` (one per segment) repeated over segment ``i``'s elements, 0 on padding: a tensor of
+        ``numel`` elements built by two kernels (index_select, repeat_interleave with its output size given, so no
+        host sync); the runs of segments and padding are cached on the device."""
+        device = values.device
+        if device not in self._run_cache:
+            slots, lengths, end, zero = [], [], 0, len(self.segments)
+            for i, seg in enumerate(self.segments):
+                if seg.start > end:
+                    slots.append(zero)
+                    lengths.append(seg.start - end)
+                slots.append(i)
+                lengths.append(seg.numel)
+                end = seg.start + seg.numel
+            if end < self.numel:
+                slots.append(zero)
+                lengths.append(self.numel - end)
+            self._run_cache[device] = (torch.tensor(slots, dtype=torch.long, device=device),
+                                       torch.tensor(lengths, dtype=torch.long, device=device))
+        slots_t, lengths_t = self._run_cache[device]
+        padded = torch.cat([values, values.new_zeros(1)])
+        return padded.index_select(0, slots_t).repeat_interleave(lengths_t, output_size=self.numel)
 
     @property
     def padding(self) -> int:

@@ -50,7 +50,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._layerwise import LayerwiseOptimizer, NormPlan, expand, layer_norms, recorded_norms, trust_ratio
+from ._layerwise import (
+    FlatLayout,
+    LayerwiseOptimizer,
+    NormPlan,
+    expand,
+    fused_flat,
+    layer_norms,
+    recorded_norms,
+    trust_ratio,
+)
 from ._validation import check_number
 
 __all__ = ["LAMB", "lamb"]
@@ -91,13 +100,23 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
                   steps: list[int], plan: NormPlan | None, *, lr: float, beta1: float, beta2: float, eps: float,
                   weight_decay: float, max_trust_ratio: float | None, bias_correction: bool,
                   group_step: int | None = None, min_trust_ratio: float | None = None,
-                  maximize: bool = False) -> None:
+                  maximize: bool = False,
+                  flat: tuple[Tensor, Tensor, Tensor, Tensor, FlatLayout] | None = None) -> None:
     """Multi-tensor LAMB. With s = sqrt(bc2) / bc1 the update is u = s * u' where
     u' = m / (sqrt(v) + eps * sqrt(bc2)) + (wd / s) * w; the trust ratio ||w|| / ||u|| times u equals
     ||w|| / ||u'|| times u', so s only survives where the ratio is 1 or clamped. This saves the passes that
-    form m_hat and v_hat. Tensors are bucketed by step count and dtype: each bucket takes its own fp16-safe choice
-and its ratios in its own dtype (a group may mix fp32 and fp16 tensors)."""
+        form m_hat and v_hat. Tensors are bucketed by step count and dtype: each bucket takes its own fp16-safe choice
+    and its ratios in its own dtype (a group may mix fp32 and fp16 tensors).
+
+    ``flat``: (w, g, m, v, layout) of one bound flat partition whose segments ``params`` are: the elementwise work
+    then runs on the whole tensors, the norms on segment views of the one update buffer, and the ratio is applied
+    per element (``FlatLayout.per_element``; see ``_layerwise.FUSED_FLAT_DEVICES``): elementwise the same
+    operations as on the segments, in one kernel each instead of one per segment."""
     clamps = dict(max_ratio=max_trust_ratio, min_ratio=min_trust_ratio)
+    segment_params = params
+    if flat is not None and params:
+        layout = flat[4]
+        params, grads, exp_avgs, exp_avg_sqs, steps = [flat[0]], [flat[1]], [flat[2]], [flat[3]], steps[:1]
     if not params:
         if plan is not None:
             layer_norms(params, params, plan, foreach=True)  # a bound group's all_reduce needs every rank
@@ -146,7 +165,12 @@ and its ratios in its own dtype (a group may mix fp32 and fp16 tensors)."""
             updates[i], scales[i] = u, scale
     if plan is None:
         return
-    w_norm, u_norm = layer_norms(params, updates, plan, foreach=True)
+    if flat is not None:
+        whole = updates[0].view(-1)
+        segment_updates = [whole.narrow(0, seg.start, seg.numel) for seg in layout.segments]
+        w_norm, u_norm = layer_norms(segment_params, segment_updates, plan, foreach=True)
+    else:
+        w_norm, u_norm = layer_norms(params, updates, plan, foreach=True)
     if len(set(scales)) == 1:
         scale: float | Tensor = scales[0]
     else:  # tensors at different step counts (some skipped steps without a gradient): rare, one small copy
@@ -154,6 +178,9 @@ and its ratios in its own dtype (a group may mix fp32 and fp16 tensors)."""
     ratio = trust_ratio(w_norm, u_norm * scale, **clamps) * scale
     if plan.recorded is not None:
         _record_update_norms(plan, scale, clamps)
+    if flat is not None:
+        params[0].addcmul_(updates[0], layout.per_element(ratio.to(params[0].dtype)).view_as(params[0]), value=-lr)
+        return
     for dtype, idx in _by_dtype(params).items():
         if len(idx) == len(params):
             torch._foreach_addcmul_(params, updates, list(ratio.to(dtype).unbind(0)), value=-lr)
@@ -182,7 +209,7 @@ def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
          steps: list[int], plan: NormPlan | None, lr: float, beta1: float, beta2: float, eps: float,
          weight_decay: float, max_trust_ratio: float | None = None, bias_correction: bool = True,
          foreach: bool | None = None, group_step: int | None = None, min_trust_ratio: float | None = None,
-         maximize: bool = False) -> None:
+         maximize: bool = False, flat: tuple[Tensor, Tensor, Tensor, Tensor, FlatLayout] | None = None) -> None:
     """Functional LAMB step over layer segments (see the module docstring).
 
     ``steps[i]`` is the step number (1 on the first step) of segment ``i``; ``plan`` maps segments to layers
@@ -190,10 +217,13 @@ def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     path. ``group_step``: the group's step number, needed only by a recorded step (``plan.record``) of a rank that
     holds no segment of a bound group (only padding), to scale the other ranks' update norms as they do.
     """
-    fn = _single_tensor_lamb if foreach is False else _foreach_lamb
-    fn(params, grads, exp_avgs, exp_avg_sqs, steps, plan, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-       weight_decay=weight_decay, max_trust_ratio=max_trust_ratio, bias_correction=bias_correction,
-       group_step=group_step, min_trust_ratio=min_trust_ratio, maximize=maximize)
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio,
+                  bias_correction=bias_correction, group_step=group_step, min_trust_ratio=min_trust_ratio,
+                  maximize=maximize)
+    if foreach is False:
+        _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, plan, **kwargs)
+    else:
+        _foreach_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, plan, **kwargs, flat=flat)
 
 
 class LAMB(LayerwiseOptimizer):
@@ -252,7 +282,12 @@ class LAMB(LayerwiseOptimizer):
             if self.record:  # diagnostics: ||g|| (the step itself needs only ||w|| and ||u||), before w moves
                 w_norm, g_norm = recorded_norms(params, grads, plan)
                 plan.record = group["adapt"]
-            lamb(params, grads, states["exp_avg"], states["exp_avg_sq"], steps=expand(steps, counts),
+            flat = None
+            if (group["adapt"] and group["foreach"] is not False and len(stepped) == 1
+                    and fused_flat(stepped[0].device) and (layout := self.layout_of(stepped[0]))):
+                p = stepped[0]
+                flat = (p, p.grad, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"], layout)
+            lamb(params, grads, states["exp_avg"], states["exp_avg_sq"], steps=expand(steps, counts), flat=flat,
                  plan=plan if group["adapt"] else None, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                  weight_decay=group["weight_decay"], max_trust_ratio=group["max_trust_ratio"],
                  bias_correction=group["bias_correction"], foreach=group["foreach"],

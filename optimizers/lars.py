@@ -51,23 +51,37 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._layerwise import LayerwiseOptimizer, NormPlan, expand, layer_norms, recorded_norms, trust_ratio
+from ._layerwise import (
+    FlatLayout,
+    LayerwiseOptimizer,
+    NormPlan,
+    expand,
+    fused_flat,
+    layer_norms,
+    recorded_norms,
+    trust_ratio,
+)
 from ._validation import check_number
 from .sgd import apply_momentum, momentum_state, validate_momentum_group
 
 __all__ = ["LARS", "lars"]
 
 
+
 def lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, fresh: list[bool],
          scales: list[float], plan: NormPlan | None, lr: float, momentum: float, dampening: float,
          weight_decay: float, nesterov: bool, trust_coefficient: float, eps: float, clip: bool,
-         lr_in_momentum: bool = False, foreach: bool | None = None, maximize: bool = False) -> None:
+         lr_in_momentum: bool = False, foreach: bool | None = None, maximize: bool = False,
+         flat: tuple[Tensor, Tensor, Tensor | None, FlatLayout] | None = None) -> None:
     """Functional LARS step over layer segments (see the module docstring).
 
     ``params[i]``/``grads[i]``/``momentum_buffers[i]`` are segments (whole tensors, or views into a flat
     partition); ``plan`` maps segments to layers (``NormPlan()``: each segment is a layer; ``None``: no trust
     ratio, as for ``adapt=False`` groups). ``foreach=None`` picks the multi-tensor path; ``foreach=False`` the
-    single-tensor reference path, which forms ``d`` for each tensor as the formula reads.
+    single-tensor reference path, which forms ``d`` for each tensor as the formula reads. ``flat``: (flat tensor,
+    its gradient, its momentum buffer, its layout) when all segments are views into that one tensor: the update
+    then runs on the whole tensor with a per-element ratio (0 on padding, which so keeps its value), elementwise
+    the same operations as on the segments (see ``_layerwise.FUSED_FLAT_DEVICES``).
     """
     foreach = foreach is not False
     ratios = None
@@ -80,6 +94,13 @@ def lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tenso
         if plan.recorded is not None:  # diagnostics: the same elementwise formula on the per-layer norms
             plan.recorded["ratio"] = ratio if plan.layer_index is None else trust_ratio(
                 plan.recorded["w"], plan.recorded["x"], **args)
+        if flat is not None and params:
+            w, g, buf, layout = flat
+            apply_momentum([w], [g], [buf] if buf is not None else [], fresh=fresh[:1], scales=scales[:1], lr=lr,
+                           momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                           lr_in_momentum=lr_in_momentum, foreach=foreach, maximize=maximize,
+                           ratios=[layout.per_element(ratio.to(w.dtype))])
+            return
         ratios = list(ratio.to(params[0].dtype).unbind(0)) if params else []
     apply_momentum(params, grads, momentum_buffers, fresh=fresh, scales=scales, lr=lr, momentum=momentum,
                    dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, lr_in_momentum=lr_in_momentum,
@@ -124,12 +145,18 @@ class LARS(LayerwiseOptimizer):
             if self.record and not group["adapt"]:  # no trust ratio here: the norms for diagnostics only
                 self._add_record(plan, stepped, *recorded_norms(params, grads, plan), None)
             plan.record = self.record and group["adapt"]
+            flat = None
+            if (group["adapt"] and group["foreach"] is not False and len(stepped) == 1
+                    and fused_flat(stepped[0].device) and (layout := self.layout_of(stepped[0]))):
+                p = stepped[0]
+                flat = (p, p.grad, self.state[p].get("momentum_buffer"), layout)
             lars(params, grads, states.get("momentum_buffer", []), fresh=expand(fresh, counts) if use_momentum else [],
                  scales=expand(scales, counts) if use_momentum else [], plan=plan if group["adapt"] else None,
                  lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                  weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                  trust_coefficient=group["trust_coefficient"], eps=group["eps"], clip=group["clip"],
-                 lr_in_momentum=group["lr_in_momentum"], foreach=group["foreach"], maximize=group["maximize"])
+                 lr_in_momentum=group["lr_in_momentum"], foreach=group["foreach"], maximize=group["maximize"],
+                 flat=flat)
             if plan.recorded is not None:
                 self._add_record(plan, stepped, plan.recorded["w"], plan.recorded["x"], plan.recorded["ratio"])
         return loss
