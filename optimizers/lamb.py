@@ -24,9 +24,10 @@ bounds the ratio only together with ``||u_l||``. Left unset, ``phi(z) = z``, the
 Param groups with ``adapt=False`` skip the ratio (``r_l = 1``): AdamW with that group's ``weight_decay``.
 
 Defaults: ``lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, max_trust_ratio=None, min_trust_ratio=None``
-(the paper's BERT settings: eps 1e-6, wd 0.01; phi(z) = z). Keyword names follow torch.optim.AdamW. The weight-decay default is the
-class's only: ``optimizers.build_optimizer("lamb", model, params)`` (and so every config) takes ``weight_decay``
-from ``params`` with a default of 0, as for every optimizer there; set it explicitly (0.01 for the paper's BERT).
+(the paper's BERT settings: eps 1e-6, wd 0.01; phi(z) = z). Keyword names follow torch.optim.AdamW. The
+weight-decay default is the class's only: ``optimizers.build_optimizer("lamb", model, params)`` (and so every
+config) takes ``weight_decay`` from ``params`` with a default of 0, as for every optimizer there; set it explicitly
+(0.01 for the paper's BERT).
 
 What differs from other implementations: NVIDIA's fused LAMB (apex ``FusedLAMB`` and DeepLearningExamples'
 ``FusedLAMBAMP``, ``max_grad_norm`` 1.0 by default) and timm's Lamb clip the global gradient norm inside the
