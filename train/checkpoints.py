@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from train.config import ConfigError, Resolved
+from train.exits import ExitCode
 
 DEFAULT_KEEP = 3  # the newest checkpoints kept (--keep-checkpoints); 'latest' and the last good one stay too
 TAG = re.compile(r"step(\d+)")  # the tags this project writes
@@ -52,7 +53,7 @@ class CheckpointError(RuntimeError):
 class CheckpointSaveError(CheckpointError):
     """A checkpoint that could not be written (a full disk); every rank raises it, rank 0 with the message."""
 
-    exit_code = 5
+    exit_code = ExitCode.SAVE_FAILED
 
 
 def safe_globals() -> list[Any]:

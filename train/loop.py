@@ -31,6 +31,7 @@ from train import cli, distributed
 from train.checkpoints import Checkpointer, Position, check_resume_layout, claim_run_folder, rewind_metrics
 from train.config import Resolved, resolve
 from train.diagnostics import TrustRatioMonitor
+from train.exits import ExitCode
 from train.faults import StepGuard, Verdict
 from train.precision import device_precisions
 from train.tracking import RunLog, StepMeter, git_commit, write_run_config
@@ -131,7 +132,7 @@ def after_step(run: RunParts, pos: Position, sampler: Any, verdict: Verdict, lr:
         if run.world.is_main:
             print(f"error: {message}", file=sys.stderr, flush=True)
         torch.distributed.barrier()
-        raise SystemExit(3)
+        raise SystemExit(ExitCode.BAD_STEPS)
     if run.args.save_interval and pos.global_step % run.args.save_interval == 0 and pos.global_step < run.max_steps:
         run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
 
@@ -144,7 +145,7 @@ def save_and_exit(run: RunParts, pos: Position, sampler: Any, verdict: Verdict) 
     if not verdict.completed:
         run.guard.restore_buffers()  # BatchNorm statistics as they were after the last completed step
     run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
-    raise SystemExit(128 + verdict.signum)
+    raise SystemExit(ExitCode.for_signal(verdict.signum))
 
 
 def end_run(run: RunParts, out_dir: Path, pos: Position, result: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import torch
 
 from train.checkpoints import latest_tag, write_atomically
+from train.exits import ExitCode
 
 
 def git_commit() -> str | None:
@@ -136,7 +137,7 @@ class RunLog:
               f"(metrics.jsonl is still written)", file=sys.stderr, flush=True)
         if self.wandb is not None:
             try:
-                self.wandb.finish(exit_code=1)
+                self.wandb.finish(exit_code=ExitCode.BUG)  # the wandb run, not ours, failed
             except Exception:  # noqa: BLE001
                 pass
         self.wandb = None
