@@ -111,10 +111,11 @@ class RunLog:
             try:
                 import wandb
 
-                mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
-                start = dict(project=project, group=group, name=name, tags=tags, config=config, dir=str(out_dir),
-                             id=resume_id, resume="allow" if resume_id else None)
-                settings = dict(console="off", x_disable_stats=True, silent=True, init_timeout=timeout,
+                # wandb checks the mode itself (WANDB_MODE may hold any string): Any, not its Literal
+                mode: Any = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+                start: dict[str, Any] = dict(project=project, group=group, name=name, tags=tags, config=config,
+                                             dir=str(out_dir), id=resume_id, resume="allow" if resume_id else None)
+                settings: dict[str, Any] = dict(console="off", x_disable_stats=True, silent=True, init_timeout=timeout,
                                 finish_timeout=timeout)
                 try:
                     self.wandb = wandb.init(mode=mode, settings=wandb.Settings(**settings), **start)
