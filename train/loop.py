@@ -28,12 +28,13 @@ from typing import Any
 import torch
 
 from train import cli, distributed
-from train.checkpoints import Checkpointer, Position, check_resume_layout, claim_run_folder, rewind_metrics
+from train.checkpoints import Checkpointer, Position, check_resume_layout, resume_refusal
 from train.config import Resolved, resolve
 from train.diagnostics import TrustRatioMonitor
 from train.exits import ExitCode
 from train.faults import StepGuard, Verdict
 from train.precision import device_precisions
+from train.run_folder import claim_run_folder, rewind_metrics
 from train.tracking import RunLog, StepMeter, git_commit, write_run_config
 
 
@@ -73,7 +74,8 @@ def run_folder(args: argparse.Namespace, world: distributed.World) -> tuple[str,
     """The run's name and folder (``--run-name``/``--output-dir``), claimed for this run on every rank."""
     out_dir = cli.run_dir(args)
     run_name = args.run_name or f"{Path(args.deepspeed_config).stem}-seed{args.seed}"
-    claim_run_folder(out_dir, world.rank, resume=args.resume, overwrite=args.overwrite)
+    claim_run_folder(out_dir, world.rank, resume=args.resume, overwrite=args.overwrite,
+                     resume_check=lambda d: resume_refusal(d / "checkpoints"))
     return run_name, out_dir
 
 

@@ -26,8 +26,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from train.checkpoints import latest_tag, write_atomically
+from train.checkpoints import latest_tag
 from train.exits import ExitCode
+from train.run_folder import write_atomically
 
 
 def git_commit() -> str | None:
