@@ -54,8 +54,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from analysis.papers import SOURCES  # noqa: E402
 from analysis.runs import (  # noqa: E402
-    Run,
     RunError,
+    RunRecord,
     default_layers,
     find_run_dirs,
     load_run,
@@ -89,13 +89,13 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def error_of(run: Run, metric: str) -> float | None:
+def error_of(run: RunRecord, metric: str) -> float | None:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     return run.median5_top1 if metric == "median5" else run.final_top1
 
 
-def unique_names(runs: list[Run]) -> None:
+def unique_names(runs: list[RunRecord]) -> None:
     """Two runs with the same name (from two folders or from a folder and wandb) get "#2", "#3" appended."""
     seen: dict[str, int] = defaultdict(int)
     for r in runs:
@@ -104,12 +104,12 @@ def unique_names(runs: list[Run]) -> None:
             r.name = f"{r.name}#{seen[r.name]}"
 
 
-def method_colors(runs: list[Run]) -> dict[str, Any]:
+def method_colors(runs: list[RunRecord]) -> dict[str, Any]:
     cmap = plt.get_cmap("tab10")
     return {m: cmap(i % 10) for i, m in enumerate(sorted({r.method for r in runs}))}
 
 
-def groups(runs: list[Run], metric: str) -> dict[tuple[str, int], dict[str, Any]]:
+def groups(runs: list[RunRecord], metric: str) -> dict[tuple[str, int], dict[str, Any]]:
     """(method, batch) -> {"runs", "values", "mean", "std" (sample std, 0 for a single run), "n"}."""
     out: dict[tuple[str, int], dict[str, Any]] = {}
     for r in runs:
@@ -129,7 +129,7 @@ def groups(runs: list[Run], metric: str) -> dict[tuple[str, int], dict[str, Any]
 HEALTHY_MARGIN = 5.0  # percentage points of final error from the best run: a run that trained normally
 
 
-def critical_batch(runs: list[Run]) -> dict[str, Any] | None:
+def critical_batch(runs: list[RunRecord]) -> dict[str, Any] | None:
     """The predicted critical batch: the median over runs of each run's median logged B_simple.
 
     Only runs that trained normally count (final error within HEALTHY_MARGIN points of the best run that measured
@@ -148,7 +148,7 @@ def critical_batch(runs: list[Run]) -> dict[str, Any] | None:
 # Figures. Every data line carries a gid ("method:<label>" or "run:<name>") so tests and users can find it.
 
 
-def plot_error_vs_batch(runs: list[Run], metric: str = "median5") -> Figure:
+def plot_error_vs_batch(runs: list[RunRecord], metric: str = "median5") -> Figure:
     """Goyal et al. Fig. 1: validation error against global batch, one line per method, log-2 x axis."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
     colors = method_colors(runs)
@@ -206,7 +206,7 @@ def _panel(ax: Any, title: str, ylabel: str) -> None:
     ax.legend(fontsize=6)
 
 
-def plot_train_error_vs_epochs(runs: list[Run]) -> Figure:
+def plot_train_error_vs_epochs(runs: list[RunRecord]) -> Figure:
     """Goyal et al. Figs. 2 and 4: training error against epochs; one panel per batch size, each run of that batch
     overlaid on the runs of the smallest batch (dashed). With a single batch size, one panel of all runs."""
     colors = method_colors(runs)
@@ -229,7 +229,7 @@ def plot_train_error_vs_epochs(runs: list[Run]) -> Figure:
     return fig
 
 
-def plot_lr_schedule(runs: list[Run]) -> Figure:
+def plot_lr_schedule(runs: list[RunRecord]) -> Figure:
     """Each run's learning rate (step records) against epochs, one panel per optimizer (their lr scales differ)."""
     with_steps = [r for r in runs if r.steps]
     optimizers = sorted({r.optimizer for r in with_steps})
@@ -247,11 +247,11 @@ def plot_lr_schedule(runs: list[Run]) -> Figure:
 # Per-layer trust ratios ("layers" records)
 
 
-def _run_label(r: Run) -> str:
+def _run_label(r: RunRecord) -> str:
     return f"{r.optimizer} {fmt_batch(r.batch)} ({r.name})"
 
 
-def plot_trust_ratio_heatmaps(runs: list[Run]) -> Figure:
+def plot_trust_ratio_heatmaps(runs: list[RunRecord]) -> Figure:
     """One layer x step heat map of the trust ratio per run. Rows: the layers with a ratio (those LARS/LAMB adapt;
     batch-norm parameters and biases have none and are left out). One log colour scale, with its own colour bar, per
     kind of ratio (:func:`ratio_kind`: LARS's ratio, LARC's clipped factor, LAMB's ||w|| / ||u||, the ratio LARS
@@ -300,7 +300,7 @@ RATIO_LABELS = {"LARS applied": "LARS trust ratio", "LARS larc_clipped": "LARC f
                 "LAMB applied": "LAMB ||w|| / ||u||", "SGD lars_would_apply": "ratio LARS would apply (SGD)"}
 
 
-def ratio_kind(r: Run) -> str:
+def ratio_kind(r: RunRecord) -> str:
     """What a run's ratios are: the recording optimizer and its "ratio" field (train/diagnostics.py), e.g.
     "LARS larc_clipped"; runs of one kind share a colour scale."""
     first = r.layers[0]
@@ -311,12 +311,12 @@ def ratio_kind(r: Run) -> str:
     return by_config.get(str(r.optimizer).lower(), str(r.optimizer))
 
 
-def _epochs_of(r: Run, rec: dict[str, Any]) -> float:
+def _epochs_of(r: RunRecord, rec: dict[str, Any]) -> float:
     num_train = r.derived.get("num_train")
     return rec["samples"] / num_train if num_train and rec.get("samples") is not None else float(rec["step"])
 
 
-def plot_trust_ratio_layers(runs: list[Run], layers: list[str] | None = None) -> Figure:
+def plot_trust_ratio_layers(runs: list[RunRecord], layers: list[str] | None = None) -> Figure:
     """The trust ratio of chosen layers against epochs, one panel per layer, the runs overlaid (log y axis)."""
     with_layers = [r for r in runs if r.layers]
     chosen = layers or (default_layers(with_layers[0]) if with_layers else [])
@@ -352,7 +352,7 @@ def _ratio_cell(v: float | None) -> str:
     return "∞" if math.isinf(v) else f"{v:,.0f}" if v >= 1000 else f"{v:.4g}"
 
 
-def w_over_g_markdown(runs: list[Run]) -> str:
+def w_over_g_markdown(runs: list[RunRecord]) -> str:
     """You et al. 2017's table for our runs: ||w|| / ||g|| of every layer at the first "layers" record."""
     tables = [(r, *w_over_g(r)) for r in runs if r.layers]
     tables = [t for t in tables if t[1] is not None]
@@ -380,7 +380,7 @@ def w_over_g_markdown(runs: list[Run]) -> str:
 # Table and summary
 
 
-def _paper_cell(run: Run, marks: dict[str, str]) -> str:
+def _paper_cell(run: RunRecord, marks: dict[str, str]) -> str:
     p = run.paper()
     if p is None:
         return "—"
@@ -388,12 +388,12 @@ def _paper_cell(run: Run, marks: dict[str, str]) -> str:
     return f"{p.top1_error:.2f}" + (f" ± {p.std:.2f}" if p.std is not None else "") + f" [{mark}]"
 
 
-def error_label(runs: list[Run]) -> str:
+def error_label(runs: list[RunRecord]) -> str:
     """What the error columns and axes hold: top-1 error, or BERT's held-out MLM loss when every run is BERT's."""
     return "held-out MLM loss (nats)" if runs and all(r.is_mlm for r in runs) else "validation top-1 error (%)"
 
 
-def table_markdown(runs: list[Run], metric: str = "median5") -> str:
+def table_markdown(runs: list[RunRecord], metric: str = "median5") -> str:
     """Two markdown tables (runs; method x batch) and the footnotes naming the sources of the paper column."""
     imagenet = any(r.dataset == "imagenet" for r in runs)
     marks: dict[str, str] = {}
@@ -445,7 +445,7 @@ def table_markdown(runs: list[Run], metric: str = "median5") -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_dict(runs: list[Run], metric: str = "median5") -> dict[str, Any]:
+def summary_dict(runs: list[RunRecord], metric: str = "median5") -> dict[str, Any]:
     def clean(v: Any) -> Any:
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -507,7 +507,7 @@ def build_report(entity: str, project: str, group: str | None, table_md: str, ti
 # Command line
 
 
-def collect_runs(paths: list[str], wandb_spec: str | None, *, progress: bool = True) -> tuple[list[Run], bool]:
+def collect_runs(paths: list[str], wandb_spec: str | None, *, progress: bool = True) -> tuple[list[RunRecord], bool]:
     """Runs from the folders and, when online, from wandb; returns (runs, whether wandb was read)."""
     runs = [load_run(p) for p in find_run_dirs(paths)] if paths else []
     used_wandb = False
@@ -535,7 +535,8 @@ def collect_runs(paths: list[str], wandb_spec: str | None, *, progress: bool = T
     return runs, used_wandb
 
 
-def compare(runs: list[Run], out: Path, metric: str = "median5", layers: list[str] | None = None) -> dict[str, Any]:
+def compare(runs: list[RunRecord], out: Path, metric: str = "median5",
+            layers: list[str] | None = None) -> dict[str, Any]:
     """Write the figures, table.md and summary.json to ``out`` (and the trust-ratio panels when runs logged
     "layers" records; ``layers`` chooses the overlaid layers); return the summary."""
     out.mkdir(parents=True, exist_ok=True)

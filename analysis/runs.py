@@ -6,7 +6,7 @@ line, ``"kind"`` one of "step", "epoch", "summary", "layers" (per-layer norms an
 ``--trust-ratio-interval``; train/diagnostics.py) and "checkpoint" (kept in the folder only, not read here).
 The step, epoch and summary records reach wandb through train/tracking.py with
 keys prefixed "step/", "epoch/", "summary/" and step = samples seen; ``records_from_history`` turns wandb history
-rows back into the records, so both sources give the same ``Run``.
+rows back into the records, so both sources give the same ``RunRecord``.
 
 The method of a run (a line in Goyal et al.'s Figure 1, arXiv:1706.02677) is derived from its config: the
 optimizer; for SGD whether the peak lr follows the linear scaling rule 0.1 x B / 256, the square-root rule
@@ -40,7 +40,7 @@ class RunError(ValueError):
 
 
 @dataclass
-class Run:
+class RunRecord:
     name: str
     source: str  # the run folder, or wandb's entity/project/run_id
     config: dict[str, Any]
@@ -242,7 +242,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path) -> RunRecord:
     """Read one run folder written by train/imagenet.py."""
     path = Path(path)
     cfg_path = path / "config.json"
@@ -254,7 +254,7 @@ def load_run(path: str | Path) -> Run:
         raise RunError(f"{cfg_path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
     check_config(config, str(cfg_path))
     records = read_metrics(path / "metrics.jsonl")
-    run = Run(name=str(config.get("run_name") or path.name), source=str(path), config=config)
+    run = RunRecord(name=str(config.get("run_name") or path.name), source=str(path), config=config)
     _sort_records(run, records)
     return run
 
@@ -266,7 +266,7 @@ def check_config(config: Any, where: str) -> None:
                        f"(run_name, args, derived, optimizer, scheduler, ...)")
 
 
-def _sort_records(run: Run, records: Iterable[dict[str, Any]]) -> None:
+def _sort_records(run: RunRecord, records: Iterable[dict[str, Any]]) -> None:
     for rec in records:
         kind = rec.get("kind")
         if kind == "step":
@@ -321,7 +321,7 @@ def wandb_online() -> tuple[bool, str]:
     return True, ""
 
 
-def load_wandb_runs(spec: str, *, api: Any = None, progress: bool = True) -> list[Run]:
+def load_wandb_runs(spec: str, *, api: Any = None, progress: bool = True) -> list[RunRecord]:
     """All runs of ENTITY/PROJECT (in GROUP if given) through the wandb public API."""
     entity, project, group = parse_wandb_path(spec)
     if api is None:
@@ -331,7 +331,7 @@ def load_wandb_runs(spec: str, *, api: Any = None, progress: bool = True) -> lis
     from tqdm import tqdm
 
     found = api.runs(f"{entity}/{project}", filters={"group": group} if group else None)
-    runs: list[Run] = []
+    runs: list[RunRecord] = []
     total = len(found) if hasattr(found, "__len__") else None
     for r in tqdm(found, total=total, desc=f"wandb {spec}", unit="run", disable=not progress or (total or 0) < 4):
         config = dict(r.config)
@@ -341,7 +341,7 @@ def load_wandb_runs(spec: str, *, api: Any = None, progress: bool = True) -> lis
         except RunError as e:
             print(f"warning: skipped: {e}", file=sys.stderr)
             continue
-        run = Run(name=str(config.get("run_name") or r.name), source=f"{entity}/{project}/{r.id}", config=config)
+        run = RunRecord(name=str(config.get("run_name") or r.name), source=f"{entity}/{project}/{r.id}", config=config)
         _sort_records(run, records_from_history(r.scan_history()))
         if not run.steps and not run.epochs:
             print(f"warning: skipped: {where} has no history (still starting?)", file=sys.stderr)
@@ -354,7 +354,7 @@ def load_wandb_runs(spec: str, *, api: Any = None, progress: bool = True) -> lis
 # Per-layer trust ratios ("layers" records)
 
 
-def trust_ratio_matrix(run: Run) -> tuple[list[str], list[int], Any]:
+def trust_ratio_matrix(run: RunRecord) -> tuple[list[str], list[int], Any]:
     """(layer names in model order, steps, ratios as a layers x steps float array; NaN where a layer has no ratio:
     not adapted, or absent from a record)."""
     import numpy as np
@@ -371,20 +371,20 @@ def trust_ratio_matrix(run: Run) -> tuple[list[str], list[int], Any]:
     return names, [int(rec["step"]) for rec in run.layers], matrix
 
 
-def adapted_layers(run: Run) -> list[str]:
+def adapted_layers(run: RunRecord) -> list[str]:
     """The layers of the first "layers" record that have a trust ratio (LARS/LAMB adapt them), in model order."""
     return [e["name"] for e in run.layers[0]["layers"] if e.get("adapted", e.get("trust_ratio") is not None)] \
         if run.layers else []
 
 
-def default_layers(run: Run) -> list[str]:
+def default_layers(run: RunRecord) -> list[str]:
     """First, middle and last adapted layer: on a ResNet the first conv, a middle conv and the last fc."""
     names = adapted_layers(run)
     picks = [names[0], names[(len(names) - 1) // 2], names[-1]] if names else []
     return list(dict.fromkeys(picks))
 
 
-def w_over_g(run: Run) -> tuple[int | None, dict[str, float | None]]:
+def w_over_g(run: RunRecord) -> tuple[int | None, dict[str, float | None]]:
     """You et al. 2017's table (arXiv:1708.03888, for AlexNet-BN): ||w|| / ||g|| per layer at the first "layers" record
     (the start of training); (its step, {layer: ratio}); None where a norm is missing, inf where ||g|| is 0."""
     if not run.layers or not any("w_norm" in e for e in run.layers[0]["layers"]):

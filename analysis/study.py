@@ -8,7 +8,7 @@ per run, ``--jobs`` at a time, in phases: the grids (1); where a grid's best lr 
 lr out, x1/9 or x9 (1.5); two more seeds at the best lr of each method at the smallest and the largest batch (2);
 Smith et al.'s momentum scaling (3, and its extensions 3.5). Each phase's runs follow from the earlier ones.
 Finished runs (a summary record in metrics.jsonl) are skipped, so the study can be stopped and resumed. Then
-analysis.study_figures draws the figures and writes table.md and summary.json into ``--out``.
+analysis.study_resnet_figures draws the figures and writes table.md and summary.json into ``--out``.
 
     python -m analysis.study --jobs 2                    # everything (about 30 minutes on 2 idle CPU cores)
     python -m analysis.study --methods goyal lars --batches 256 8192 --no-seeds   # a part
@@ -20,7 +20,6 @@ analysis.study_figures draws the figures and writes table.md and summary.json in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,13 +28,12 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from analysis.grid import ALL_TAGS, EDGE_STEP, GRID_TAGS, best_tag, finished, parse_config_name
+
 REPO = Path(__file__).resolve().parent.parent
 STUDY_CONFIGS = REPO / "ds_configs" / "study"
 MLP_CONFIGS = REPO / "ds_configs" / "study-mlp"
 ARCH = "resnet_small_narrow"
-GRID_TAGS = ("x1_3", "x1", "x3")  # ds_configs/generate.py TUNED_GRID: the rule's lr x 1/3, 1, 3
-EDGE_STEP = {"x1_3": "x1_9", "x3": "x9"}  # TUNED_EXTENSION: one step past the edge where the best lies there
-ALL_TAGS = ("x1_9", *GRID_TAGS, "x9")
 METHOD_ORDER = ("goyal", "smith", "lars", "lamb", "momentum")
 BATCH_ORDER = (256, 8192, 1024, 4096, 2048)
 SEED_BATCHES = (256, 8192)  # extra seeds at the best lr where the comparison is decided
@@ -45,30 +43,6 @@ NOISE_SCALE_METHODS = ("goyal",)  # runs that measure the gradient noise scale (
 TRUST_RATIO_METHODS = ("goyal", "lars", "lamb")  # with --trust-ratio-interval: the per-layer diagnostics
 # The first (MLP) study's extra seeds: the knee of linear scaling and the largest batches.
 MLP_EXTRA_SEED_POINTS = {"goyal": (1024, 4096, 8192), "linear": (8192,), "lars": (4096, 8192), "lamb": (4096, 8192)}
-
-
-def parse_config_name(stem: str) -> tuple[str, int, str]:
-    """"goyal-1024-x1_3" -> ("goyal", 1024, "x1_3")."""
-    parts = stem.split("-")
-    if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in ALL_TAGS:
-        raise ValueError(f"ds_configs/study/{stem}.json: expected METHOD-BATCH-TAG with TAG one of "
-                         f"{', '.join(ALL_TAGS)}; run python ds_configs/generate.py")
-    return parts[0], int(parts[1]), parts[2]
-
-
-def finished(run_dir: Path) -> dict[str, Any] | None:
-    """The summary record of a finished run, else None."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    for line in reversed(metrics.read_text().splitlines()):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by a killed run: that run is not finished
-            continue
-        if isinstance(rec, dict) and rec.get("kind") == "summary":
-            return rec
-    return None
 
 
 def final_error(run_dir: Path) -> float | None:
@@ -96,12 +70,6 @@ def grid_runs(methods: list[str] | None = None, batches: list[int] | None = None
         ALL_TAGS.index(r["tag"])))
 
 
-def best_of_grid(errors: dict[str, float | None]) -> str | None:
-    """The grid tag with the lowest error (ties: the smaller lr); None if no point finished."""
-    done = [(err, ALL_TAGS.index(tag), tag) for tag, err in errors.items() if err is not None]
-    return min(done)[2] if done else None
-
-
 def _groups(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, dict[str, Any]]]:
     out: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for r in runs:
@@ -116,7 +84,7 @@ def edge_runs(grid: list[dict[str, Any]], runs_dir: Path) -> list[dict[str, Any]
     for (method, batch), points in sorted(_groups(grid).items()):
         if not all(finished(runs_dir / r["name"]) for r in points.values()):
             continue
-        best = best_of_grid({tag: final_error(runs_dir / r["name"]) for tag, r in points.items()})
+        best = best_tag({tag: final_error(runs_dir / r["name"]) for tag, r in points.items()})
         nxt = extension.get((method, batch, EDGE_STEP.get(best or "", "")))
         if nxt is not None:
             out.append({**nxt, "phase": nxt["phase"] + 0.5})
@@ -132,7 +100,7 @@ def seed_runs(grid: list[dict[str, Any]], runs_dir: Path) -> list[dict[str, Any]
             continue
         if not all(finished(runs_dir / r["name"]) for r in points.values()):
             continue
-        best = best_of_grid({tag: final_error(runs_dir / r["name"]) for tag, r in points.items()})
+        best = best_tag({tag: final_error(runs_dir / r["name"]) for tag, r in points.items()})
         if best is None or (best in EDGE_STEP and EDGE_STEP[best] not in points):
             continue  # the extension past this edge has not been planned yet
         for seed in EXTRA_SEEDS:
@@ -285,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
         compare(runs, out, metric="final")
     else:
-        from analysis.study_figures import write_study
+        from analysis.study_resnet_figures import write_study
 
         write_study(runs, out, planned=[r["name"] for r in current()])
     print(f"study: {len(runs)} runs analysed into {out}", flush=True)

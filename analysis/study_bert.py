@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from analysis.study import finished  # the same 'finished run' rule as the ResNet study
+from analysis.grid import at_edge, best_of_grid, finished
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,7 +104,7 @@ def extend(rows_: list[dict[str, Any]]) -> list[dict[str, Any]]:
     the search space says the space was too small): twice the largest factor, or half the smallest, while that
     stays within EXTEND doublings of GRID."""
     out = []
-    for (opt, b), v in best_of_grid(rows_).items():
+    for (opt, b), v in best_points(rows_).items():
         if not v["at_edge"]:
             continue
         f = v["factor"] * 2 if v["factor"] == max(v["grid"]) else v["factor"] / 2
@@ -330,21 +330,20 @@ def check_made_as_planned(run: dict[str, Any], run_dir: Path) -> None:
                          f"another --runs-dir) and run again")
 
 
-def best_of_grid(rows_: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    """For each (optimizer, batch): the grid point of lowest final held-out loss (a diverged run, nan or inf,
-    never wins), with ``at_edge`` true when it is the smallest or largest factor of the grid (the optimum may lie
-    outside it) and ``grid`` the factors that ran."""
+def best_points(rows_: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """For each (optimizer, batch): the grid point of lowest final held-out loss (analysis.grid.best_of_grid: a
+    diverged run, nan or inf, never wins; ties go to the smaller factor), with ``at_edge`` true when it is the
+    smallest or largest factor of the grid (the optimum may lie outside it) and ``grid`` the factors that ran."""
     best: dict[tuple[str, int], dict[str, Any]] = {}
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows_:
         groups.setdefault((r["optimizer"], r["batch"]), []).append(r)
     for key, group in groups.items():
-        finite = [r for r in group if math.isfinite(r["final_val_loss"])]
-        if not finite:
-            continue
-        win = min(finite, key=lambda r: (r["final_val_loss"], r["factor"]))
         factors = sorted(r["factor"] for r in group)
-        best[key] = {**win, "at_edge": len(factors) > 1 and win["factor"] in (factors[0], factors[-1]),
+        win = best_of_grid({r["factor"]: r["final_val_loss"] for r in group}, factors)
+        if win is None:
+            continue
+        best[key] = {**next(r for r in group if r["factor"] == win), "at_edge": at_edge(win, factors, factors),
                      "grid": factors}
     return best
 
@@ -436,7 +435,7 @@ def figures(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, A
 def write_outputs(runs: list[dict[str, Any]], runs_dir: Path, out: Path, info: dict[str, Any] | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows_ = results(runs, runs_dir)
-    best = best_of_grid(rows_)
+    best = best_points(rows_)
     entropy = info.get("val_unigram_entropy") if info else None
     figures(rows_, best, out, entropy)
     (out / "table.md").write_text(table(rows_, best))

@@ -229,6 +229,7 @@ class RecordsLayers:
     """
 
     record: bool = False
+    param_groups: list[dict[str, Any]]  # the torch.optim.Optimizer's: every class with this mixin is one
 
     def _init_layouts(self) -> None:
         self._layouts: dict[int, tuple[weakref.ref[Tensor], FlatLayout]] = {}

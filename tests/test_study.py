@@ -1,4 +1,4 @@
-"""The tuned study (analysis/study.py, analysis/study_figures.py, ds_configs/study/): the grid, the best-of-grid
+"""The tuned study (analysis/study.py, analysis/study_resnet_figures.py, ds_configs/study/): the grid, the best-of-grid
 choice, steps to target, the fitted critical batch, and Smith et al.'s momentum scaling. No training runs: the
 run folders here are hand-made metrics.jsonl files, and every expected number is worked out in the test.
 """
@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 
 import analysis
-from analysis import study, study_figures
+from analysis import grid, study, study_resnet_figures
 from train.config import TRAINING_DEFAULTS, ConfigError, resolve, scaled_momentum
 
 FACTORS = {"x1_3": 1 / 3, "x1": 1.0, "x3": 3.0}
@@ -60,10 +60,12 @@ def write_run(folder, error: float | None, losses: list[tuple[int, float, float]
 
 
 def test_best_of_grid_and_the_seed_phase(tmp_path):
-    assert study.best_of_grid({"x1_3": 12.0, "x1": 10.5, "x3": None}) == "x1"
-    assert study.best_of_grid({"x1_3": 10.0, "x1": 10.0, "x3": 11.0}) == "x1_3"  # a tie goes to the smaller lr
-    assert study.best_of_grid({"x1": None}) is None
-    assert study_figures.at_edge("x3", ["x1_3", "x1", "x3"]) and not study_figures.at_edge("x1", ["x1_3", "x1", "x3"])
+    assert grid.best_tag({"x1_3": 12.0, "x1": 10.5, "x3": None}) == "x1"
+    assert grid.best_tag({"x1_3": 10.0, "x1": 10.0, "x3": 11.0}) == "x1_3"  # a tie goes to the smaller lr
+    assert grid.best_tag({"x1": None}) is None
+    ran = ["x1_3", "x1", "x3"]
+    assert grid.at_edge("x3", ran, grid.ALL_TAGS) and not grid.at_edge("x1", ran, grid.ALL_TAGS)
+    assert grid.best_tag({"x1_3": float("nan"), "x1": 12.0}) == "x1"  # a diverged point never wins
     runs = study.grid_runs(["lars"], [8192])
     for r, err in zip(runs, (30.0, 20.0, 25.0), strict=True):  # x1_3, x1, x3
         write_run(tmp_path / r["name"], err)
@@ -91,21 +93,21 @@ def test_best_of_grid_and_the_seed_phase(tmp_path):
 
 def test_steps_to_target_target_and_maximal_useful_batch():
     points = [(10, 2.0), (20, 1.0), (30, 0.6), (40, 0.7), (50, 0.4)]
-    assert study_figures.steps_to_target(points, 0.65) == 30  # the first record at or below the target
-    assert study_figures.steps_to_target(points, 0.3) is None
-    assert study_figures.choose_target({"goyal": 0.301, "lars": 0.2543}) == 0.31
+    assert study_resnet_figures.steps_to_target(points, 0.65) == 30  # the first record at or below the target
+    assert study_resnet_figures.steps_to_target(points, 0.3) is None
+    assert study_resnet_figures.choose_target({"goyal": 0.301, "lars": 0.2543}) == 0.31
     steps = {256: 800, 1024: 220, 2048: 130, 4096: 110, 8192: 105}
     # Within 1/0.8 of the fewest (105 -> 131.25): 2048's 130 is the first.
-    assert study_figures.maximal_useful_batch(steps) == 2048
+    assert study_resnet_figures.maximal_useful_batch(steps) == 2048
 
 
 def test_fitted_critical_batch_recovers_mccandlish_curve():
     s_min, b_crit = 100.0, 1500.0
     steps = {b: s_min * (1 + b_crit / b) for b in (256, 1024, 2048, 4096, 8192)}
-    fit = study_figures.fit_critical_batch(steps)
+    fit = study_resnet_figures.fit_critical_batch(steps)
     assert fit is not None
     assert fit[1] == pytest.approx(b_crit, rel=0.03) and fit[0] == pytest.approx(s_min, rel=0.03)
-    assert study_figures.fit_critical_batch({256: 10, 512: 5}) is None
+    assert study_resnet_figures.fit_critical_batch({256: 10, 512: 5}) is None
 
 
 def test_momentum_scaling_formula_and_config():

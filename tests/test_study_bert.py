@@ -114,7 +114,7 @@ def test_best_of_grid_lowest_final_loss_flags_the_edge_and_never_a_diverged_run(
     rows = sb.results(runs, grid_runs)
     assert sorted(r["name"] for r in rows) == ["lamb-64-x0.5", "lamb-64-x1", "lamb-64-x2", "lamb-8192-x0.5",
                                                "lamb-8192-x1", "lamb-8192-x2"]
-    best = sb.best_of_grid(rows)
+    best = sb.best_points(rows)
     assert set(best) == {("lamb", 64), ("lamb", 8192)}
     assert (best[("lamb", 64)]["name"], best[("lamb", 64)]["final_val_loss"], best[("lamb", 64)]["at_edge"]) == \
         ("lamb-64-x1", 5.1, False)
@@ -184,6 +184,6 @@ def test_a_best_at_the_edge_extends_the_grid_beyond_it_and_no_further_than_two_d
     runs = sb.with_extensions(sb.plan(["lamb"], [8192]), grid_runs)
     assert [r["name"] for r in runs] == ["lamb-8192-x0.5", "lamb-8192-x1", "lamb-8192-x2", "lamb-8192-x4",
                                          "lamb-8192-x8"]
-    best = sb.best_of_grid(sb.results(runs, grid_runs))[("lamb", 8192)]
+    best = sb.best_points(sb.results(runs, grid_runs))[("lamb", 8192)]
     assert (best["name"], best["at_edge"]) == ("lamb-8192-x8", True)
     assert sb.extend(sb.results(runs, grid_runs)) == []

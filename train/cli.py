@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from train import distributed, tracking
 from train.checkpoints import DEFAULT_KEEP, CheckpointError, CheckpointSaveError
 from train.config import ConfigError
 from train.data import DataError
+from train.exits import INTERRUPTED, ExitCode
 
 
 def int_at_least(low: int) -> Any:
@@ -124,14 +124,14 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
     except (ConfigError, DataError) as e:
         if rank == "0":  # every rank finds the same fault; say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return ExitCode.BAD_INPUT
     except CheckpointSaveError as e:  # rank 0's message names every rank's error
         if str(e):
             print(f"error: {e}", file=sys.stderr, flush=True)
         return CheckpointSaveError.exit_code
     except CheckpointError as e:  # each rank reads its own files
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        return 2
+        return ExitCode.BAD_INPUT
     except RuntimeError as e:  # gloo and NCCL (DistBackendError) time-outs
         close_group = False
         if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
@@ -139,14 +139,14 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
         print(f"error (rank {rank}): a collective waited --dist-timeout {args.dist_timeout:g} min for another rank "
               f"and gave up ({str(e).splitlines()[0][:200]}); a rank hung (stuck device, paused or lost machine). "
               f"The job stops; --resume continues from the last checkpoint", file=sys.stderr, flush=True)
-        return 4
+        return ExitCode.HUNG_RANK
     except Exception:
         close_group = False
         raise
     finally:
         if close_group:  # a finished run, a fault every rank met, or a signal the ranks agreed on (SystemExit)
             distributed.shutdown()
-    return 0
+    return ExitCode.OK
 
 
 def entry(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> NoReturn:
@@ -160,9 +160,9 @@ def entry(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentPa
         code = distributed.exit_code(e.code)
     except KeyboardInterrupt:
         sys.excepthook(*sys.exc_info())
-        code = 128 + signal.SIGINT
+        code = INTERRUPTED
     except Exception:  # noqa: BLE001 - reported as Python would (torch.distributed's hook adds "[rankN]:"), exit 1
         sys.excepthook(*sys.exc_info())
-        code = 1
+        code = ExitCode.BUG
     tracking.finish_wandb(code)
     distributed.exit_process(code)

@@ -84,10 +84,11 @@ class TrustRatioMonitor:
 
     def __init__(self, engine: Any, interval: int, next_step: int):
         self.interval = interval
-        self.optimizer = inner_optimizer(engine)
-        if not isinstance(self.optimizer, RecordsLayers):
+        optimizer = inner_optimizer(engine)
+        if not isinstance(optimizer, RecordsLayers):
             raise ConfigError(f"--trust-ratio-interval needs one of our optimizers (SGD, LARS, LARC, LAMB: "
-                              f"optimizers/); the config's optimizer is {type(self.optimizer).__name__}")
+                              f"optimizers/); the config's optimizer is {type(optimizer).__name__}")
+        self.optimizer: RecordsLayers = optimizer
         self.binding = bind_layouts(engine)  # SGD's flat partitions (LARS and LAMB are bound already)
         self.names = [name for name, _ in engine.module.named_parameters()]
         self.params = list(engine.module.parameters())
@@ -118,8 +119,9 @@ class TrustRatioMonitor:
         self.arm(step + 1)
         if not stats or log is None:
             return None
-        record = {"kind": "layers", "step": step, "samples": samples, "optimizer": type(self.optimizer).__name__,
-                  "ratio": self.kind, "layers": self.layers(stats)}
+        record: dict[str, Any] = {"kind": "layers", "step": step, "samples": samples,
+                                  "optimizer": type(self.optimizer).__name__, "ratio": self.kind,
+                                  "layers": self.layers(stats)}
         log.log(record, wandb_extra={f"trust_ratio/{e['name']}": e["trust_ratio"] for e in record["layers"]
                                      if e["trust_ratio"] is not None})
         return record

@@ -63,10 +63,11 @@ from torch.distributed import rpc  # noqa: E402
 
 from train import cli  # noqa: E402
 from train import parameter_server as ps  # noqa: E402
-from train.checkpoints import CheckpointError, claim_output_dir, rewind_metrics  # noqa: E402
+from train.checkpoints import CheckpointError  # noqa: E402
 from train.config import ConfigError, load_json  # noqa: E402
 from train.data import FASHION_MNIST_DEFAULT_DIR, GlobalBatchSampler, fashion_mnist  # noqa: E402
 from train.models import ARCHS, build_model  # noqa: E402
+from train.run_folder import claim_output_dir, rewind_metrics  # noqa: E402
 from train.tracking import RunLog, git_commit  # noqa: E402
 
 COORDINATOR = "coordinator"

@@ -28,11 +28,13 @@ from typing import Any
 import torch
 
 from train import cli, distributed
-from train.checkpoints import Checkpointer, Position, check_resume_layout, claim_run_folder, rewind_metrics
+from train.checkpoints import Checkpointer, Position, check_resume_layout, resume_refusal
 from train.config import Resolved, resolve
 from train.diagnostics import TrustRatioMonitor
+from train.exits import ExitCode
 from train.faults import StepGuard, Verdict
 from train.precision import device_precisions
+from train.run_folder import claim_run_folder, rewind_metrics
 from train.tracking import RunLog, StepMeter, git_commit, write_run_config
 
 
@@ -72,7 +74,8 @@ def run_folder(args: argparse.Namespace, world: distributed.World) -> tuple[str,
     """The run's name and folder (``--run-name``/``--output-dir``), claimed for this run on every rank."""
     out_dir = cli.run_dir(args)
     run_name = args.run_name or f"{Path(args.deepspeed_config).stem}-seed{args.seed}"
-    claim_run_folder(out_dir, world.rank, resume=args.resume, overwrite=args.overwrite)
+    claim_run_folder(out_dir, world.rank, resume=args.resume, overwrite=args.overwrite,
+                     resume_check=lambda d: resume_refusal(d / "checkpoints"))
     return run_name, out_dir
 
 
@@ -131,7 +134,7 @@ def after_step(run: RunParts, pos: Position, sampler: Any, verdict: Verdict, lr:
         if run.world.is_main:
             print(f"error: {message}", file=sys.stderr, flush=True)
         torch.distributed.barrier()
-        raise SystemExit(3)
+        raise SystemExit(ExitCode.BAD_STEPS)
     if run.args.save_interval and pos.global_step % run.args.save_interval == 0 and pos.global_step < run.max_steps:
         run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
 
@@ -144,7 +147,7 @@ def save_and_exit(run: RunParts, pos: Position, sampler: Any, verdict: Verdict) 
     if not verdict.completed:
         run.guard.restore_buffers()  # BatchNorm statistics as they were after the last completed step
     run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
-    raise SystemExit(128 + verdict.signum)
+    raise SystemExit(ExitCode.for_signal(verdict.signum))
 
 
 def end_run(run: RunParts, out_dir: Path, pos: Position, result: dict[str, Any]) -> dict[str, Any]:

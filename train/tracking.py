@@ -26,7 +26,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from train.checkpoints import latest_tag, write_atomically
+from train.checkpoints import latest_tag
+from train.exits import ExitCode
+from train.run_folder import write_atomically
 
 
 def git_commit() -> str | None:
@@ -110,10 +112,11 @@ class RunLog:
             try:
                 import wandb
 
-                mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
-                start = dict(project=project, group=group, name=name, tags=tags, config=config, dir=str(out_dir),
-                             id=resume_id, resume="allow" if resume_id else None)
-                settings = dict(console="off", x_disable_stats=True, silent=True, init_timeout=timeout,
+                # wandb checks the mode itself (WANDB_MODE may hold any string): Any, not its Literal
+                mode: Any = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+                start: dict[str, Any] = dict(project=project, group=group, name=name, tags=tags, config=config,
+                                             dir=str(out_dir), id=resume_id, resume="allow" if resume_id else None)
+                settings: dict[str, Any] = dict(console="off", x_disable_stats=True, silent=True, init_timeout=timeout,
                                 finish_timeout=timeout)
                 try:
                     self.wandb = wandb.init(mode=mode, settings=wandb.Settings(**settings), **start)
@@ -136,7 +139,7 @@ class RunLog:
               f"(metrics.jsonl is still written)", file=sys.stderr, flush=True)
         if self.wandb is not None:
             try:
-                self.wandb.finish(exit_code=1)
+                self.wandb.finish(exit_code=ExitCode.BUG)  # the wandb run, not ours, failed
             except Exception:  # noqa: BLE001
                 pass
         self.wandb = None

@@ -37,10 +37,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis.compare import critical_batch, fmt_batch  # noqa: E402
-from analysis.runs import Run  # noqa: E402
+from analysis.grid import ALL_TAGS, at_edge, best_tag, parse_run_name  # noqa: E402
+from analysis.runs import RunRecord  # noqa: E402
 
-GRID_TAGS = ("x1_9", "x1_3", "x1", "x3", "x9")  # x1/9 and x9 run only past an edge (analysis/study.py)
-GRID_FACTORS = {"x1_9": "1/9", "x1_3": "1/3", "x1": "1", "x3": "3", "x9": "9"}
 METHODS = {
     "goyal": "SGD + linear scaling + warmup (Goyal)",
     "lars": "LARS (You et al. 2017)",
@@ -56,36 +55,16 @@ TARGETS = {"hard": 1.0, "medium": 2.0, "easy": 4.0}
 USEFUL = 0.8  # the maximal useful batch: the smallest whose steps are within 1/USEFUL of the method's fewest
 
 
-def parse_run_name(name: str) -> tuple[str, int, str, int]:
-    """"lars-8192-x1_3-seed2" -> ("lars", 8192, "x1_3", 2)."""
-    parts = name.split("-")
-    if len(parts) != 4 or not parts[1].isdigit() or parts[2] not in GRID_TAGS or not parts[3].startswith("seed"):
-        raise ValueError(f"run {name!r}: expected METHOD-BATCH-TAG-seedS as analysis/study.py names its runs")
-    return parts[0], int(parts[1]), parts[2], int(parts[3][len("seed"):])
-
-
-def grid_of(runs: list[Run]) -> dict[tuple[str, int], dict[str, dict[int, Run]]]:
+def grid_of(runs: list[RunRecord]) -> dict[tuple[str, int], dict[str, dict[int, RunRecord]]]:
     """(method, batch) -> tag -> seed -> run."""
-    out: dict[tuple[str, int], dict[str, dict[int, Run]]] = defaultdict(lambda: defaultdict(dict))
+    out: dict[tuple[str, int], dict[str, dict[int, RunRecord]]] = defaultdict(lambda: defaultdict(dict))
     for r in runs:
         method, batch, tag, seed = parse_run_name(r.name)
         out[(method, batch)][tag][seed] = r
     return {k: dict(v) for k, v in sorted(out.items())}
 
 
-def best_tag(errors: dict[str, float | None]) -> str | None:
-    """The grid tag of the lowest error (ties: the smaller lr); None when no grid point has an error."""
-    done = [(err, GRID_TAGS.index(tag), tag) for tag, err in errors.items() if err is not None]
-    return min(done)[2] if done else None
-
-
-def at_edge(tag: str | None, tags: list[str]) -> bool:
-    """Whether the best point is the smallest or the largest lr of the grid that ran (the optimum may lie outside)."""
-    order = sorted(tags, key=GRID_TAGS.index)
-    return tag is not None and len(order) > 1 and tag in (order[0], order[-1])
-
-
-def smoothed_losses(run: Run) -> list[tuple[int, float, float]]:
+def smoothed_losses(run: RunRecord) -> list[tuple[int, float, float]]:
     """(step, epoch, loss) of the step records with a finite loss, in step order."""
     return [(int(s["step"]), float(s["epoch"]), float(s["loss"])) for s in sorted(run.steps, key=lambda s: s["step"])
             if isinstance(s.get("loss"), (int, float)) and math.isfinite(s["loss"])]
@@ -137,7 +116,7 @@ def maximal_useful_batch(steps: dict[int, int]) -> int | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def analyse(runs: list[Run]) -> dict[str, Any]:
+def analyse(runs: list[RunRecord]) -> dict[str, Any]:
     """Everything the figures and the table show, as plain data."""
     grid = grid_of(runs)
     groups: list[dict[str, Any]] = []
@@ -147,10 +126,10 @@ def analyse(runs: list[Run]) -> dict[str, Any]:
         seeds = points.get(best, {}) if best else {}
         vals = [r.final_top1 for r in seeds.values() if r.final_top1 is not None]
         groups.append({
-            "method": method, "batch": batch, "best": best, "edge": at_edge(best, list(points)),
+            "method": method, "batch": batch, "best": best, "edge": at_edge(best, list(points), ALL_TAGS),
             "grid": {tag: {"lr": seeds_[min(seeds_)].lr, "error_seed0": seed0[tag],
                            "runs": [r.name for r in seeds_.values()]} for tag, seeds_ in sorted(
-                               points.items(), key=lambda kv: GRID_TAGS.index(kv[0]))},
+                               points.items(), key=lambda kv: ALL_TAGS.index(kv[0]))},
             "best_lr": seeds[min(seeds)].lr if seeds else None,
             "best_mean": statistics.fmean(vals) if vals else None,
             "best_std": statistics.stdev(vals) if len(vals) > 1 else None, "best_seeds": len(vals),
@@ -196,7 +175,7 @@ def analyse(runs: list[Run]) -> dict[str, Any]:
             "per_target": per_target, "noise_scale": crit}
 
 
-def _best_runs(runs: list[Run], summary: dict[str, Any]) -> dict[tuple[str, int], list[Run]]:
+def _best_runs(runs: list[RunRecord], summary: dict[str, Any]) -> dict[tuple[str, int], list[RunRecord]]:
     by_name = {r.name: r for r in runs}
     return {(g["method"], g["batch"]): [by_name[n] for n in g["grid"][g["best"]]["runs"]]
             for g in summary["groups"] if g["best"]}
@@ -243,7 +222,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_loss_vs_epochs(runs: list[Run], summary: dict[str, Any]) -> Any:
+def plot_loss_vs_epochs(runs: list[RunRecord], summary: dict[str, Any]) -> Any:
     best = _best_runs(runs, summary)
     methods = [m for m in METHODS if any(k[0] == m for k in best)]
     batches = sorted({b for _, b in best})
@@ -365,7 +344,7 @@ def table_markdown(summary: dict[str, Any], planned: list[str] | None = None) ->
              "/ easy target |", "|---|---|---|---|---|---|---|---|---|"]
     for g in summary["groups"]:
         cells = []
-        for tag in GRID_TAGS:
+        for tag in ALL_TAGS:
             p = g["grid"].get(tag)
             if p is None:
                 cells.append("not run" if tag in ("x1_3", "x1", "x3") else "")
@@ -403,7 +382,7 @@ def table_markdown(summary: dict[str, Any], planned: list[str] | None = None) ->
     return "\n".join(lines) + "\n"
 
 
-def write_study(runs: list[Run], out: Path, planned: list[str] | None = None) -> dict[str, Any]:
+def write_study(runs: list[RunRecord], out: Path, planned: list[str] | None = None) -> dict[str, Any]:
     """Write the three figures, table.md and summary.json into ``out``; return the summary."""
     out.mkdir(parents=True, exist_ok=True)
     summary = analyse(runs)
