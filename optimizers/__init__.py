@@ -63,7 +63,7 @@ def optimizer_spec(name: str) -> OptimizerSpec:
 
 
 def _accepted_keys(cls: type) -> list[str]:
-    sig = inspect.signature(cls.__init__)
+    sig = inspect.signature(cls)  # the constructor's parameters, without self
     return [k for k, p in sig.parameters.items() if k not in ("self", "params") and p.kind != p.VAR_KEYWORD]
 
 
@@ -91,4 +91,5 @@ def build_optimizer(name: str, model: torch.nn.Module, params: Mapping[str, Any]
     if isinstance(kwargs.get("betas"), list):
         kwargs["betas"] = tuple(kwargs["betas"])
     groups = build_param_groups(model, weight_decay, exclude_norm_and_bias=exclude_norm_and_bias)
-    return spec.cls(groups, weight_decay=weight_decay, **kwargs)
+    kwargs["weight_decay"] = weight_decay
+    return spec.cls(groups, **kwargs)

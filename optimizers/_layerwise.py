@@ -24,7 +24,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -245,7 +245,7 @@ class RecordsLayers:
                 "layouts name tensors of this process and its data-parallel process group, which a copy or a pickle "
                 "cannot carry, and the copy would step each flat partition as one layer. Save state_dict() (or "
                 "engine.save_checkpoint), build a new optimizer and engine, and call bind_deepspeed on it.")
-        state = super().__getstate__()  # type: ignore[misc]
+        state = cast(dict[str, Any], super().__getstate__())  # torch.optim.Optimizer's: a dict
         for key in ("record", "allow_unbound"):
             if key in self.__dict__:
                 state[key] = self.__dict__[key]

@@ -123,7 +123,10 @@ class LayerwiseTrainer(transformers.Trainer):
         if self.optimizer is None:
             params = {"lr": self.args.learning_rate, "weight_decay": self.args.weight_decay,
                       **self.layerwise_params}
-            self.optimizer = build_optimizer(self.layerwise_optimizer, self.model if model is None else model, params,
+            model = self.model if model is None else model
+            if model is None:
+                raise ValueError("LayerwiseTrainer.create_optimizer: no model (give Trainer a model, or pass one)")
+            self.optimizer = build_optimizer(self.layerwise_optimizer, model, params,
                                              exclude_norm_and_bias=self.exclude_norm_and_bias)
         return self.optimizer
 

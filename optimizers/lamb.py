@@ -112,7 +112,7 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     then runs on the whole tensors, the norms on segment views of the one update buffer, and the ratio is applied
     per element (``FlatLayout.per_element``; see ``_layerwise.FUSED_FLAT_DEVICES``): elementwise the same
     operations as on the segments, in one kernel each instead of one per segment."""
-    clamps = dict(max_ratio=max_trust_ratio, min_ratio=min_trust_ratio)
+    clamps: dict[str, Any] = dict(max_ratio=max_trust_ratio, min_ratio=min_trust_ratio)  # trust_ratio's keywords
     segment_params = params
     if flat is not None and params:
         layout = flat[4]
@@ -172,12 +172,12 @@ def _foreach_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     else:
         w_norm, u_norm = layer_norms(params, updates, plan, foreach=True)
     if len(set(scales)) == 1:
-        scale: float | Tensor = scales[0]
+        layer_scale: float | Tensor = scales[0]
     else:  # tensors at different step counts (some skipped steps without a gradient): rare, one small copy
-        scale = torch.tensor(scales, dtype=w_norm.dtype, device=w_norm.device)
-    ratio = trust_ratio(w_norm, u_norm * scale, **clamps) * scale
+        layer_scale = torch.tensor(scales, dtype=w_norm.dtype, device=w_norm.device)
+    ratio = trust_ratio(w_norm, u_norm * layer_scale, **clamps) * layer_scale
     if plan.recorded is not None:
-        _record_update_norms(plan, scale, clamps)
+        _record_update_norms(plan, layer_scale, clamps)
     if flat is not None:
         params[0].addcmul_(updates[0], layout.per_element(ratio.to(params[0].dtype)).view_as(params[0]), value=-lr)
         return
@@ -197,7 +197,7 @@ def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[int]]:
     return out
 
 
-def _record_update_norms(plan: NormPlan, scale: float | Tensor, clamps: dict[str, float | None]) -> None:
+def _record_update_norms(plan: NormPlan, scale: float | Tensor, clamps: dict[str, Any]) -> None:
     """Diagnostics: ||u|| = s ||u'|| and the ratio ||w|| / ||u|| (clamped) it gives; one scale per group when bound
     (one flat tensor per rank, at one step count on every rank)."""
     assert plan.recorded is not None
@@ -217,9 +217,9 @@ def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     path. ``group_step``: the group's step number, needed only by a recorded step (``plan.record``) of a rank that
     holds no segment of a bound group (only padding), to scale the other ranks' update norms as they do.
     """
-    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio,
-                  bias_correction=bias_correction, group_step=group_step, min_trust_ratio=min_trust_ratio,
-                  maximize=maximize)
+    kwargs: dict[str, Any] = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                  max_trust_ratio=max_trust_ratio, bias_correction=bias_correction,
+                                  group_step=group_step, min_trust_ratio=min_trust_ratio, maximize=maximize)
     if foreach is False:
         _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, plan, **kwargs)
     else:
@@ -286,6 +286,7 @@ class LAMB(LayerwiseOptimizer):
             if (group["adapt"] and group["foreach"] is not False and len(stepped) == 1
                     and fused_flat(stepped[0].device) and (layout := self.layout_of(stepped[0]))):
                 p = stepped[0]
+                assert p.grad is not None  # _gather keeps only parameters with a gradient
                 flat = (p, p.grad, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"], layout)
             lamb(params, grads, states["exp_avg"], states["exp_avg_sq"], steps=expand(steps, counts), flat=flat,
                  plan=plan if group["adapt"] else None, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],

@@ -89,7 +89,8 @@ def lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tenso
         w_norm, g_norm = layer_norms(params, grads, plan, foreach=foreach)
         # LARC: min(trust / lr, 1) is trust with coefficient eta / lr, clamped at 1; at lr = 0 it is 1.
         coefficient = (trust_coefficient / lr if lr > 0.0 else math.inf) if clip else trust_coefficient
-        args = dict(coefficient=coefficient, weight_decay=weight_decay, eps=eps, max_ratio=1.0 if clip else None)
+        args: dict[str, Any] = dict(coefficient=coefficient, weight_decay=weight_decay, eps=eps,
+                                    max_ratio=1.0 if clip else None)
         ratio = trust_ratio(w_norm, g_norm, **args)
         if plan.recorded is not None:  # diagnostics: the same elementwise formula on the per-layer norms
             plan.recorded["ratio"] = ratio if plan.layer_index is None else trust_ratio(
@@ -149,6 +150,7 @@ class LARS(LayerwiseOptimizer):
             if (group["adapt"] and group["foreach"] is not False and len(stepped) == 1
                     and fused_flat(stepped[0].device) and (layout := self.layout_of(stepped[0]))):
                 p = stepped[0]
+                assert p.grad is not None  # _gather keeps only parameters with a gradient
                 flat = (p, p.grad, self.state[p].get("momentum_buffer"), layout)
             lars(params, grads, states.get("momentum_buffer", []), fresh=expand(fresh, counts) if use_momentum else [],
                  scales=expand(scales, counts) if use_momentum else [], plan=plan if group["adapt"] else None,
