@@ -237,6 +237,23 @@ def _loop(tmp_path: Path, monkeypatch, precision: str, stage: int, steps: int = 
     monkeypatch.undo()
     result = {"per_step": per_step, "in_guard": in_guard, "syncs": syncs[0], "steps": pos.global_step,
               "skipped": engine.skipped_steps, "wrapper": type(engine.optimizer).__name__}
+    # evaluate (finding 5): the training layout reaches the model; the figures against a computation by hand
+    layouts: list[bool] = []
+    hook = engine.module.register_forward_pre_hook(
+        lambda m, inp: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    indices = list(range(data.info.num_val))
+    val = imagenet.evaluate(run, indices)
+    hook.remove()
+    with torch.no_grad():
+        engine.module.eval()
+        x, y = next(iter(data.val_batches(indices, len(indices))))
+        from train.engine import engine_dtype
+
+        logits = engine.module(x.to(engine_dtype(engine)).contiguous(memory_format=torch.channels_last)).float()
+        engine.module.train()
+    top1 = 100 * (1 - (logits.argmax(1) == y).double().mean().item())
+    loss = torch.nn.functional.cross_entropy(logits, y).item()
+    result.update(layouts=layouts, val=val, want_top1=top1, want_loss=loss, val_n=len(indices))
     engine.destroy()
     return result
 
@@ -260,6 +277,10 @@ def test_a_step_with_no_host_sync(tmp_path, monkeypatch, world_of_one, precision
     assert [s.get("ours", 0) for s in quiet] == [ours, ours], got
     assert got["in_guard"][1:3] == [0, 0], got
     assert got["per_step"][3].get("ours", 0) >= 1  # the logging step reads (the record's all-reduced sums)
+    assert got["layouts"] and all(got["layouts"]), "evaluate must feed the model channels_last, as training does"
+    assert got["val"]["val_samples"] == got["val_n"]
+    assert got["val"]["val_top1_error"] == pytest.approx(got["want_top1"], abs=1e-9)
+    assert got["val"]["val_loss"] == pytest.approx(got["want_loss"], rel=1e-2 if precision == "bf16" else 1e-5)
 
 
 class _Fp16Engine:
