@@ -239,10 +239,14 @@ def machine_info(dry_run: bool) -> dict[str, Any]:
 
 
 def wheel_python(wheels: Path) -> str | None:
-    """The CPython version the compiled wheels in ``wheels`` were built for ("3.12" from a cp312 tag), or None."""
-    tags = {part[2:] for w in wheels.glob("*.whl") for part in w.stem.split("-")[-3:-1] if part.startswith("cp3")}
-    tags = {t for t in tags if t.isdigit()}
-    return f"3.{sorted(tags)[0][1:]}" if len(tags) == 1 else (", ".join(f"3.{t[1:]}" for t in sorted(tags)) or None)
+    """The CPython version the version-specific wheels in ``wheels`` were built for ("3.12" from a cp312 ABI tag;
+    abi3 and pure-Python wheels fit any), several joined by ", ", or None when there is none."""
+    tags = set()
+    for w in wheels.glob("*.whl"):
+        parts = w.stem.split("-")
+        if len(parts) >= 5 and parts[-2].startswith("cp3") and parts[-2][2:].isdigit():
+            tags.add(int(parts[-2][3:]))
+    return ", ".join(f"3.{t}" for t in sorted(tags)) or None
 
 
 def probes(wheels: Path | None) -> dict[str, dict[str, Any]]:
@@ -274,7 +278,8 @@ def probes(wheels: Path | None) -> dict[str, dict[str, Any]]:
         try:
             from torchvision.io import decode_jpeg, encode_jpeg
 
-            img = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+            yy, xx = torch.meshgrid(torch.arange(375), torch.arange(500), indexing="ij")  # smooth, photo-like
+            img = torch.stack([xx * 255 // 499, yy * 255 // 374, (xx + yy) * 255 // 873]).to(torch.uint8)
             data = encode_jpeg(img, quality=90)
             cpu = decode_jpeg(data)
             gpu = decode_jpeg(data, device="cuda").cpu()

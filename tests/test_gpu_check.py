@@ -223,3 +223,18 @@ def test_a_killed_check_leaves_the_report_of_the_stages_done(tmp_path):
     assert "jpeg pipeline" not in text and "pytest -m gpu |" not in text
     done = [json.loads(line) for line in stages.read_text().splitlines()]
     assert done[-1]["rc"] == 143 or done[-1]["stage"] == "info", done  # the stage under way, if any
+
+
+def test_python_probe_reads_the_wheels_abi_tag(tmp_path):
+    """The image's Python against the carried wheels: cp312 ABI tags say 3.12; abi3 and pure wheels fit any."""
+    from benchmarks.gpu import probes, wheel_python
+
+    for name in ("pydantic_core-2.33.2-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+                 "psutil-7.0.0-cp36-abi3-manylinux_2_12_x86_64.whl", "hjson-3.1.0-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    assert wheel_python(tmp_path) == "3.12"
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    got = probes(tmp_path)["python"]
+    assert got["ok"] is (here == "3.12") and f"Python {here}; wheels built for 3.12" in got["detail"]
+    (tmp_path / "msgpack-1.1.0-cp311-cp311-manylinux_2_17_x86_64.whl").write_bytes(b"")
+    assert wheel_python(tmp_path) == "3.11, 3.12"  # a mixed folder matches neither
