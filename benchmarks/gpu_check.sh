@@ -13,9 +13,10 @@
 # limit (default 480); the stages end 60 s before it, for the report. --workers N loader processes (default: cores
 # - 2), --dry-run. PYTHON picks the interpreter (python3). Each stage runs under `timeout`; a stage that fails or
 # times out is recorded and the next one still runs; processes a stage left behind (launcher ranks in their own
-# sessions) are killed with their process groups. The report is rewritten after every stage and from a TERM/INT
-# trap, so a kill at any time leaves the report of the stages done. Files in OUT: gpu_report.md, gpu_check.log (all
-# output), info.json, probes.json, stages.jsonl, results_synthetic.json, results_jpeg.json, pytest.xml.
+# sessions) are killed with their process groups. The report is rewritten after every stage and from EXIT and
+# TERM/INT traps, so a kill at any time leaves the report of the stages done (a SIGKILL: that of the last stage).
+# Files in OUT: gpu_report.md, gpu_check.log (all output), info.json, probes.json, stages.jsonl,
+# results_synthetic.json, results_jpeg.json, pytest.xml.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -88,7 +89,7 @@ while [ $# -gt 0 ]; do
         --budget) BUDGET=$2; shift 2 ;;
         --workers) WORKERS=$2; shift 2 ;;
         --dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1'; expected --out DIR, --wheels DIR, --budget SECONDS," \
                 "--workers N, --dry-run" >&2; exit 2 ;;
     esac
@@ -153,9 +154,12 @@ on_signal() {  # TERM/INT (a caller's time limit): record the stage under way, s
     fi
     kill_leftovers
     report "signal $(( $1 - 128 ))"
+    FINAL=1
     echo "report: $OUT/gpu_report.md (interrupted)"
     exit "$1"
 }
+FINAL=0  # set once the last report is written; an exit before that (an error in this script) writes one
+trap '[ "$FINAL" = 1 ] || report exit' EXIT
 trap 'on_signal 143' TERM
 trap 'on_signal 130' INT
 
@@ -233,6 +237,7 @@ stage "jpeg pipeline" 150 "$PY" -m benchmarks.gpu "${jpeg[@]}" --sources loader,
 
 trap - TERM INT
 report end
+FINAL=1
 echo "report: $OUT/gpu_report.md"
 grep -E "^\*\*GPU waited|^\| (synthetic|end to end|JPEG)|passed" "$OUT/gpu_report.md"
 exit 0
