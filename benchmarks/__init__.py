@@ -5,7 +5,8 @@
     python -m benchmarks.optimizer     # LARS/LAMB step vs torch.optim SGD/AdamW, our groups and all parameters
     python -m benchmarks.noise_scale   # the gradient-noise-scale monitor's cost vs the loop without it
     python -m benchmarks.gpu           # ResNet-50 fp16 images/s and memory on one GPU (needs CUDA)
-    bash benchmarks/gpu_check.sh --out DIR  # one GPU, one command: wheels, gpu test tier, ResNet-50 + JPEG, report
+    bash benchmarks/gpu_check.sh --out DIR  # one GPU, one command: wheels, probes, ResNet-50, gpu tier, JPEG, report
+    python -m benchmarks.gpu_report DIR     # gpu_check.sh's report from the files in DIR (no torch import)
 
 Results, with the machine and date, are in docs/benchmarks.md.
 """

@@ -6,13 +6,17 @@ batch 256; DeepLearningExamples ResNet-50 v1.5) as the anchor; the issue's targe
     python -m benchmarks.gpu --jpeg --workers 12            # + the JPEG pipeline on generated 500x375 photos
     python -m benchmarks.gpu --sources loader,jpeg --micro-batches 256 --no-largest --workers 16 --json r.json
     python -m benchmarks.gpu --smoke                        # CPU, tiny model: checks the script runs
+    python -m benchmarks.gpu --probe probes.json --wheels .whl   # /dev/shm, NCCL, nvJPEG, Python vs the wheels
     python -m benchmarks.gpu --report DIR --out report.md   # benchmarks/gpu_check.sh's report from DIR's results
 
 Sources: ``synthetic`` (the same uint8 batch already on the device: the model step alone), ``jpeg`` (the JPEG
 pipeline feeding the engine, end to end) and ``loader`` (the JPEG pipeline alone, no model: what the loader
 processes can supply). Each figure is the median images/s of ``--intervals`` intervals of ``--steps`` optimizer
 steps after a warm-up interval, with torch.cuda.max_memory_allocated for that micro batch and, for the model runs,
-the fraction of the wall clock the training loop spent waiting for its next batch. The largest micro batch is
+the fraction of the wall clock the training loop spent waiting for its next batch. The engine is the one
+train/imagenet.py trains with: ds_configs/256.json (fp16, ZeRO-1, our SGD, no clipping) through
+train.config.resolve and train.engine.build_engine at the measured micro batch (:func:`engine_for`); cuDNN's
+autotuner is left off, as in training. The largest micro batch is
 found by doubling from 256 until CUDA runs out of memory, then bisecting. Not yet measured: the sessions so far had
 no GPU.
 """
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -36,33 +39,52 @@ from typing import Any
 
 import torch
 
+REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(REPO))
 
+from benchmarks.gpu_report import (  # noqa: E402, F401 (the report's functions, also importable from here)
+    ANCHOR,
+    TARGET_END_TO_END,
+    TARGET_SYNTHETIC,
+    WAIT_TOLERANCE,
+    gpu_waited,
+    junit_summary,
+    render_report,
+    workers_needed,
+    write_report,
+)
 from train.distributed import exit_process, single_process_env  # noqa: E402
 
-ANCHOR = 2470.0  # images/s, ResNet-50 v1.5, A100 80GB, AMP, batch 256 (NVIDIA DeepLearningExamples)
-TARGET_SYNTHETIC = 3000.0  # images/s, ResNet-50 fp16 synthetic on one H100/H200 (issue 11)
-TARGET_END_TO_END = 2500.0  # images/s, ResNet-50 fp16 fed by the JPEG pipeline on the same GPU (issue 11)
-WAIT_TOLERANCE = 0.05  # end to end may fall this far below the synthetic rate before we say the GPU waited
+RECIPE = REPO / "ds_configs" / "256.json"  # Goyal et al.'s recipe: fp16, ZeRO-1, our SGD, no clipping
 
 
-def engine_for(arch: str, micro: int, precision: str, image_size: int, classes: int) -> Any:
-    import deepspeed
+def engine_for(arch: str, micro: int, precision: str, image_size: int, classes: int,
+               recipe: Path = RECIPE) -> tuple[Any, dict[str, Any]]:
+    """The engine train/imagenet.py builds from ``recipe`` at micro batch ``micro`` in ``precision`` on a world of
+    one, and the config DeepSpeed was given: the same :func:`train.config.resolve` and
+    :func:`train.engine.build_engine` (our optimizer, the ZeRO stage and its wrapper, no clipping, batch-norm buffers
+    in the model's dtype, DeepSpeed's throughput timer off), with the global batch set to ``micro`` (one optimizer
+    step per micro-batch, as in NVIDIA's figure)."""
+    from datetime import timedelta
 
+    from train.config import load_json, resolve
+    from train.engine import build_engine
     from train.models import build_model
 
-    cfg = {"train_batch_size": micro, "train_micro_batch_size_per_gpu": micro,
-           "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}},
-           "steps_per_print": 10**9}
-    if precision == "fp16":
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    elif precision == "bf16":
-        cfg["bf16"] = {"enabled": True}
+    cfg = load_json(recipe)
+    cfg["train_batch_size"] = micro
+    resolved = resolve(cfg, world_size=1, num_train=1_281_167, micro_batch=micro, precision=precision)  # ImageNet
     torch.manual_seed(0)
-    model = build_model(arch, classes, 3, image_size)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    return engine
+    model = build_model(arch, classes, 3, image_size, zero_init_residual=resolved.training["zero_init_residual"])
+    return build_engine(resolved, model, timeout=timedelta(minutes=10), trusted_checkpoint=True,
+                        say=lambda *_: None)
+
+
+def wrapper_name(engine: Any) -> str:
+    """The optimizer wrapper DeepSpeed put around ours, and ours: e.g. "DeepSpeedZeroOptimizer over SGD"."""
+    inner = getattr(engine.optimizer, "optimizer", None)
+    return type(engine.optimizer).__name__ + (f" over {type(inner).__name__}" if inner is not None else "")
 
 
 def measure(engine: Any, batches: Iterator, steps: int, intervals: int, normalize: Any) -> tuple[float, float]:
@@ -71,7 +93,9 @@ def measure(engine: Any, batches: Iterator, steps: int, intervals: int, normaliz
 
     DeepSpeed's fp16 step reads its overflow flag on the host, so the host is at most one step ahead of the GPU:
     time blocked in ``next`` is, to within that step, time the GPU sat idle waiting for data."""
-    dtype = torch.half if engine.fp16_enabled() else torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    from train.engine import engine_dtype
+
+    dtype = engine_dtype(engine)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     rates, waits = [], []
     for i in range(intervals + 1):
@@ -160,7 +184,8 @@ def run(args: argparse.Namespace, micro: int, jpeg_root: Path | None) -> tuple[f
     """(images/s, peak GiB allocated, fraction of time waiting for data) of one engine on one source."""
     from train.data import to_model_input
 
-    engine = engine_for(args.arch, micro, args.precision, args.image_size, 1000)
+    engine, _ = engine_for(args.arch, micro, args.precision, args.image_size, 1000)
+    args.wrapper = wrapper_name(engine)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     count = args.steps * (args.intervals + 1)
@@ -183,147 +208,6 @@ def fits(args: argparse.Namespace, micro: int) -> bool:
         return False
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The report of benchmarks/gpu_check.sh
-
-
-def gpu_waited(synthetic: float | None, end_to_end: float | None, tolerance: float = WAIT_TOLERANCE) -> bool | None:
-    """Whether the GPU waited on data: the end-to-end rate (JPEG pipeline feeding the model) fell more than
-    ``tolerance`` below the rate of the same model on a batch already on the device. None when either is missing."""
-    if synthetic is None or end_to_end is None or not synthetic > 0:
-        return None
-    return end_to_end < (1.0 - tolerance) * synthetic
-
-
-def workers_needed(synthetic: float | None, loader: float | None, workers: int) -> int | None:
-    """Loader processes that would supply the synthetic rate, at the measured images/s per process."""
-    if not synthetic or not loader or workers < 1:
-        return None
-    return math.ceil(synthetic / (loader / workers))
-
-
-def _fmt(rate: float | None) -> str:
-    return "not measured" if rate is None else f"{rate:,.0f} images/s"
-
-
-def _met(value: float | None, target: float) -> str:
-    return "unknown (not measured)" if value is None else ("**met**" if value >= target else "**not met**")
-
-
-def render_report(info: dict[str, Any], stages: list[dict[str, Any]], results: dict[str, Any],
-                  tests: dict[str, Any] | None) -> str:
-    """The markdown report: the machine, each stage's outcome and time, the figures against their targets, and
-    whether the GPU waited on data. ``results`` holds the benchmark JSON rows (``source``, ``images_per_s``, ...)."""
-    rows = {r["source"]: r for r in results.get("rows", [])}
-    syn, e2e, ldr = (rows.get(s, {}).get("images_per_s") for s in ("synthetic", "jpeg", "loader"))
-    workers = results.get("workers") or 0
-    waited = gpu_waited(syn, e2e)
-    need = workers_needed(syn, ldr, workers)
-    lines = ["# GPU check report", "",
-             f"Written by `bash benchmarks/gpu_check.sh` on {info.get('date', '?')}"
-             + (" (**dry run on CPU**: tiny model and sizes, not a measurement)" if info.get("dry_run") else "")
-             + ".", "",
-             "| | |", "|---|---|"]
-    for key in ("device", "driver", "torch", "cuda", "cudnn", "deepspeed", "python", "cores", "commit"):
-        lines.append(f"| {key} | {info.get(key, '?')} |")
-    lines += ["", "## Stages", "", "| stage | result | seconds (limit) |", "|---|---|---|"]
-    for s in stages:
-        if s.get("rc") is None:
-            result = "skipped" + (f": {s['note']}" if s.get("note") else "")
-        elif s["rc"] == 0:
-            result = "ok"
-        elif s["rc"] in (124, 137):
-            result = f"**timed out** (rc {s['rc']})"
-        else:
-            result = f"**failed** (rc {s['rc']})"
-        lines.append(f"| {s['stage']} | {result} | {s.get('seconds', 0):.0f} ({s.get('limit', '-')}) |")
-    lines += ["", "## GPU test tier (`pytest -m gpu`)", ""]
-    if tests:
-        lines.append(f"{tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "
-                     f"{tests['skipped']} skipped, in {tests['seconds']:.0f} s.")
-        lines += [f"- failed: `{name}`" for name in tests.get("failures", [])]
-    else:
-        lines.append("No result (the stage did not run or wrote no JUnit file); see gpu_check.log.")
-    arch = results.get("arch", "resnet50")
-    micro = results.get("micro", "?")
-    lines += ["", "## Throughput", "",
-              f"{arch}, {results.get('precision', 'fp16')}, channels_last, micro batch {micro}, "
-              f"{results.get('image_size', 224)} px; JPEG pipeline: {workers} loader processes on "
-              f"{results.get('jpeg_images', '?')} generated 500x375 photos (quality 90). Each figure is the median of "
-              f"{results.get('intervals', '?')} intervals of {results.get('steps', '?')} steps after a warm-up.", "",
-              "| figure | measured | target | |", "|---|---|---|---|",
-              f"| synthetic (batch already on the GPU) | {_fmt(syn)} | >= {TARGET_SYNTHETIC:,.0f} "
-              f"(NVIDIA A100 AMP: {ANCHOR:,.0f}) | {_met(syn, TARGET_SYNTHETIC)} |",
-              f"| JPEG pipeline alone{f', {workers} processes' if workers else ''} | {_fmt(ldr)} | "
-              f">= the synthetic rate | "
-              f"{_met(ldr, syn) if syn is not None else 'unknown'} |",
-              f"| end to end from JPEGs | {_fmt(e2e)} | >= {TARGET_END_TO_END:,.0f} | "
-              f"{_met(e2e, TARGET_END_TO_END)} |"]
-    for source in ("synthetic", "jpeg"):
-        r = rows.get(source)
-        if r:
-            mem = f"{r['peak_gib']:.2f} GiB" if math.isfinite(r["peak_gib"]) else "n/a (no GPU)"
-            lines.append(f"| {source}: peak memory, time waiting for the next batch | {mem}, "
-                         f"{100 * r['data_wait']:.1f}% of the wall clock | | |")
-    lines.append("")
-    if waited is None:
-        lines.append("**GPU waited on data: unknown** (the synthetic or the end-to-end rate was not measured).")
-    else:
-        lines.append(f"**GPU waited on data: {'yes' if waited else 'no'}** (rule: end to end < "
-                     f"{1 - WAIT_TOLERANCE:.2f} x synthetic; here {e2e:,.0f} vs {1 - WAIT_TOLERANCE:.2f} x {syn:,.0f}"
-                     f" = {(1 - WAIT_TOLERANCE) * syn:,.0f}; end to end / synthetic = {e2e / syn:.3f}).")
-    if need is not None:
-        lines.append(f"Loader processes needed to supply the synthetic rate at the measured {ldr / workers:,.0f} "
-                     f"images/s per process: {need} (ceil({syn:,.0f} / {ldr / workers:,.0f})).")
-    if waited:
-        lines.append("Next step (issue 11): decode on the GPU (torchvision.io.decode_jpeg on the device, batched).")
-    lines += ["", "Full output: gpu_check.log beside this file.", ""]
-    return "\n".join(lines)
-
-
-def junit_summary(path: Path) -> dict[str, Any] | None:
-    """Counts and failing test ids from pytest's JUnit XML file, or None if there is none."""
-    import xml.etree.ElementTree as ET
-
-    if not path.is_file():
-        return None
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError:
-        return None
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    failures = [f"{case.get('classname')}::{case.get('name')}" for s in suites for case in s.iter("testcase")
-                if case.find("failure") is not None or case.find("error") is not None]
-    return {"passed": total["tests"] - total["failures"] - total["errors"] - total["skipped"],
-            "failed": total["failures"], "errors": total["errors"], "skipped": total["skipped"],
-            "seconds": sum(float(s.get("time", 0)) for s in suites), "failures": failures}
-
-
-def write_report(work: Path, out: Path) -> str:
-    """Reads gpu_check.sh's files in ``work`` (info.json, stages.jsonl, results*.json, pytest.xml) and writes
-    the report to ``out``; missing or broken files are reported as such, never raised."""
-    def load(name: str, default: Any) -> Any:
-        try:
-            return json.loads((work / name).read_text())
-        except (OSError, ValueError):
-            return default
-
-    stages = []
-    for line in (work / "stages.jsonl").read_text().splitlines() if (work / "stages.jsonl").exists() else []:
-        try:
-            stages.append(json.loads(line))
-        except ValueError:
-            pass
-    results: dict[str, Any] = {}
-    for f in sorted(work.glob("results*.json")):  # one file per benchmark stage; rows add up, settings agree
-        part = load(f.name, {})
-        results = {**part, **results, "rows": results.get("rows", []) + part.get("rows", [])}
-    text = render_report(load("info.json", {}), stages, results, junit_summary(work / "pytest.xml"))
-    out.write_text(text)
-    return text
-
-
 def machine_info(dry_run: bool) -> dict[str, Any]:
     """Device, driver and library versions for the report header."""
     import subprocess
@@ -331,7 +215,7 @@ def machine_info(dry_run: bool) -> dict[str, Any]:
     info: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "dry_run": dry_run,
                             "torch": torch.__version__, "cuda": torch.version.cuda or "none",
                             "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
-                            "cores": os.cpu_count()}
+                            "cores": os.cpu_count(), "gpus": torch.cuda.device_count()}
     try:
         import deepspeed
 
@@ -354,6 +238,73 @@ def machine_info(dry_run: bool) -> dict[str, Any]:
     return info
 
 
+def wheel_python(wheels: Path) -> str | None:
+    """The CPython version the version-specific wheels in ``wheels`` were built for ("3.12" from a cp312 ABI tag;
+    abi3 and pure-Python wheels fit any), several joined by ", ", or None when there is none."""
+    tags = set()
+    for w in wheels.glob("*.whl"):
+        parts = w.stem.split("-")
+        if len(parts) >= 5 and parts[-2].startswith("cp3") and parts[-2][2:].isdigit():
+            tags.add(int(parts[-2][3:]))
+    return ", ".join(f"3.{t}" for t in sorted(tags)) or None
+
+
+def probes(wheels: Path | None) -> dict[str, dict[str, Any]]:
+    """What the GPU check needs from the machine, each probe on its own: /dev/shm's size (loader workers pass
+    batches through it), an NCCL all_reduce on a world of one, nvJPEG (torchvision.io.decode_jpeg on the device)
+    against the CPU decode, and this Python against the carried wheels' tag. ``ok`` is None for a skipped probe."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        st = os.statvfs("/dev/shm")
+        total, free = st.f_blocks * st.f_frsize / 2**30, st.f_bavail * st.f_frsize / 2**30
+        # a batch of 256 uint8 224x224 images is 37 MiB; each loader process keeps prefetch (2-4) of them in flight
+        out["shm"] = {"ok": free >= 2.0, "detail": f"/dev/shm {total:.1f} GiB, {free:.1f} GiB free (>= 2 GiB "
+                      f"wanted: loader processes x prefetch x 37 MiB batches)"}
+    except OSError as e:
+        out["shm"] = {"ok": False, "detail": f"/dev/shm not usable: {e}"}
+    if torch.cuda.is_available():
+        try:
+            import torch.distributed as dist
+
+            single_process_env()
+            dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+            t = torch.full((1024,), 2.0, device="cuda")
+            dist.all_reduce(t)
+            ok = bool((t == 2.0).all())
+            dist.destroy_process_group()
+            out["nccl"] = {"ok": ok, "detail": f"all_reduce on a world of one, NCCL {torch.cuda.nccl.version()}"}
+        except Exception as e:  # noqa: BLE001 (a probe reports, never stops the check)
+            out["nccl"] = {"ok": False, "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        try:
+            from torchvision.io import decode_jpeg, encode_jpeg
+
+            yy, xx = torch.meshgrid(torch.arange(375), torch.arange(500), indexing="ij")  # smooth, photo-like
+            img = torch.stack([xx * 255 // 499, yy * 255 // 374, (xx + yy) * 255 // 873]).to(torch.uint8)
+            data = encode_jpeg(img, quality=90)
+            cpu = decode_jpeg(data)
+            gpu = decode_jpeg(data, device="cuda").cpu()
+            diff = (cpu.int() - gpu.int()).abs().max().item()
+            # libjpeg-turbo and nvJPEG use different IDCT/upsampling: a few grey levels apart, not bit-equal
+            out["nvjpeg"] = {"ok": gpu.shape == cpu.shape and diff <= 16,
+                             "detail": f"decode_jpeg(device='cuda') of a 500x375 JPEG: largest difference from the "
+                                       f"CPU decode {diff} grey levels (<= 16 wanted)"}
+        except Exception as e:  # noqa: BLE001
+            out["nvjpeg"] = {"ok": False, "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    else:
+        out["nccl"] = {"ok": None, "detail": "no CUDA device"}
+        out["nvjpeg"] = {"ok": None, "detail": "no CUDA device"}
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    built = wheel_python(wheels) if wheels is not None and wheels.is_dir() else None
+    if built is None:
+        out["python"] = {"ok": None, "detail": f"Python {here}; no compiled wheel to check against"
+                         + (f" in {wheels}" if wheels else "")}
+    else:
+        out["python"] = {"ok": built == here, "detail": f"Python {here}; wheels built for {built}"
+                         + ("" if built == here else f" (rebuild: bash benchmarks/wheelhouse.sh --python-version "
+                                                     f"{here})")}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -374,11 +325,18 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--smoke", action="store_true", help="CPU, resnet18 at 32x32, 2 steps: checks the script runs")
     p.add_argument("--info", default=None, help="write the machine's description (JSON) here and stop")
+    p.add_argument("--probe", default=None, help="run the probes (shm, NCCL, nvJPEG, Python), write JSON here, stop")
+    p.add_argument("--wheels", default=None, help="with --probe: the wheel folder whose Python tag is checked")
     p.add_argument("--report", default=None, help="write gpu_check.sh's report from the files in this folder")
     p.add_argument("--out", default=None, help="with --report: the markdown file (default: DIR/gpu_report.md)")
     args = p.parse_args()
     if args.report:
         print(write_report(Path(args.report), Path(args.out or Path(args.report) / "gpu_report.md")))
+        return
+    if args.probe:
+        found = probes(Path(args.wheels) if args.wheels else None)
+        Path(args.probe).write_text(json.dumps(found, indent=1))
+        print(json.dumps(found, indent=1))
         return
     if args.info:
         Path(args.info).write_text(json.dumps(machine_info(args.smoke), indent=1))
@@ -389,12 +347,10 @@ def main() -> None:
         p.error(f"--sources: unknown {bad}; expected synthetic, jpeg, loader")
     single_process_env()
     if args.smoke:
-        args.arch, args.precision, args.image_size, args.micro_batches = "resnet18", "fp32", 32, "4"
+        args.arch, args.precision, args.image_size, args.micro_batches = "resnet18", "fp32", 32, "2,4"
         args.steps, args.intervals, args.no_largest, args.jpeg_images = 1, 1, True, 16
     elif not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu needs a CUDA GPU (or --smoke)")
-    else:
-        torch.backends.cudnn.benchmark = True
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke test)"
     print(f"{device}; {args.arch} {args.precision} {args.image_size}px; torch {torch.__version__}; anchor: NVIDIA "
           f"A100 {ANCHOR:.0f} images/s", flush=True)
@@ -415,7 +371,7 @@ def main() -> None:
         workers = default_workers()
     summary = {k: getattr(args, k) for k in ("arch", "precision", "image_size", "steps", "intervals",
                                               "jpeg_images")}
-    summary.update(micro=micros[-1], workers=workers, rows=[])
+    summary.update(micro=micros[-1], workers=workers, rows=[], recipe=str(RECIPE.relative_to(REPO)))
     with tempfile.TemporaryDirectory() as tmp:
         root = None
         if {"jpeg", "loader"} & set(sources):
@@ -437,9 +393,9 @@ def main() -> None:
                           flush=True)
                 summary["rows"].append({"source": source, "micro": micro, "images_per_s": rate,
                                         "peak_gib": mem, "data_wait": wait})
+                summary["wrapper"] = getattr(args, "wrapper", summary.get("wrapper"))
                 if args.json:  # after each figure, so that a time-out keeps what was measured
-                    rows = [r for r in summary["rows"] if r["micro"] == micros[-1]] or summary["rows"]
-                    Path(args.json).write_text(json.dumps({**summary, "rows": rows}, indent=1))
+                    Path(args.json).write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -394,6 +394,15 @@ def main() -> None:
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != "cpu":
+        # The tests compare runs (a resumed run with the uninterrupted one at atol 1e-7, flat-partition modes with
+        # the per-parameter mode): on a GPU only with cuDNN's and cuBLAS's deterministic algorithms (cuBLAS reads
+        # CUBLAS_WORKSPACE_CONFIG when its handle is made: set before the first GEMM). warn_only: an op without a
+        # deterministic kernel warns in the log instead of stopping every comparison.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before the first collective
     # A rank that skips a collective the others entered (issue 14 item 1) fails within minutes, not hangs.
     deepspeed.init_distributed(dist_backend="gloo" if get_accelerator().device_name() == "cpu" else None,
                                timeout=timedelta(seconds=args.timeout))

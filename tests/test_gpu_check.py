@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, child_env
@@ -143,8 +145,10 @@ def test_wheelhouse_size_check(tmp_path):
 
 
 def test_bad_arguments_are_named():
-    proc = bash(str(CHECK), "--budget", "ten")
-    assert proc.returncode == 2 and "--budget and --workers take whole numbers (got 'ten', '16')" in proc.stderr
+    proc = bash(str(CHECK), "--budget", "ten", "--workers", "14")
+    assert proc.returncode == 2 and "--budget and --workers take whole numbers (got 'ten', '14')" in proc.stderr
+    proc = bash(str(CHECK), "--workers", "0")
+    assert proc.returncode == 2 and "--workers must be at least 1 (got 0)" in proc.stderr
     proc = bash(str(CHECK), "--gpus", "2")
     assert proc.returncode == 2 and "unknown argument '--gpus'" in proc.stderr
 
@@ -154,14 +158,18 @@ def test_install_stage_without_a_deepspeed_wheel_says_how_to_make_one(tmp_path):
     assert proc.returncode == 3 and "run benchmarks/wheelhouse.sh" in proc.stdout
 
 
+# the correctness tier (pytest) before the JPEG stage
+STAGE_ORDER = ["install", "info", "probes", "resnet50 synthetic", "pytest -m gpu", "jpeg pipeline"]
+
+
 def test_a_spent_budget_skips_the_stages_and_still_writes_the_report(tmp_path):
-    proc = bash(str(CHECK), "--out", str(tmp_path), "--dry-run", "--budget", "10")
+    proc = bash(str(CHECK), "--out", str(tmp_path), "--dry-run", "--budget", "69")  # 69 - 60 s: under 10 s
     assert proc.returncode == 0, proc.stderr
     stages = [json.loads(line) for line in (tmp_path / "stages.jsonl").read_text().splitlines()]
-    assert [s["stage"] for s in stages] == ["install", "info", "resnet50 synthetic", "jpeg pipeline", "pytest -m gpu"]
+    assert [s["stage"] for s in stages] == STAGE_ORDER
     assert all(s["rc"] is None for s in stages)
     text = (tmp_path / "gpu_report.md").read_text()
-    assert "| resnet50 synthetic | skipped: the budget of 10 s was spent |" in text
+    assert "| resnet50 synthetic | skipped: the budget of 69 s was spent |" in text
     assert "**GPU waited on data: unknown**" in text
 
 
@@ -171,18 +179,62 @@ def test_dry_run_on_cpu_writes_a_complete_report(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (tmp_path / "gpu_check.log").read_text()
     stages = {s["stage"]: s for s in map(json.loads, (tmp_path / "stages.jsonl").read_text().splitlines())}
-    for name in ("info", "resnet50 synthetic", "jpeg pipeline"):
+    for name in ("info", "probes", "resnet50 synthetic", "jpeg pipeline"):
         assert stages[name]["rc"] == 0, log[-4000:]
     assert stages["pytest -m gpu"]["rc"] is not None and stages["install"]["rc"] is None
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["dry_run"] is True and info["torch"] and info["cores"] >= 1
     syn = json.loads((tmp_path / "results_synthetic.json").read_text())["rows"]
-    jpg = {r["source"]: r for r in json.loads((tmp_path / "results_jpeg.json").read_text())["rows"]}
-    assert [r["source"] for r in syn] == ["synthetic"] and set(jpg) == {"loader", "jpeg"}
+    jpg = {r["source"]: r for r in json.loads((tmp_path / "results_jpeg.json").read_text())["rows"] if r["micro"] == 4}
+    assert [r["source"] for r in syn] == ["synthetic", "synthetic"] and set(jpg) == {"loader", "jpeg"}
     assert all(r["images_per_s"] > 0 for r in [*syn, *jpg.values()])
     text = (tmp_path / "gpu_report.md").read_text()
     assert "**dry run on CPU**" in text
-    waited = jpg["jpeg"]["images_per_s"] < 0.95 * syn[0]["images_per_s"]
+    waited = jpg["jpeg"]["images_per_s"] < 0.95 * syn[1]["images_per_s"]  # at the main micro batch, 4
     assert f"**GPU waited on data: {'yes' if waited else 'no'}**" in text
     assert re.search(r"\d+ passed, \d+ failed, \d+ errors, \d+ skipped", text)
     assert "0 passed" in text  # no GPU test can pass on a CPU: they are skipped
+    # the report was rewritten after every stage (a kill at any point leaves the stages done)
+    assert re.findall(r"=== report written after: (.+)", log) == ["start", *STAGE_ORDER[1:], "end"]
+    assert [s for s in stages] == STAGE_ORDER
+    probes = json.loads((tmp_path / "probes.json").read_text())
+    assert probes["shm"]["ok"] is not None and probes["nccl"]["ok"] is None  # no CUDA: skipped, said so
+    assert "| nvjpeg | skipped | no CUDA device |" in text
+    assert "is not covered on one GPU" in text  # the NCCL split-layer path, with its CPU proof named
+    micros = sorted(r["micro"] for r in syn)
+    assert micros == [2, 4] and "| synthetic at micro batch 2 |" in text  # the smoke's stand-ins for 32 and 256
+
+
+def test_a_killed_check_leaves_the_report_of_the_stages_done(tmp_path):
+    """SIGTERM (a caller's time limit) during the dry run, once the info stage is done: the trap records the stage
+    under way as interrupted, writes the report and exits 143; nothing after it ran."""
+    proc = subprocess.Popen(["bash", str(CHECK), "--out", str(tmp_path), "--dry-run"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(PYTHON=sys.executable))
+    stages = tmp_path / "stages.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and '"info"' not in (stages.read_text() if stages.exists() else ""):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out + err
+    text = (tmp_path / "gpu_report.md").read_text()
+    assert "| info | ok |" in text
+    assert "jpeg pipeline" not in text and "pytest -m gpu |" not in text
+    done = [json.loads(line) for line in stages.read_text().splitlines()]
+    assert done[-1]["rc"] == 143 or done[-1]["stage"] == "info", done  # the stage under way, if any
+
+
+def test_python_probe_reads_the_wheels_abi_tag(tmp_path):
+    """The image's Python against the carried wheels: cp312 ABI tags say 3.12; abi3 and pure wheels fit any."""
+    from benchmarks.gpu import probes, wheel_python
+
+    for name in ("pydantic_core-2.33.2-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+                 "psutil-7.0.0-cp36-abi3-manylinux_2_12_x86_64.whl", "hjson-3.1.0-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    assert wheel_python(tmp_path) == "3.12"
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    got = probes(tmp_path)["python"]
+    assert got["ok"] is (here == "3.12") and f"Python {here}; wheels built for 3.12" in got["detail"]
+    (tmp_path / "msgpack-1.1.0-cp311-cp311-manylinux_2_17_x86_64.whl").write_bytes(b"")
+    assert wheel_python(tmp_path) == "3.11, 3.12"  # a mixed folder matches neither

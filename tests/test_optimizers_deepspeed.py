@@ -58,6 +58,7 @@ def _launch(tmp: Path, modes: tuple[str, ...], num_ranks: int, accelerator: str 
            "tests/ds_optim_worker.py", "--out", str(out), "--ckpt-dir", str(tmp / "ckpt"), "--steps", str(STEPS),
            "--timeout", str(timeout_s), "--modes", *modes]
     env = dict(os.environ)
+    env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on a GPU (the worker sets the rest)
     if accelerator:
         env["DS_ACCELERATOR"] = accelerator
     # Its own session, so that a hung rank (issue 14 item 1: one rank skipping a collective) is killed with the

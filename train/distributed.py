@@ -1,8 +1,9 @@
 """Distributed start-up shared by the entry points and the test workers: one process or many, CPU or GPU.
 
 :func:`init` is what an entry point calls first: it makes a plain ``python train/x.py`` a world of one, gives a CPU
-rank its share of the cores, starts DeepSpeed's process group with the run's collective timeout, frees DeepSpeed's
-CPU shared-memory names, and returns the :class:`World` (rank, size, printing on rank 0 only).
+rank its share of the cores, makes a GPU rank's current device its ``LOCAL_RANK``, starts DeepSpeed's process
+group with the run's collective timeout, frees DeepSpeed's CPU shared-memory names, and returns the :class:`World`
+(rank, size, printing on rank 0 only).
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def init(timeout_minutes: float) -> World:
     device_type = get_accelerator().device_name()
     if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the node's cores shared among its ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    if device_type != "cpu":
+        # Before the first collective: init_distributed binds NCCL to cuda:LOCAL_RANK but leaves the current device
+        # at 0 (only deepspeed.initialize sets it), so the run-folder claim's broadcast, barrier and all_gather
+        # before build_engine would put every rank's tensors on device 0.
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(minutes=timeout_minutes)
     deepspeed.init_distributed(timeout=timeout)
     world = World(torch.distributed.get_rank(), torch.distributed.get_world_size(), device_type, timeout)

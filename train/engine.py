@@ -30,6 +30,9 @@ def build_optimizer_and_schedule(resolved: Resolved, model: torch.nn.Module) -> 
     """Our optimizer and schedule (None where DeepSpeed builds its own), and the config DeepSpeed is given."""
     ds_config = dict(resolved.ds_config)
     ds_config.setdefault("steps_per_print", 10 ** 9)  # we print our own progress
+    # DeepSpeed's throughput timer (on by default) calls get_accelerator().synchronize() when forward starts it and
+    # when step stops it, twice per micro-step from the third step on; StepMeter times our records without it.
+    ds_config.setdefault("timers", {"throughput": {"enabled": False}})
     opt_name = str(resolved.optimizer["type"])
     optimizer = None
     if opt_name.lower() in optimizers.KNOWN_OPTIMIZERS:

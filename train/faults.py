@@ -7,13 +7,29 @@ finite. Plain fp32 without ZeRO calls the optimizer directly; :func:`skip_nonfin
 rule. In all modes a skipped step leaves weights, optimizer state and the lr schedule where they were and
 increments ``engine.skipped_steps``, which the step records log.
 
-Every optimizer step ends with one small all-reduce (:class:`StepAgreement`) so that all ranks take the same
-decision: stop for a signal, count a skipped step, stop after too many skipped steps in a row. Between the
-micro-steps of a gradient accumulation the ranks also agree on signals (a one-number all-reduce on the CPU), so a
-step of hundreds of micro-batches cannot outlast a scheduler's grace period (30 s after SIGTERM, then SIGKILL).
+A small all-reduce (:class:`StepAgreement`) makes all ranks take the same decision: stop for a signal, count a
+skipped step, stop after too many skipped steps in a row. It runs about once a second, also between the
+micro-steps of a gradient accumulation, so a step of hundreds of micro-batches cannot outlast a scheduler's grace
+period (30 s after SIGTERM, then SIGKILL), and after every skipped fp16 step (whether a rank saw a non-finite
+loss).
 
 :class:`StepGuard` puts these together for a training loop: it is called once before and once after each
 micro-step and answers what to do (go on, the step was fine, it was skipped, stop, save and exit).
+
+Host reads. On a GPU, reading a device tensor on the host (``.item()``, ``bool()``, ``.tolist()``) waits for
+every kernel queued before it, so the host stops running ahead of the device. Nothing here reads a device tensor
+on a step that is neither skipped nor logged, with two documented exceptions, each one read where the rule cannot
+be decided otherwise:
+
+- fp16: the count of non-finite losses is read on a step the loss scaler skipped (:meth:`StepGuard.after_micro`),
+  to tell a bad step from an overflow skip; a step that was taken had finite losses and reads nothing. DeepSpeed's
+  fp16 step itself reads its overflow flag once a step, which is how the host knows a step was skipped.
+- fp32 without ZeRO: :func:`skip_nonfinite_steps` reads one flag (are all gradient norms finite?) before the
+  optimizer runs, once a step, because a skipped step must leave weights, optimizer state and the lr schedule as
+  they were and only the host can hold the schedule back; ZeRO-1/2 read their overflow flag the same way
+  (DeepSpeed's ``has_overflow``). On a CPU the read waits for nothing.
+
+The stop-signal agreement all-reduces a CPU tensor (a gloo group beside NCCL): no device synchronisation.
 """
 
 from __future__ import annotations
@@ -30,8 +46,9 @@ def skip_nonfinite_steps(engine: Any) -> bool:
     """Give a plain optimizer (fp32, no ZeRO) DeepSpeed's skip rule; return whether it was needed.
 
     The gradients are already averaged over ranks when the optimizer runs, so every rank reaches the same answer
-    without a collective. The engine reads ``optimizer.overflow`` after the step: True counts a skipped step and
-    holds the lr schedule, as for an fp16 overflow.
+    without a collective. The answer costs one host read a step (the module's "Host reads": a documented
+    exception). The engine reads ``optimizer.overflow`` after the step: True counts a skipped step and holds the lr
+    schedule, as for an fp16 overflow.
     """
     opt = engine.optimizer
     if hasattr(opt, "overflow"):  # DeepSpeed's own wrappers decide (ZeRO, BF16_Optimizer, fp16 optimizers)
@@ -41,6 +58,7 @@ def skip_nonfinite_steps(engine: Any) -> bool:
     def guarded_step(closure: Any = None) -> Any:
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         norms = torch._foreach_norm(grads) if grads else []
+        # The one host read a step of this mode: the decision must be known before the optimizer runs.
         opt.overflow = bool(grads) and not bool(torch.stack(norms).isfinite().all())
         if opt.overflow:
             return None
@@ -154,9 +172,11 @@ class StepGuard:
         verdict = guard.after_micro(loss, boundary, step)
 
     After a skipped step it puts the BatchNorm running statistics back (they move in the forward pass, and NaN
-    statistics would stay forever); with fp16 it counts non-finite losses (only those make a bad step: overflow
-    skips are how the loss scaler finds its scale); it agrees across ranks after every step and, with
-    accumulation, on signals between micro-steps; it counts bad steps in a row (:class:`BadStepStreak`).
+    statistics would stay forever); with fp16 it counts non-finite losses on the device (only those make a bad
+    step: overflow skips are how the loss scaler finds its scale) and reads the count only after a skipped step;
+    it agrees across ranks on signals about every :attr:`StepAgreement.AGREE_SECONDS` (between micro-steps too)
+    and after every skipped fp16 step; it counts bad steps in a row (:class:`BadStepStreak`). It reads no device
+    tensor on a step that was taken (the module's "Host reads").
     ``inject_nan`` (1-based optimizer steps) makes this rank's inputs NaN there: a testing aid.
     """
 
@@ -194,10 +214,16 @@ class StepGuard:
         skipped = self.engine.skipped_steps > self._skipped_before
         if skipped:
             self.restore_buffers()
-        if fp16:  # the loss scaler's overflow skips are normal; a bad step is a non-finite loss on any rank
+        if fp16 and skipped:
+            # The loss scaler's overflow skips are normal; a bad step is a non-finite loss on any rank. A non-finite
+            # loss makes non-finite gradients, which the scaler skips: only a skipped step can be bad, so the
+            # count is read here only (one host read on a skipped step, none on the others). DeepSpeed decided the
+            # skip from all-reduced gradients or an all-reduced overflow flag: every rank is here together.
             bad, signum = self.agreement.agree(bool(self._nonfinite.item() > 0))
             self._nonfinite.zero_()
         else:  # DeepSpeed decided the skip from the all-reduced gradients: the same answer on every rank
+            if fp16:
+                self._nonfinite.zero_()  # finite losses only (the step was taken): nothing to read
             bad, signum = skipped, self.agreement.agree()[1] if due else 0
         return Verdict(True, bad, self.streak.update(step + 1, bad), signum)
 

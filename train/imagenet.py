@@ -252,17 +252,22 @@ def evaluate(run: Run, indices: list[int]) -> dict[str, float]:
     """Top-1/top-5 error (%) and loss over the whole validation set, each sample counted once across ranks."""
     engine, dtype = run.engine, engine_dtype(run.engine)
     engine.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=engine.device)  # correct1, correct5, count, loss
+    sums = torch.zeros(4, dtype=torch.float64, device=engine.device)  # correct1, correct5, loss, count
+    count = 0  # on the host: a count built on the device would be a host-to-device copy per batch
     for x, y in run.data.val_batches(indices, run.args.eval_batch):
         if y.numel() == 0:
             continue
-        x, y = to_model_input(x, engine.device, dtype), y.to(engine.device, non_blocking=True)
+        # the training layout (channels_last by default): the cuDNN algorithms training chose, not a second set
+        x = to_model_input(x, engine.device, dtype, run.memory_format)
+        y = y.to(engine.device, non_blocking=True)
         logits = engine(x).float()
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-        sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(y.numel(), device=y.device),
-                             torch.nn.functional.cross_entropy(logits, y, reduction="sum")]).double()
+        sums[:3] += torch.stack([hit[:, 0].sum(), hit.any(1).sum(),
+                                 torch.nn.functional.cross_entropy(logits, y, reduction="sum")]).double()
+        count += y.numel()
+    sums[3] = count  # a fill with a host number: no copy, no synchronisation
     torch.distributed.all_reduce(sums)
-    c1, c5, n, loss = sums.tolist()
+    c1, c5, loss, n = sums.tolist()
     engine.train()
     return {"val_top1_error": 100 * (1 - c1 / n), "val_top5_error": 100 * (1 - c5 / n), "val_loss": loss / n,
             "val_samples": int(n)}

@@ -254,12 +254,30 @@ def collate_uint8(images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(images))
 
 
+_NORMALIZE_CONSTANTS: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalize_constants(device: torch.device | str, mean: Sequence[float],
+                        std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / (255 std), mean / std) as float32 (1, C, 1, 1) tensors on ``device``, made once per device and values.
+
+    Built from Python lists each call, they would be a pageable host-to-device copy (a stream synchronisation on a
+    GPU) in every training micro-step and evaluation batch; cached, the copy happens once per device."""
+    key = (torch.device(device), tuple(map(float, mean)), tuple(map(float, std)))
+    cached = _NORMALIZE_CONSTANTS.get(key)
+    if cached is None:
+        scale = torch.tensor([1 / (255 * s) for s in key[2]]).view(1, -1, 1, 1)
+        shift = torch.tensor([m / s for m, s in zip(key[1], key[2], strict=True)]).view(1, -1, 1, 1)
+        cached = _NORMALIZE_CONSTANTS[key] = (scale.to(key[0]), shift.to(key[0]))
+    return cached
+
+
 def normalize_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                     dtype: torch.dtype = torch.float32,
                     memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
     """(x / 255 - mean) / std for a uint8 (N, C, H, W) batch, computed in float32 wherever ``x`` lives (call it
-    after the copy to the GPU), returned as ``dtype``. Equals torchvision's Normalize(ToTensor(img))."""
-    scale = torch.tensor([1 / (255 * s) for s in std], device=x.device).view(1, -1, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], device=x.device).view(1, -1, 1, 1)
+    after the copy to the GPU), returned as ``dtype``. Equals torchvision's Normalize(ToTensor(img)). The constants
+    come from :func:`normalize_constants` (no host-to-device copy after the first batch on a device)."""
+    scale, shift = normalize_constants(x.device, mean, std)
     out = x.to(torch.float32, memory_format=memory_format).mul_(scale).sub_(shift)
     return out if dtype == torch.float32 else out.to(dtype)
