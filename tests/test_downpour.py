@@ -118,6 +118,19 @@ def test_partition_gives_every_shard_a_tensor_and_balances_by_size():
     assert parts == [["a", "b", "buf"], ["c", "d"]]  # 100 -> 0, 60 -> 1, 50 -> 1 (60 < 100), 10 -> 0 (100 < 110)
 
 
+def test_failure_report_names_every_failed_role_once_the_limit_is_passed():
+    one = {"replica 1": "RuntimeError: boom (after step 3)"}
+    assert downpour.failure_report(one, 1, 4, 3) is None  # tolerated: 1 of 4 lost, 3 allowed
+    assert downpour.failure_report(one, 1, 4, 0).splitlines() == [
+        "error: the Downpour run failed: 1 of 4 replicas failed, --max-dead-replicas allows 0",
+        "error: replica 1: RuntimeError: boom (after step 3)"]
+    two = {"replica 0": "a", "replica 1": "b"}
+    assert downpour.failure_report(two, 2, 2, 1).splitlines()[1:] == ["error: replica 0: a", "error: replica 1: b"]
+    shard = {"shard 0": "its process died (signal 9)"}
+    assert downpour.failure_report(shard, 0, 2, 1).splitlines() == [
+        "error: the Downpour run failed: shard 0 failed", "error: shard 0: its process died (signal 9)"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: a message naming the value and what was expected, before any process starts
 
@@ -200,9 +213,11 @@ def test_staleness_grows_with_replicas_and_a_killed_replica_leaves_the_run_finis
     _, two = run_downpour(tmp_path, "w2", downpour_cfg(2, 1), "--train-subset", str(2 * 32 * 20), *delays(2))
     proc, four = run_downpour(tmp_path, "w4", downpour_cfg(4, 1), "--train-subset", str(4 * 32 * 20),
                               "--kill-replica", "3@5", *delays(4), timeout=240)
-    assert "replica 3 died (signal 9) after step" in proc.stdout
+    assert "replica 3 is lost: its process died (signal 9) after step" in proc.stdout
     s2, s4 = summary(two), summary(four)
-    assert s4["dead_replicas"] == [3]
+    assert s4["dead_replicas"] == [3] and s4["max_dead_replicas"] == 3  # the default: all but one
+    assert s4["replica_errors"]["replica 3"].startswith("its process died (signal 9)")
+    assert read_metrics(four)[-3]["replicas_dead"] == 1  # the last step record counts it too
     assert s4["replica_steps"][:3] == [20, 20, 20] and s4["replica_steps"][3] <= 5
     assert (four / "model.pt").exists() and read_metrics(four)[-2]["kind"] == "epoch"
     assert 0 < s2["tau_mean"] < s4["tau_mean"], (s2["tau_mean"], s4["tau_mean"])
@@ -215,3 +230,17 @@ def test_warmstart_lets_one_replica_train_alone_first(tmp_path):
     proc, out = run_downpour(tmp_path, "warm", downpour_cfg(2, 1, warmstart_steps=20), "--train-subset", "1280")
     s = summary(out)
     assert s["replica_steps"] == [20, 20] and s["tau_hist"] == [40]
+
+
+@pytest.mark.launcher
+def test_a_run_whose_replicas_all_raise_fails_naming_each(tmp_path):
+    """Both replicas raise after their first step: the run exits 1 with one line per replica and its error, and
+    writes no summary (before, every exit counted as "dead", the run evaluated the initial model and exited 0)."""
+    faults = ["--fault", "replica0:raise@1", "replica1:raise@1"]
+    proc, out = run_downpour(tmp_path, "crash", downpour_cfg(2, 1), "--train-subset", "640", *faults, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert lines[0] == "error: the Downpour run failed: 2 of 2 replicas failed, --max-dead-replicas allows 1"
+    assert sorted(lines[1:]) == [f"error: replica {j}: RuntimeError: injected fault (--fault replica{j}:raise@1) "
+                                 f"(after step 0)" for j in (0, 1)]
+    assert "summary" not in [r["kind"] for r in read_metrics(out)]

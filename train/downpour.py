@@ -26,8 +26,10 @@ optimizer ("adagrad" or "sgd"), lr, initial_accumulator_value, warmstart_steps (
 one replica alone for its first steps before the others start), epochs (passes over the training set by all
 replicas together). The run writes what train/imagenet.py writes (config.json, metrics.jsonl with step, epoch and
 summary records, model.pt, wandb) plus the staleness tau of every push (its distribution per record) and the
-parameter server's checkpoint (checkpoints/ps.pt; ``--resume`` continues from it). A replica that dies (even by
-SIGKILL) is noted and the others go on; a dead shard stops the run (``--resume`` continues).
+parameter server's checkpoint (checkpoints/ps.pt; ``--resume`` continues from it). A replica that fails (an exception, a
+signal, silence) is noted in the records and the others go on while at most ``--max-dead-replicas`` (default W - 1)
+have failed; one more, or a failed shard, fails the run: exit code 1 and one line per failed role with its error
+(``--resume`` continues from the last checkpoint).
 
 The run flags are train/cli.py's, shared with train/imagenet.py; here ``--max-steps`` counts each replica's steps,
 ``--log-interval`` and ``--save-interval`` the replicas' steps summed, ``--micro-batch`` overrides
@@ -102,7 +104,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="plumbing check: all replicas fetch, then all push, round by round (with n_fetch = n_push "
                         "= 1 and the sgd shard optimizer this is synchronous SGD at lr x W)")
     p.add_argument("--kill-replica", default=None, metavar="J@STEP",
-                   help="testing aid: replica J sends itself SIGKILL after its step STEP")
+                   help="testing aid: replica J sends itself SIGKILL after its step STEP (--fault replicaJ:kill@STEP)")
+    p.add_argument("--fault", nargs="+", default=(), metavar="replicaJ:KIND@STEP",
+                   help="testing aid: replica J fails after its step STEP; KIND raise (an exception), kill "
+                        "(SIGKILL) or hang (SIGSTOP)")
+    p.add_argument("--max-dead-replicas", type=cli.int_at_least(0), default=None, metavar="N",
+                   help="the run goes on while at most N replicas have failed (default W - 1: all but one); one more, "
+                        "or a failed shard, fails the run")
     p.add_argument("--replica-timeout", type=cli.positive_float, default=120.0,
                    help="seconds without news from a replica (on another machine) before it counts as dead")
     p.add_argument("--eval-batch", type=cli.int_at_least(1), default=1000, help="validation batch")
@@ -125,7 +133,8 @@ class Setup:
     num_val: int
     param_shards: list[list[str]]
     delays: dict[int, float] = field(default_factory=dict)
-    kill: tuple[int, int] | None = None
+    faults: dict[int, tuple[str, int]] = field(default_factory=dict)  # replica -> (kind, after its step)
+    max_dead: int = 0  # replicas that may fail before the run does
 
     @property
     def W(self) -> int:  # noqa: N802 (the paper's letter)
@@ -210,21 +219,65 @@ def load_setup(args: argparse.Namespace) -> Setup:
         if not 0 <= int(j) < cfg["replicas"] or not float(sec) >= 0:
             raise ConfigError(f"--replica-delay {item!r}: J must be a replica (0..{cfg['replicas'] - 1}) and "
                               f"SECONDS >= 0")
-    kill = None
-    if args.kill_replica:
-        try:
-            kj, ks = (int(v) for v in args.kill_replica.split("@"))
-        except ValueError:
-            raise ConfigError(f"--kill-replica {args.kill_replica!r}: expected J@STEP, e.g. 1@20") from None
-        kill = (kj, ks)
+    faults = parse_faults(args, cfg["replicas"])
+    max_dead = cfg["replicas"] - 1 if args.max_dead_replicas is None else args.max_dead_replicas
+    if max_dead >= cfg["replicas"]:
+        raise ConfigError(f"--max-dead-replicas {max_dead} with {cfg['replicas']} replicas: a run needs one replica "
+                          f"alive; use at most {cfg['replicas'] - 1}")
     info = _data(args).info  # a missing or corrupt data set fails here, before any process starts
     num_train = min(info.num_train, args.train_subset or info.num_train)
     num_val = min(info.num_val, args.val_subset or info.num_val)
-    setup = Setup(cfg, args, num_train, num_val, ps.partition(sizes, buffers, cfg["shards"]), delays, kill)
+    setup = Setup(cfg, args, num_train, num_val, ps.partition(sizes, buffers, cfg["shards"]), delays, faults,
+                  max_dead)
     if setup.steps_per_epoch < 1:
         raise ConfigError(f"{num_train} training samples make no step of {setup.W} replicas x "
                           f"{setup.b} samples; use more samples or fewer replicas")
     return setup
+
+
+FAULT_KINDS = ("raise", "kill", "hang")
+
+
+def parse_faults(args: argparse.Namespace, replicas: int) -> dict[int, tuple[str, int]]:
+    """--fault replicaJ:KIND@STEP (and --kill-replica J@STEP): which replica fails how, after which of its steps."""
+    items = list(args.fault) + ([f"replica{args.kill_replica.partition('@')[0]}:kill@"
+                                 f"{args.kill_replica.partition('@')[2]}"] if args.kill_replica else [])
+    faults = {}
+    for item in items:
+        role, _, rest = item.partition(":")
+        kind, _, step = rest.partition("@")
+        try:
+            j, n = int(role.removeprefix("replica")), int(step)
+        except ValueError:
+            j = n = -1
+        if not role.startswith("replica") or kind not in FAULT_KINDS or not 0 <= j < replicas or n < 1:
+            raise ConfigError(f"--fault {item!r}: expected replicaJ:KIND@STEP with J in 0..{replicas - 1}, KIND one "
+                              f"of {', '.join(FAULT_KINDS)} and STEP >= 1, e.g. replica1:kill@20")
+        faults[j] = (kind, n)
+    return faults
+
+
+def inject_fault(setup: Setup, j: int, step: int) -> None:
+    kind, at = setup.faults.get(j, ("", 0))
+    if at != step:
+        return
+    if kind == "raise":
+        raise RuntimeError(f"injected fault (--fault replica{j}:raise@{step})")
+    os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+
+
+class RunFailed(Exception):
+    """The run cannot go on: a shard failed, or more replicas than --max-dead-replicas allows."""
+
+
+def failure_report(errors: dict[str, str], dead: int, replicas: int, max_dead: int) -> str | None:
+    """One line saying why the run failed, then one per failed role with its error; None while it may go on."""
+    shards = [k for k in errors if k.startswith("shard")]
+    if not shards and dead <= max_dead and dead < replicas:
+        return None
+    why = (f"{', '.join(shards)} failed" if shards else
+           f"{dead} of {replicas} replicas failed, --max-dead-replicas allows {max_dead}")
+    return "\n".join([f"error: the Downpour run failed: {why}", *(f"error: {k}: {v}" for k, v in errors.items())])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,9 +353,24 @@ def _call(to: str, func: Any, *args: Any) -> Any:
 
 
 def run_replica(rank: int, world_size: int, j: int, setup: Setup) -> None:
-
+    """A replica's whole life; an exception is reported to the coordinator (one line) before the process fails."""
     torch.set_num_threads(1)
     rpc.init_rpc(replica_name(j), rank=rank, world_size=world_size, rpc_backend_options=rpc_options(setup))
+    try:
+        train_replica(j, setup)
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        try:
+            rpc.rpc_sync(COORDINATOR, coord_failed, args=(j, f"{type(e).__name__}: {lines[0] if lines else ''}"),
+                         timeout=10)
+        except Exception:  # noqa: BLE001, S110 (the coordinator is gone: it learns from the exit code, if at all)
+            pass
+        rpc.shutdown(graceful=False)
+        raise
+    rpc.shutdown(graceful=False)
+
+
+def train_replica(j: int, setup: Setup) -> None:
     cfg, args = setup.cfg, setup.args
     data = _data(args)
     model = build_model(cfg["model"], 10, 1, 28)
@@ -311,7 +379,6 @@ def run_replica(rank: int, world_size: int, j: int, setup: Setup) -> None:
     sampler = GlobalBatchSampler(setup.num_train, setup.round_batch, setup.b, setup.W, j, args.seed)
     start = _call(COORDINATOR, coord_start, j)  # blocks until the shards hold the (resumed) parameters
     if start < 0:  # the coordinator failed before training began; it says why
-        rpc.shutdown(graceful=False)
         return
     if cfg["warmstart_steps"] and j > 0 and start < cfg["warmstart_steps"]:
         _call(COORDINATOR, coord_wait_warmstart)
@@ -336,8 +403,7 @@ def run_replica(rank: int, world_size: int, j: int, setup: Setup) -> None:
             loss.backward()  # gradients add up over the steps between pushes
             step += 1
             sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
-            if setup.kill and setup.kill == (j, step):
-                os.kill(os.getpid(), signal.SIGKILL)
+            inject_fault(setup, j, step)
             if step % cfg["n_push"] == 0 or step == setup.total_steps:
                 _wait_all(pushes)
                 pushes = push(model, params, setup, j)
@@ -352,7 +418,6 @@ def run_replica(rank: int, world_size: int, j: int, setup: Setup) -> None:
     if report is not None:
         report.wait()
     _call(COORDINATOR, coord_done, j, step, *sums.tolist())
-    rpc.shutdown(graceful=False)
 
 
 _DATA: Any = None
@@ -410,6 +475,7 @@ class Coordinator:
         self.steps = [0] * setup.W  # steps each replica has reported
         self.done = [False] * setup.W
         self.dead = [False] * setup.W
+        self.errors: dict[str, str] = {}  # failed role ("replica 3", "shard 0") -> its error, in order of failure
         self.last_seen = [time.monotonic()] * setup.W
         self.interval = [0.0, 0.0, 0.0]  # loss sum, correct, samples since the last record
         self.epoch_sums = [0.0, 0.0, 0.0]
@@ -451,6 +517,17 @@ def coord_done(j: int, step: int, loss_sum: float, correct: float, samples: floa
     with _COORD.cond:
         _COORD.done[j] = True
         _COORD.cond.notify_all()
+
+
+def coord_failed(j: int, error: str) -> None:
+    """Replica -> coordinator: it failed with this error (its process is about to end)."""
+    c = _COORD
+    with c.cond:
+        if not c.finished(j):
+            c.dead[j] = True
+            c.errors[f"replica {j}"] = f"{error} (after step {c.steps[j]})"
+            print(f"replica {j} failed after step {c.steps[j]}: {error}", flush=True)
+        c.cond.notify_all()
 
 
 def coord_wait_warmstart() -> None:
@@ -524,7 +601,11 @@ def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: s
         with c.cond:
             c.ready = True
             c.cond.notify_all()
-        watch(c, setup, state, log, model, procs, out_dir)
+        try:
+            watch(c, setup, state, log, model, procs, out_dir)
+        except RunFailed as e:
+            log.close()
+            raise SystemExit(str(e)) from None
         return finish(c, setup, state, log, model, out_dir)
     finally:
         with c.cond:
@@ -653,21 +734,26 @@ def check_alive(c: Coordinator, setup: Setup, procs: dict[int, Any]) -> None:
         role, index = role_of(rank, setup)
         if p.exitcode is None:
             continue
+        how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
         if role == "shard":
-            raise SystemExit(f"error: parameter-server shard {index} died (exit code {p.exitcode}); the run stops. "
-                             f"--resume continues from the last parameter-server checkpoint")
-        if not c.finished(index):
-            c.dead[index] = True
-            how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
-            print(f"replica {index} died ({how}) after step {c.steps[index]}; the other replicas go on", flush=True)
-            c.cond.notify_all()
+            c.errors.setdefault(f"shard {index}", f"its process died ({how})")
+        elif not c.finished(index):
+            mark_dead(c, index, f"its process died ({how}) after step {c.steps[index]}")
     if not procs:
         for j in range(setup.W):
             if not c.finished(j) and time.monotonic() - c.last_seen[j] > setup.args.replica_timeout:
-                c.dead[j] = True
-                print(f"replica {j}: no news for {setup.args.replica_timeout:g} s after step {c.steps[j]}; counted "
-                      f"as dead, the other replicas go on", flush=True)
-                c.cond.notify_all()
+                mark_dead(c, j, f"no news for {setup.args.replica_timeout:g} s after step {c.steps[j]}")
+    report = failure_report(c.errors, sum(c.dead), setup.W, setup.max_dead)
+    if report:
+        raise RunFailed(report)
+
+
+def mark_dead(c: Coordinator, j: int, why: str) -> None:
+    c.dead[j] = True
+    c.errors[f"replica {j}"] = why
+    print(f"replica {j} is lost: {why}; {sum(c.dead)} of {c.setup.W} lost, --max-dead-replicas "
+          f"{c.setup.max_dead}", flush=True)
+    c.cond.notify_all()
 
 
 def _rates(c: Coordinator, sums: list[float]) -> tuple[float | None, float | None]:
@@ -680,12 +766,13 @@ def step_record(c: Coordinator, setup: Setup, state: State, log: Any) -> None:
     with c.cond:
         total, samples, (loss, _) = sum(c.steps), c.samples, _rates(c, c.interval)
         c.interval = [0.0, 0.0, 0.0]
-        alive = sum(not d for d in c.dead)
+        alive, dead = sum(not d for d in c.dead), sum(c.dead)
     now = time.perf_counter()
     rec = {"kind": "step", "step": total, "epoch": samples / (setup.steps_per_epoch * setup.round_batch),
            "samples": samples, "loss": loss, "lr": setup.cfg["lr"],
            "images_per_sec": (samples - state.samples_log) / max(now - state.t_log, 1e-9),
            "global_batch": setup.round_batch, "wall_time": state.wall(), "replicas_alive": alive,
+           "replicas_dead": dead,
            **ps.tau_summary(state.taus_interval)}
     state.t_log, state.samples_log, state.taus_interval = now, samples, []
     log.log(rec)
@@ -763,6 +850,7 @@ def finish(c: Coordinator, setup: Setup, state: State, log: Any, model: torch.nn
               "final_val_top5_error": state.history[-1]["val_top5_error"],
               "median5_val_top1_error": statistics.median(last), "wall_time": state.wall(),
               "replica_steps": list(c.steps), "dead_replicas": [j for j in range(setup.W) if c.dead[j]],
+              "replica_errors": dict(c.errors), "max_dead_replicas": setup.max_dead,
               **{k: v for k, v in ps.tau_summary(state.taus_all).items() if k != "tau_hist"},
               "tau_hist": ps.tau_summary(state.taus_all).get("tau_hist")}
     log.log({"kind": "summary", **result})
