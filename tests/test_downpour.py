@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, child_env, read_metrics, write_config
 
 from analysis.runs import load_run
-from train import downpour
+from train import cli, downpour
 from train import parameter_server as ps
 from train.config import ConfigError
 from train.data import GlobalBatchSampler, fashion_mnist
@@ -152,10 +152,13 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, override, message):
     assert str(e.value).startswith(message)
 
 
-def test_bad_input_on_the_command_line_exits_2_before_any_process_starts(tmp_path):
-    proc, out = run_downpour(tmp_path, "bad", downpour_cfg(2, 2), "--replicas", "0", check=False, timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "error: downpour.replicas must be an integer >= 1, got 0" in proc.stderr
+def test_bad_input_on_the_command_line_exits_2_before_any_process_starts(tmp_path, capsys):
+    """In this process (cli.run is what the entry point calls): the exit code, the message, no run folder."""
+    path, out = write_config(tmp_path / "bad.json", downpour_cfg(2, 2)), tmp_path / "bad"
+    args = downpour.get_args_parser().parse_args(["--deepspeed_config", str(path), "--output-dir", str(out),
+                                                  "--no-wandb", "--replicas", "0"])
+    assert cli.run(downpour.main, args) == 2
+    assert "error: downpour.replicas must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -224,12 +227,20 @@ def test_staleness_grows_with_replicas_and_a_killed_replica_leaves_the_run_finis
 
 
 @pytest.mark.launcher
-def test_warmstart_lets_one_replica_train_alone_first(tmp_path):
+def test_warmstart_lets_one_replica_train_alone_first_and_a_hung_replica_is_found_by_its_heartbeat(tmp_path):
     """Dean et al.'s warmstart: replica 1 starts once replica 0 has done warmstart_steps steps. With 20 (all of
-    replica 0's steps) the replicas never overlap, so no push can find another replica's update: staleness 0."""
-    proc, out = run_downpour(tmp_path, "warm", downpour_cfg(2, 1, warmstart_steps=20), "--train-subset", "1280")
+    replica 0's steps) the replicas never overlap, so no push can find another replica's update: staleness 0.
+    Replica 0 takes 20 x 0.1 s, replica 1 waits longer than --replica-timeout 1 s and is not counted lost: its
+    heartbeat goes on in the warmstart wait. Then it hangs (SIGSTOP: no exit code to see) after its step 2: its
+    heartbeat stops, the coordinator counts it lost after 1 s (tolerated: 1 of 2) and the run finishes."""
+    proc, out = run_downpour(tmp_path, "warm", downpour_cfg(2, 1, warmstart_steps=20), "--train-subset", "1280",
+                             "--replica-delay", "0=0.1", "--replica-timeout", "1", "--heartbeat", "0.2",
+                             "--fault", "replica1:hang@2")
     s = summary(out)
-    assert s["replica_steps"] == [20, 20] and s["tau_hist"] == [40]
+    assert s["dead_replicas"] == [1], proc.stdout
+    assert s["replica_errors"]["replica 1"].startswith("no heartbeat for --replica-timeout 1 s, after step ")
+    assert s["replica_steps"][0] == 20 and s["replica_steps"][1] <= 2
+    assert s["tau_hist"] == [20 + s["replica_steps"][1]]  # every push found no other replica's update
 
 
 @pytest.mark.launcher

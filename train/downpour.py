@@ -112,7 +112,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the run goes on while at most N replicas have failed (default W - 1: all but one); one more, "
                         "or a failed shard, fails the run")
     p.add_argument("--replica-timeout", type=cli.positive_float, default=120.0,
-                   help="seconds without news from a replica (on another machine) before it counts as dead")
+                   help="seconds without a heartbeat from a replica before it counts as lost")
+    p.add_argument("--heartbeat", type=cli.positive_float, default=1.0, metavar="SECONDS",
+                   help="every replica tells the coordinator it lives, and the coordinator pings every shard, this "
+                        "often (in every state: warmstart wait, barrier, training)")
+    p.add_argument("--rpc-timeout", type=cli.positive_float, default=60.0, metavar="SECONDS",
+                   help="the longest any RPC (fetch, push, report, ping) waits for its answer; a shard that does not "
+                        "answer within it fails the run")
     p.add_argument("--eval-batch", type=cli.int_at_least(1), default=1000, help="validation batch")
     p.add_argument("--evals-per-epoch", type=cli.int_at_least(1), default=1,
                    help="evaluate (an epoch record, fractional epoch) K times per pass over the training set")
@@ -285,7 +291,8 @@ def failure_report(errors: dict[str, str], dead: int, replicas: int, max_dead: i
 
 
 def rpc_options(setup: Setup) -> Any:
-    return rpc.TensorPipeRpcBackendOptions(num_worker_threads=max(16, 2 * setup.W + 8), rpc_timeout=300,
+    return rpc.TensorPipeRpcBackendOptions(num_worker_threads=max(16, 2 * setup.W + 8),
+                                           rpc_timeout=setup.args.rpc_timeout,
                                            init_method="env://")
 
 
@@ -297,11 +304,12 @@ def role_of(rank: int, setup: Setup) -> tuple[str, int]:
     return "replica", rank - 1 - setup.S
 
 
-def child(rank: int, world_size: int, setup: Setup) -> None:
+def child(rank: int, world_size: int, setup: Setup, parent: int | None = None) -> None:
     """A shard or a replica process (the coordinator is rank 0, the caller)."""
     role, index = role_of(rank, setup)
     if role == "shard":
-        ps.serve(rank, world_size, index, rpc_options(setup))
+        ps.serve(rank, world_size, index, rpc_options(setup), coordinator_timeout=2 * setup.args.rpc_timeout +
+                 setup.args.heartbeat, parent=parent)
     else:
         run_replica(rank, world_size, index, setup)
 
@@ -333,55 +341,113 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     ctx = torch.multiprocessing.get_context("spawn")
     procs = {}
     for rank in range(1, world_size):
-        procs[rank] = ctx.Process(target=child, args=(rank, world_size, setup), daemon=False)
+        procs[rank] = ctx.Process(target=child, args=(rank, world_size, setup, os.getpid()), daemon=False)
         procs[rank].start()
     try:
         return coordinate(setup, world_size, procs, run_name, out_dir)
     finally:
-        for p in procs.values():
-            p.join(timeout=10)
-            if p.is_alive():  # only the processes this command started
+        lost = {1 + setup.S + j for j in range(setup.W) if _COORD is not None and _COORD.dead[j]}
+        deadline = time.monotonic() + 10
+        for rank, p in procs.items():  # only the processes this command started; a lost replica may be hung
+            p.join(timeout=0 if rank in lost else max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # A replica: fetch, compute, push
 
 
+class RpcFailed(RuntimeError):
+    """An RPC got no answer within --rpc-timeout, or its callee failed; the message names the callee."""
+
+
+_RPC_TIMEOUT = 60.0  # this process's --rpc-timeout (set when it joins the RPC world)
+
+
+def _wait(future: Any, to: str, what: str) -> Any:
+    try:
+        return future.wait()
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise RpcFailed(f"{to} did not answer {what} within --rpc-timeout {_RPC_TIMEOUT:g} s, or failed "
+                        f"({lines[0][:200] if lines else type(e).__name__})") from None
+
+
 def _call(to: str, func: Any, *args: Any) -> Any:
-    return rpc.rpc_sync(to, func, args=args, timeout=0)
+    return _wait(rpc.rpc_async(to, func, args=args, timeout=_RPC_TIMEOUT), to, func.__name__)
+
+
+def _poll(heartbeat: Heartbeat, to: str, func: Any, *args: Any) -> Any:
+    """Call ``func`` until it answers something other than None (each answer comes within a second or so)."""
+    while (answer := _call(to, func, *args)) is None:
+        heartbeat.check()
+    return answer
+
+
+POLL_SECONDS = 1.0  # the longest a coordinator endpoint holds a caller before answering "not yet" (None)
+
+
+class Heartbeat(threading.Thread):
+    """A replica's heartbeat: every --heartbeat s, in every state, it tells the coordinator it lives; it learns when
+    the coordinator counts the replica as lost or does not answer (:meth:`check` then raises in the caller)."""
+
+    def __init__(self, j: int, setup: Setup) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{j}")
+        self.j, self.every, self.why, self.halt = j, setup.args.heartbeat, "", threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.every):
+            try:
+                alive = _call(COORDINATOR, coord_heartbeat, self.j)
+            except RpcFailed as e:
+                self.why = str(e)
+                return
+            if not alive:
+                self.why = "the coordinator counts this replica as lost (it heard nothing within --replica-timeout)"
+                return
+
+    def check(self) -> None:
+        if self.why:
+            raise RuntimeError(self.why)
 
 
 def run_replica(rank: int, world_size: int, j: int, setup: Setup) -> None:
     """A replica's whole life; an exception is reported to the coordinator (one line) before the process fails."""
+    global _RPC_TIMEOUT
     torch.set_num_threads(1)
+    _RPC_TIMEOUT = setup.args.rpc_timeout
     rpc.init_rpc(replica_name(j), rank=rank, world_size=world_size, rpc_backend_options=rpc_options(setup))
+    heartbeat = Heartbeat(j, setup)
+    heartbeat.start()
     try:
-        train_replica(j, setup)
+        train_replica(j, setup, heartbeat)
     except Exception as e:
         lines = str(e).strip().splitlines()
         try:
             rpc.rpc_sync(COORDINATOR, coord_failed, args=(j, f"{type(e).__name__}: {lines[0] if lines else ''}"),
-                         timeout=10)
+                         timeout=min(10.0, _RPC_TIMEOUT))
         except Exception:  # noqa: BLE001, S110 (the coordinator is gone: it learns from the exit code, if at all)
             pass
         rpc.shutdown(graceful=False)
         raise
+    heartbeat.halt.set()
     rpc.shutdown(graceful=False)
 
 
-def train_replica(j: int, setup: Setup) -> None:
+def train_replica(j: int, setup: Setup, heartbeat: Heartbeat) -> None:
     cfg, args = setup.cfg, setup.args
     data = _data(args)
     model = build_model(cfg["model"], 10, 1, 28)
     model.train()
     params = dict(model.named_parameters())
     sampler = GlobalBatchSampler(setup.num_train, setup.round_batch, setup.b, setup.W, j, args.seed)
-    start = _call(COORDINATOR, coord_start, j)  # blocks until the shards hold the (resumed) parameters
+    start = _poll(heartbeat, COORDINATOR, coord_start, j)  # until the shards hold the (resumed) parameters
     if start < 0:  # the coordinator failed before training began; it says why
         return
     if cfg["warmstart_steps"] and j > 0 and start < cfg["warmstart_steps"]:
-        _call(COORDINATOR, coord_wait_warmstart)
+        _poll(heartbeat, COORDINATOR, coord_wait_warmstart)
     step, pushes, report = start, [], None
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples since the last report
     delay = setup.delays.get(j, 0.0)
@@ -390,12 +456,13 @@ def train_replica(j: int, setup: Setup) -> None:
         for x, y in data.train_batches(sampler):
             if step >= setup.total_steps:
                 break
+            heartbeat.check()
             if step == start or step % cfg["n_fetch"] == 0:
                 _wait_all(pushes)
                 pushes = []
                 fetch(model, setup, j)
                 if args.barrier:
-                    _call(COORDINATOR, coord_barrier, 2 * step)
+                    barrier(heartbeat, 2 * step)
             if delay:  # a slow machine: its gradient is computed on parameters that age meanwhile
                 time.sleep(delay)
             logits = model(x)
@@ -409,14 +476,15 @@ def train_replica(j: int, setup: Setup) -> None:
                 pushes = push(model, params, setup, j)
                 if args.barrier:
                     _wait_all(pushes)
-                    _call(COORDINATOR, coord_barrier, 2 * step + 1)
+                    barrier(heartbeat, 2 * step + 1)
                 if report is not None:
-                    report.wait()
-                report = rpc.rpc_async(COORDINATOR, coord_report, args=(j, step, *sums.tolist()), timeout=0)
+                    _wait(report, COORDINATOR, "coord_report")
+                report = rpc.rpc_async(COORDINATOR, coord_report, args=(j, step, *sums.tolist()),
+                                       timeout=_RPC_TIMEOUT)
                 sums.zero_()
     _wait_all(pushes)
     if report is not None:
-        report.wait()
+        _wait(report, COORDINATOR, "coord_report")
     _call(COORDINATOR, coord_done, j, step, *sums.tolist())
 
 
@@ -432,29 +500,39 @@ def _data(args: argparse.Namespace) -> Any:
     return _DATA
 
 
-def _wait_all(futures: list[Any]) -> None:
-    for f in futures:
-        f.wait()
+def _wait_all(futures: list[tuple[str, Any]]) -> None:
+    for to, f in futures:
+        _wait(f, to, "a push")
+
+
+def barrier(heartbeat: Heartbeat, key: int) -> None:
+    arrive = True
+    while not _call(COORDINATOR, coord_barrier, key, arrive):
+        arrive = False
+        heartbeat.check()
 
 
 def fetch(model: torch.nn.Module, setup: Setup, j: int) -> None:
     """Every shard's slice, fetched in parallel, into the replica's model."""
-    futures = [rpc.rpc_async(ps.shard_name(i), ps.rpc_fetch, args=(j,), timeout=0) for i in range(setup.S)]
+    futures = [rpc.rpc_async(ps.shard_name(i), ps.rpc_fetch, args=(j,), timeout=_RPC_TIMEOUT)
+               for i in range(setup.S)]
     state: dict[str, torch.Tensor] = {}
-    for f in futures:
-        state |= f.wait()
+    for i, f in enumerate(futures):
+        state |= _wait(f, ps.shard_name(i), "a fetch")
     with torch.no_grad():
         model.load_state_dict(state)
 
 
-def push(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], setup: Setup, j: int) -> list[Any]:
+def push(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], setup: Setup,
+         j: int) -> list[tuple[str, Any]]:
     """Send each shard the gradients of its parameters and the current buffers; zero the gradients."""
     buffers = dict(model.named_buffers())
     futures = []
     for i, names in enumerate(setup.param_shards):
         grads = {n: params[n].grad.detach().clone() for n in names if n in params and params[n].grad is not None}
         bufs = {n: buffers[n].detach().clone() for n in names if n in buffers}
-        futures.append(rpc.rpc_async(ps.shard_name(i), ps.rpc_push, args=(j, grads, bufs), timeout=0))
+        futures.append((ps.shard_name(i), rpc.rpc_async(ps.shard_name(i), ps.rpc_push, args=(j, grads, bufs),
+                                                        timeout=_RPC_TIMEOUT)))
     model.zero_grad(set_to_none=True)
     return futures
 
@@ -492,12 +570,44 @@ class Coordinator:
 _COORD: Coordinator | None = None
 
 
-def coord_start(j: int) -> int:
+class ShardPinger(threading.Thread):
+    """The coordinator's watch on the shards: a ping to each every --heartbeat s; a shard that does not answer
+    within --rpc-timeout (hung, dead, its machine gone) is a failed role, also where no exit code is visible."""
+
+    def __init__(self, c: Coordinator) -> None:
+        super().__init__(daemon=True, name="shard-pinger")
+        self.c, self.halt = c, threading.Event()
+
+    def run(self) -> None:
+        setup = self.c.setup
+        while not self.halt.wait(setup.args.heartbeat):
+            futures = [rpc.rpc_async(ps.shard_name(i), ps.rpc_ping, timeout=_RPC_TIMEOUT) for i in range(setup.S)]
+            for i, f in enumerate(futures):
+                try:
+                    _wait(f, ps.shard_name(i), "a ping")
+                except RpcFailed as e:
+                    if not self.halt.is_set():
+                        with self.c.cond:
+                            self.c.errors.setdefault(f"shard {i}", str(e))
+                            self.c.cond.notify_all()
+
+
+def coord_start(j: int) -> int | None:
+    """Replica -> coordinator: the step to start from once the shards hold the parameters (-1: the run failed);
+    None: not yet, ask again."""
     c = _COORD
     with c.cond:
-        c.cond.wait_for(lambda: c.ready or c.failed)
-        c.last_seen[j] = time.monotonic()
+        if not c.cond.wait_for(lambda: c.ready or c.failed, timeout=POLL_SECONDS):
+            return None
         return -1 if c.failed else c.start_steps[j]
+
+
+def coord_heartbeat(j: int) -> bool:
+    """Replica -> coordinator: alive. The answer: whether the coordinator still counts it (False once lost)."""
+    c = _COORD
+    with c.cond:
+        c.last_seen[j] = time.monotonic()
+        return not c.dead[j]
 
 
 def coord_report(j: int, step: int, loss_sum: float, correct: float, samples: float) -> None:
@@ -530,19 +640,24 @@ def coord_failed(j: int, error: str) -> None:
         c.cond.notify_all()
 
 
-def coord_wait_warmstart() -> None:
-    """Dean et al.'s warmstart: the other replicas start once replica 0 has done ``warmstart_steps`` steps."""
+def coord_wait_warmstart() -> bool | None:
+    """Dean et al.'s warmstart: the other replicas start once replica 0 has done ``warmstart_steps`` steps (True);
+    None: not yet."""
     c = _COORD
     with c.cond:
-        c.cond.wait_for(lambda: c.steps[0] >= c.setup.cfg["warmstart_steps"] or c.finished(0))
+        return c.cond.wait_for(lambda: c.steps[0] >= c.setup.cfg["warmstart_steps"] or c.finished(0),
+                               timeout=POLL_SECONDS) or None
 
 
-def coord_barrier(key: int) -> None:
+def coord_barrier(key: int, arrive: bool) -> bool:
+    """Replica -> coordinator: arrived at barrier ``key`` (first call) / still waiting; True once all live replicas
+    have arrived."""
     c = _COORD
     with c.cond:
-        c.barriers[key] = c.barriers.get(key, 0) + 1
+        c.barriers[key] = c.barriers.get(key, 0) + arrive
         c.cond.notify_all()
-        c.cond.wait_for(lambda: c.barriers[key] >= sum(not c.finished(j) for j in range(c.setup.W)))
+        return c.cond.wait_for(lambda: c.barriers[key] >= sum(not c.finished(j) for j in range(c.setup.W)),
+                               timeout=POLL_SECONDS)
 
 
 @dataclass
@@ -575,8 +690,12 @@ def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: s
     if procs:
         torch.set_num_threads(1)
     refusal = None if procs else claim_output_dir(out_dir, resume=args.resume, overwrite=args.overwrite)
+    global _RPC_TIMEOUT
+    _RPC_TIMEOUT = args.rpc_timeout
     _COORD = c = Coordinator(setup)
     rpc.init_rpc(COORDINATOR, rank=0, world_size=world_size, rpc_backend_options=rpc_options(setup))
+    pinger = ShardPinger(c)
+    pinger.start()
     try:
         if refusal:
             raise SystemExit(f"error: {refusal}")
@@ -600,14 +719,19 @@ def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: s
         log = start_log(setup, out_dir, run_name, wandb_id)
         with c.cond:
             c.ready = True
+            c.last_seen = [time.monotonic()] * setup.W  # every replica's heartbeat started before init_rpc returned
             c.cond.notify_all()
         try:
             watch(c, setup, state, log, model, procs, out_dir)
-        except RunFailed as e:
+            return finish(c, setup, state, log, model, out_dir)
+        except (RunFailed, RpcFailed) as e:
             log.close()
-            raise SystemExit(str(e)) from None
-        return finish(c, setup, state, log, model, out_dir)
+            with c.cond:
+                why = str(e) if isinstance(e, RunFailed) else "\n".join(
+                    [f"error: the Downpour run failed: {e}", *(f"error: {k}: {v}" for k, v in c.errors.items())])
+            raise SystemExit(why) from None
     finally:
+        pinger.halt.set()
         with c.cond:
             c.failed = not c.ready  # replicas still waiting to start are told to go
             c.cond.notify_all()
@@ -739,10 +863,10 @@ def check_alive(c: Coordinator, setup: Setup, procs: dict[int, Any]) -> None:
             c.errors.setdefault(f"shard {index}", f"its process died ({how})")
         elif not c.finished(index):
             mark_dead(c, index, f"its process died ({how}) after step {c.steps[index]}")
-    if not procs:
-        for j in range(setup.W):
-            if not c.finished(j) and time.monotonic() - c.last_seen[j] > setup.args.replica_timeout:
-                mark_dead(c, j, f"no news for {setup.args.replica_timeout:g} s after step {c.steps[j]}")
+    for j in range(setup.W):  # heartbeats: also where no exit code is visible (other machines, torchrun)
+        if not c.finished(j) and time.monotonic() - c.last_seen[j] > setup.args.replica_timeout:
+            mark_dead(c, j, f"no heartbeat for --replica-timeout {setup.args.replica_timeout:g} s, after step "
+                            f"{c.steps[j]}")
     report = failure_report(c.errors, sum(c.dead), setup.W, setup.max_dead)
     if report:
         raise RunFailed(report)

@@ -128,6 +128,7 @@ class ParameterShard:
 _SHARD: ParameterShard | None = None
 _STOP = threading.Event()
 _READY = threading.Event()
+_LAST_PING = [time.monotonic()]  # when the coordinator last pinged this shard
 
 
 def _shard() -> ParameterShard:
@@ -167,18 +168,36 @@ def rpc_load(state: dict[str, Any]) -> int:
     return _shard().version
 
 
+def rpc_ping() -> bool:
+    """Coordinator -> shard, every few seconds: the coordinator lives; the answer says the shard does."""
+    _LAST_PING[0] = time.monotonic()
+    return True
+
+
 def rpc_stop() -> bool:
     _STOP.set()
     return True
 
 
-def serve(rank: int, world_size: int, index: int, rpc_options: Any) -> None:
-    """A shard's whole life: join the RPC world, answer calls until the coordinator says stop."""
+def serve(rank: int, world_size: int, index: int, rpc_options: Any, *, coordinator_timeout: float,
+          parent: int | None = None) -> None:
+    """A shard's whole life: join the RPC world, answer calls until the coordinator says stop, or until it is
+    gone: no ping for ``coordinator_timeout`` seconds (any machine), or (started on the coordinator's machine) the
+    process that started this one ended. A shard never outlives its run."""
+    import os
+
     from torch.distributed import rpc
 
     torch.set_num_threads(1)
     rpc.init_rpc(shard_name(index), rank=rank, world_size=world_size, rpc_backend_options=rpc_options)
-    _STOP.wait()
+    _LAST_PING[0] = time.monotonic()
+    while not _STOP.wait(timeout=0.5):
+        silent = time.monotonic() - _LAST_PING[0]
+        if silent > coordinator_timeout or (parent is not None and os.getppid() != parent):
+            why = (f"no ping for {silent:.0f} s" if silent > coordinator_timeout else
+                   f"its parent process {parent} ended")
+            print(f"parameter-server shard {index}: the coordinator is gone ({why}); stopping", flush=True)
+            os._exit(1)  # a graceful RPC shutdown would wait for the coordinator
     time.sleep(0.2)  # let the answer to rpc_stop leave before the agent goes
     rpc.shutdown(graceful=False)
 
