@@ -111,11 +111,46 @@ def test_staleness_counts_updates_since_the_replicas_fetch():
     assert ps.tau_summary(taus)["tau_hist"] == [1, 1, 1]
 
 
-def test_partition_gives_every_shard_a_tensor_and_balances_by_size():
-    sizes = {"a": 100, "b": 10, "c": 60, "d": 50}
-    parts = ps.partition(sizes, ["buf"], 2)
-    assert sorted(sum(parts, [])) == ["a", "b", "buf", "c", "d"]
-    assert parts == [["a", "b", "buf"], ["c", "d"]]  # 100 -> 0, 60 -> 1, 50 -> 1 (60 < 100), 10 -> 0 (100 < 110)
+def test_partition_cuts_contiguous_slices_of_equal_size_also_across_tensors():
+    # The MLP: 784 x 128 + 128 + 128 x 10 + 10 = 101,770 parameters in 4 tensors; 6 shards, more than tensors.
+    sizes = {k: v.numel() for k, v in build_model("mlp", 10, 1, 28).named_parameters()}
+    assert list(sizes.values()) == [784 * 128, 128, 128 * 10, 10]
+    bounds = ps.partition(101_770, 6)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 101_770
+    assert all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))  # contiguous, no gap, no overlap
+    assert {b - a for a, b in bounds} == {16_961, 16_962}  # 101,770 / 6 = 16,961.67
+    pieces = ps.describe_slices(sizes, bounds)
+    # 5 x 101,770 // 6 = 84,808: the last slice takes the first layer's weight from there to its end (784 x 128)
+    assert pieces[0] == ["1.weight[0:16961]"]
+    assert pieces[-1] == ["1.weight[84808:100352]", "1.bias", "3.weight", "3.bias"]
+    assert ps.assign_buffers(["a", "b", "c"], 2) == [["a", "c"], ["b"]]
+
+
+def test_six_shards_of_cut_tensors_apply_torch_adagrad():
+    """The replica's side (flatten the gradient, send each shard its slice, join the fetched slices) with 6
+    ParameterShards on the MLP's 4 tensors equals torch.optim.Adagrad on the whole model."""
+    torch.manual_seed(0)
+    model, ref = build_model("mlp", 10, 1, 28), build_model("mlp", 10, 1, 28)
+    ref.load_state_dict(model.state_dict())
+    params = list(model.parameters())
+    bounds = ps.partition(sum(p.numel() for p in params), 6)
+    flat = ps.flatten(params)
+    shards = [ps.ParameterShard(i, {ps.FLAT: flat[a:b]}, {}, optimizer="adagrad", lr=LR,
+                                initial_accumulator_value=ACC0) for i, (a, b) in enumerate(bounds)]
+    opt = torch.optim.Adagrad(ref.parameters(), lr=LR, initial_accumulator_value=ACC0)
+    x, y = torch.randn(3, 16, 1, 28, 28), torch.randint(0, 10, (3, 16))
+    for k in range(3):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        g = ps.flatten([p.grad for p in params])
+        for shard, (a, b) in zip(shards, bounds, strict=True):
+            shard.push(0, {ps.FLAT: g[a:b].clone()}, {})
+        downpour.load_slices(model, [shard.fetch(0) for shard in shards])
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x[k]), y[k]).backward()
+        opt.step()
+    for (name, got), want in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
 
 
 def test_failure_report_names_every_failed_role_once_the_limit_is_passed():
@@ -136,8 +171,8 @@ def test_failure_report_names_every_failed_role_once_the_limit_is_passed():
 
 
 @pytest.mark.parametrize("override,message", [
-    ({"shards": 5}, "downpour.shards = 5 but model mlp has 4 parameter tensors; every shard needs at least one: "
-                    "use shards <= 4"),
+    ({"shards": 101_771}, "downpour.shards = 101771 but model mlp has 101,770 parameters; every shard needs at "
+                          "least one"),
     ({"replicas": 0}, "downpour.replicas must be an integer >= 1, got 0"),
     ({"n_push": 0}, "downpour.n_push must be an integer >= 1, got 0"),
     ({"model": "vgg"}, "downpour.model 'vgg' is unknown; known: "),

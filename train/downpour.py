@@ -137,10 +137,12 @@ class Setup:
     args: argparse.Namespace
     num_train: int
     num_val: int
-    param_shards: list[list[str]]
+    param_shards: list[list[str]]  # what each shard's slice holds (name[a:b] pieces), for config.json
     delays: dict[int, float] = field(default_factory=dict)
     faults: dict[int, tuple[str, int]] = field(default_factory=dict)  # replica -> (kind, after its step)
     max_dead: int = 0  # replicas that may fail before the run does
+    bounds: list[tuple[int, int]] = field(default_factory=list)  # each shard's slice of the flattened parameters
+    buffer_shards: list[list[str]] = field(default_factory=list)
 
     @property
     def W(self) -> int:  # noqa: N802 (the paper's letter)
@@ -211,9 +213,9 @@ def load_setup(args: argparse.Namespace) -> Setup:
             raise ConfigError(f"downpour.{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {v!r}")
     model = build_model(cfg["model"], 10, 1, 28)
     sizes = {k: v.numel() for k, v in model.named_parameters()}
-    if cfg["shards"] > len(sizes):
-        raise ConfigError(f"downpour.shards = {cfg['shards']} but model {cfg['model']} has {len(sizes)} parameter "
-                          f"tensors; every shard needs at least one: use shards <= {len(sizes)}")
+    if cfg["shards"] > sum(sizes.values()):
+        raise ConfigError(f"downpour.shards = {cfg['shards']} but model {cfg['model']} has {sum(sizes.values()):,} "
+                          f"parameters; every shard needs at least one")
     buffers = [k for k, _ in model.named_buffers()]
     delays = {}
     for item in args.replica_delay:
@@ -233,8 +235,9 @@ def load_setup(args: argparse.Namespace) -> Setup:
     info = _data(args).info  # a missing or corrupt data set fails here, before any process starts
     num_train = min(info.num_train, args.train_subset or info.num_train)
     num_val = min(info.num_val, args.val_subset or info.num_val)
-    setup = Setup(cfg, args, num_train, num_val, ps.partition(sizes, buffers, cfg["shards"]), delays, faults,
-                  max_dead)
+    bounds = ps.partition(sum(sizes.values()), cfg["shards"])
+    setup = Setup(cfg, args, num_train, num_val, ps.describe_slices(sizes, bounds), delays, faults, max_dead,
+                  bounds, ps.assign_buffers(buffers, cfg["shards"]))
     if setup.steps_per_epoch < 1:
         raise ConfigError(f"{num_train} training samples make no step of {setup.W} replicas x "
                           f"{setup.b} samples; use more samples or fewer replicas")
@@ -441,7 +444,7 @@ def train_replica(j: int, setup: Setup, heartbeat: Heartbeat) -> None:
     data = _data(args)
     model = build_model(cfg["model"], 10, 1, 28)
     model.train()
-    params = dict(model.named_parameters())
+    params = list(model.parameters())
     sampler = GlobalBatchSampler(setup.num_train, setup.round_batch, setup.b, setup.W, j, args.seed)
     start = _poll(heartbeat, COORDINATOR, coord_start, j)  # until the shards hold the (resumed) parameters
     if start < 0:  # the coordinator failed before training began; it says why
@@ -516,21 +519,27 @@ def fetch(model: torch.nn.Module, setup: Setup, j: int) -> None:
     """Every shard's slice, fetched in parallel, into the replica's model."""
     futures = [rpc.rpc_async(ps.shard_name(i), ps.rpc_fetch, args=(j,), timeout=_RPC_TIMEOUT)
                for i in range(setup.S)]
-    state: dict[str, torch.Tensor] = {}
-    for i, f in enumerate(futures):
-        state |= _wait(f, ps.shard_name(i), "a fetch")
-    with torch.no_grad():
-        model.load_state_dict(state)
+    load_slices(model, [_wait(f, ps.shard_name(i), "a fetch") for i, f in enumerate(futures)])
 
 
-def push(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], setup: Setup,
-         j: int) -> list[tuple[str, Any]]:
-    """Send each shard the gradients of its parameters and the current buffers; zero the gradients."""
+def load_slices(model: torch.nn.Module, shards: list[dict[str, torch.Tensor]]) -> None:
+    """Every shard's slice (and buffers) into the model."""
+    ps.unflatten_into(torch.cat([s.pop(ps.FLAT) for s in shards]), list(model.parameters()))
     buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for s in shards:
+            for name, b in s.items():
+                buffers[name].copy_(b)
+
+
+def push(model: torch.nn.Module, params: list[torch.nn.Parameter], setup: Setup, j: int) -> list[tuple[str, Any]]:
+    """Send each shard its slice of the accumulated gradient and its buffers; zero the gradients."""
+    buffers = dict(model.named_buffers())
+    flat = ps.flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
     futures = []
-    for i, names in enumerate(setup.param_shards):
-        grads = {n: params[n].grad.detach().clone() for n in names if n in params and params[n].grad is not None}
-        bufs = {n: buffers[n].detach().clone() for n in names if n in buffers}
+    for i, ((a, b), names) in enumerate(zip(setup.bounds, setup.buffer_shards, strict=True)):
+        grads = {ps.FLAT: flat[a:b].clone()}  # a clone: RPC would send a view's whole storage
+        bufs = {n: buffers[n].detach().clone() for n in names}
         futures.append((ps.shard_name(i), rpc.rpc_async(ps.shard_name(i), ps.rpc_push, args=(j, grads, bufs),
                                                         timeout=_RPC_TIMEOUT)))
     model.zero_grad(set_to_none=True)
@@ -745,12 +754,12 @@ def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: s
 
 def start_shards(model: torch.nn.Module, setup: Setup, saved: dict[str, Any] | None) -> None:
     """Give every shard its slice of the initial model (then, on --resume, the checkpointed state)."""
-    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    flat, buffers = ps.flatten(list(model.parameters())), dict(model.named_buffers())
     options = {"optimizer": setup.cfg["optimizer"], "lr": float(setup.cfg["lr"]),
                "initial_accumulator_value": float(setup.cfg["initial_accumulator_value"])}
-    for i, names in enumerate(setup.param_shards):
-        _call(ps.shard_name(i), ps.rpc_create, i, {n: params[n].detach() for n in names if n in params},
-              {n: buffers[n].detach() for n in names if n in buffers}, options)
+    for i, ((a, b), names) in enumerate(zip(setup.bounds, setup.buffer_shards, strict=True)):
+        _call(ps.shard_name(i), ps.rpc_create, i, {ps.FLAT: flat[a:b].clone()},
+              {n: buffers[n].detach() for n in names}, options)
         if saved:
             _call(ps.shard_name(i), ps.rpc_load, saved["shards"][i])
 
@@ -786,7 +795,8 @@ def describe(setup: Setup) -> str:
     cfg = setup.cfg
     return "\n".join([
         f"Downpour SGD: {setup.W} replicas x {setup.b} samples = {setup.round_batch} samples per update round; "
-        f"{setup.S} parameter-server shards ({', '.join(str(len(n)) for n in setup.param_shards)} tensors)",
+        f"{setup.S} parameter-server shards (contiguous slices of {', '.join(f'{b - a:,}' for a, b in setup.bounds)} "
+        f"parameters)",
         f"data: fashion-mnist, {setup.num_train:,} training samples -> {setup.steps_per_epoch:,} steps/epoch per "
         f"replica x {cfg['epochs']} epochs" + (f", stopping at step {setup.total_steps}" if setup.args.max_steps
                                                 else ""),
@@ -933,12 +943,8 @@ def _fmt(v: float | None) -> str:
 
 
 def load_from_shards(model: torch.nn.Module, setup: Setup) -> None:
-    state: dict[str, torch.Tensor] = {}
-    for i in range(setup.S):
-        shard = _call(ps.shard_name(i), ps.rpc_state)
-        state |= shard["params"] | shard["buffers"]
-    with torch.no_grad():
-        model.load_state_dict(state)
+    shards = [_call(ps.shard_name(i), ps.rpc_state) for i in range(setup.S)]
+    load_slices(model, [s["params"] | s["buffers"] for s in shards])
 
 
 @torch.no_grad()

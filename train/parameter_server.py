@@ -38,18 +38,45 @@ def shard_name(i: int) -> str:
     return f"ps{i}"
 
 
-def partition(param_sizes: dict[str, int], buffer_names: list[str], shards: int) -> list[list[str]]:
-    """Assign every parameter tensor (greedily by size, largest first, to the least-loaded shard) and every buffer
-    (round robin) to one of ``shards`` shards. The caller checks ``shards <= len(param_sizes)``."""
-    load = [0] * shards
-    names: list[list[str]] = [[] for _ in range(shards)]
-    for name in sorted(param_sizes, key=lambda n: (-param_sizes[n], list(param_sizes).index(n))):
-        i = min(range(shards), key=lambda s: (load[s], s))
-        names[i].append(name)
-        load[i] += param_sizes[name]
-    for k, name in enumerate(buffer_names):
-        names[k % shards].append(name)
-    return names
+FLAT = "flat"  # a shard's one parameter tensor: its slice of the model's parameters, flattened
+
+
+def partition(num_params: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous slices [a, b) of the model's parameters flattened in ``named_parameters`` order (tensors
+    cut where a boundary falls), of sizes that differ by at most one. The caller checks ``shards <= num_params``."""
+    return [(i * num_params // shards, (i + 1) * num_params // shards) for i in range(shards)]
+
+
+def assign_buffers(buffer_names: list[str], shards: int) -> list[list[str]]:
+    """Buffers (BatchNorm statistics: not optimized) go whole to the shards, round robin."""
+    return [buffer_names[i::shards] for i in range(shards)]
+
+
+def describe_slices(param_sizes: dict[str, int], bounds: list[tuple[int, int]]) -> list[list[str]]:
+    """What each slice holds, as ``name[a:b]`` pieces of the flattened tensors (for config.json)."""
+    pieces: list[list[str]] = []
+    for a, b in bounds:
+        pieces.append([])
+        start = 0
+        for name, n in param_sizes.items():
+            lo, hi = max(a, start), min(b, start + n)
+            if lo < hi:
+                pieces[-1].append(name if (lo, hi) == (start, start + n) else f"{name}[{lo - start}:{hi - start}]")
+            start += n
+    return pieces
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """Copy a flat vector back into the tensors it was made from (the inverse of :func:`flatten`)."""
+    start = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(flat[start:start + p.numel()].view_as(p))
+            start += p.numel()
 
 
 def adagrad_update(p: torch.Tensor, g: torch.Tensor, state_sum: torch.Tensor, lr: float, eps: float) -> None:
