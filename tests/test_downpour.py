@@ -111,6 +111,24 @@ def test_staleness_counts_updates_since_the_replicas_fetch():
     assert ps.tau_summary(taus)["tau_hist"] == [1, 1, 1]
 
 
+def test_a_shard_drops_and_counts_a_gradient_that_is_not_finite():
+    shard = ps.ParameterShard(0, {"w": torch.zeros(2)}, {}, optimizer="adagrad", lr=1.0, initial_accumulator_value=0)
+    assert shard.push(0, {"w": torch.tensor([float("nan"), 1.0])}, {}) is None
+    assert shard.push(0, {"w": torch.tensor([3.0, float("inf")])}, {}) is None
+    assert shard.push(0, {"w": torch.tensor([2.0, -2.0])}, {}) == 0  # applied: sum 4, p = -lr 2 / sqrt(4)
+    assert shard.params["w"].tolist() == [-1.0, 1.0] and shard.state_sum["w"].tolist() == [4.0, 4.0]
+    assert shard.drain_taus() == (1, [0], 2)
+
+
+@pytest.mark.parametrize("flags", [["--dist-timeout", "5.0"], ["--precision", "bf16"], ["--ds-log-level", "INFO"],
+                                   ["--keep-checkpoints", "3"]])
+def test_shared_flags_that_would_not_act_are_refused(tmp_path, flags):
+    path = write_config(tmp_path / "c.json", downpour_cfg(2, 2))
+    args = downpour.get_args_parser().parse_args(["--deepspeed_config", str(path), *flags])
+    with pytest.raises(ConfigError, match=f"^{flags[0]} {flags[1]} has no effect in a Downpour run"):
+        downpour.load_setup(args)
+
+
 def test_partition_cuts_contiguous_slices_of_equal_size_also_across_tensors():
     # The MLP: 784 x 128 + 128 + 128 x 10 + 10 = 101,770 parameters in 4 tensors; 6 shards, more than tensors.
     sizes = {k: v.numel() for k, v in build_model("mlp", 10, 1, 28).named_parameters()}
@@ -279,14 +297,17 @@ def test_warmstart_lets_one_replica_train_alone_first_and_a_hung_replica_is_foun
 
 
 @pytest.mark.launcher
-def test_a_run_whose_replicas_all_raise_fails_naming_each(tmp_path):
-    """Both replicas raise after their first step: the run exits 1 with one line per replica and its error, and
-    writes no summary (before, every exit counted as "dead", the run evaluated the initial model and exited 0)."""
-    faults = ["--fault", "replica0:raise@1", "replica1:raise@1"]
+def test_a_run_whose_replicas_all_fail_fails_naming_each(tmp_path):
+    """Replica 1 raises after its first step; replica 0's inputs are NaN in its steps 1 and 2, and
+    --max-skipped-steps 2 stops it there: the run exits 1 with one line per replica and its error, and writes no
+    summary (before, every exit counted as "dead", the run evaluated the initial model and exited 0)."""
+    faults = ["--fault", "replica1:raise@1", "--inject-nan", "1", "2", "--max-skipped-steps", "2"]
     proc, out = run_downpour(tmp_path, "crash", downpour_cfg(2, 1), "--train-subset", "640", *faults, check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    lines = lines[:1] + sorted(lines[1:])
     assert lines[0] == "error: the Downpour run failed: 2 of 2 replicas failed, --max-dead-replicas allows 1"
-    assert sorted(lines[1:]) == [f"error: replica {j}: RuntimeError: injected fault (--fault replica{j}:raise@1) "
-                                 f"(after step 0)" for j in (0, 1)]
+    assert lines[1].startswith("error: replica 0: RuntimeError: stopping at step 2: 2 pushes in a row (steps 1-2, "
+                               "--max-skipped-steps 2) had a gradient that was not finite"), lines
+    assert lines[2] == "error: replica 1: RuntimeError: injected fault (--fault replica1:raise@1) (after step 0)"
     assert "summary" not in [r["kind"] for r in read_metrics(out)]

@@ -33,8 +33,10 @@ have failed; one more, or a failed shard, fails the run: exit code 1 and one lin
 
 The run flags are train/cli.py's, shared with train/imagenet.py; here ``--max-steps`` counts each replica's steps,
 ``--log-interval`` and ``--save-interval`` the replicas' steps summed, ``--micro-batch`` overrides
-batch_per_replica, and the DeepSpeed-only ones (``--precision``, ``--inject-nan``, ``--max-skipped-steps``,
-``--dist-timeout``, ``--trusted-checkpoint``, ``--ds-log-level``) have no effect: the model runs in fp32.
+batch_per_replica, ``--inject-nan`` makes replica 0's inputs NaN, and ``--max-skipped-steps`` N fails a replica
+whose gradient was not finite at N pushes in a row (such a push is not sent; a shard drops any non-finite gradient
+it receives, and counts it). Shared flags that would not act here (``--precision`` other than fp32,
+``--dist-timeout``, ``--ds-log-level``, ``--keep-checkpoints``) are refused.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from train import parameter_server as ps  # noqa: E402
 from train.checkpoints import CheckpointError, claim_output_dir, rewind_metrics  # noqa: E402
 from train.config import ConfigError, load_json  # noqa: E402
 from train.data import FASHION_MNIST_DEFAULT_DIR, GlobalBatchSampler, fashion_mnist  # noqa: E402
+from train.faults import BadStepStreak  # noqa: E402
 from train.models import ARCHS, build_model  # noqa: E402
 from train.tracking import RunLog, git_commit  # noqa: E402
 
@@ -78,6 +81,13 @@ REQUIRED = ("model", "replicas", "shards", "lr", "epochs")
 KNOWN = set(DEFAULTS) | set(REQUIRED)
 
 
+# Shared run flags (train/cli.py) that would not act here: refused when given. fp32 only; --rpc-timeout, not
+# --dist-timeout; no DeepSpeed; one parameter-server checkpoint file (checkpoints/ps.pt).
+INERT = {"precision": "the model runs in fp32", "dist_timeout": "use --rpc-timeout and --replica-timeout",
+         "ds_log_level": "Downpour does not run DeepSpeed", "keep_checkpoints": "it keeps one parameter-server "
+         "checkpoint, checkpoints/ps.pt"}
+
+
 def replica_name(j: int) -> str:
     return f"replica{j}"
 
@@ -86,6 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_run_arguments(p)  # --max-steps: per replica; --log-interval/--save-interval: replica steps, all summed
+    p.set_defaults(**{f: None for f in INERT})  # given or not: load_setup refuses those that would not act
     p.add_argument("--data-dir", default=None, metavar="DIR", help="Fashion-MNIST: folder of the four IDX files")
     p.add_argument("--replicas", type=cli.int_at_least(0), default=None, help="override downpour.replicas (W)")
     p.add_argument("--shards", type=cli.int_at_least(0), default=None, help="override downpour.shards (S)")
@@ -182,6 +193,10 @@ def _int_at_least(cfg: dict[str, Any], key: str, low: int) -> int:
 def load_setup(args: argparse.Namespace) -> Setup:
     """The config's downpour block with the flags' overrides, checked; raises ConfigError with what and why."""
 
+    for flag, why in INERT.items():
+        if getattr(args, flag) is not None and not (flag == "precision" and args.precision in ("auto", "fp32")):
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} has no effect in a Downpour run "
+                              f"({why}); leave it out")
     raw = load_json(args.deepspeed_config)
     if not isinstance(raw.get("downpour"), dict):
         raise ConfigError(f"{args.deepspeed_config}: no \"downpour\" block; expected a Downpour experiment "
@@ -362,7 +377,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
 # A replica: fetch, compute, push
 
 
-class RpcFailed(RuntimeError):
+class RpcFailed(Exception):
     """An RPC got no answer within --rpc-timeout, or its callee failed; the message names the callee."""
 
 
@@ -452,6 +467,7 @@ def train_replica(j: int, setup: Setup, heartbeat: Heartbeat) -> None:
     if cfg["warmstart_steps"] and j > 0 and start < cfg["warmstart_steps"]:
         _poll(heartbeat, COORDINATOR, coord_wait_warmstart)
     step, pushes, report = start, [], None
+    streak, skipped = BadStepStreak(args.max_skipped_steps), 0  # pushes of a non-finite gradient in a row / in all
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples since the last report
     delay = setup.delays.get(j, 0.0)
     for epoch in range(start // setup.steps_per_epoch, int(cfg["epochs"])):
@@ -468,27 +484,42 @@ def train_replica(j: int, setup: Setup, heartbeat: Heartbeat) -> None:
                     barrier(heartbeat, 2 * step)
             if delay:  # a slow machine: its gradient is computed on parameters that age meanwhile
                 time.sleep(delay)
+            if j == 0 and step + 1 in args.inject_nan:  # testing aid: replica 0's inputs are NaN in this step
+                x = torch.full_like(x, float("nan"))
             logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits, y)
             loss.backward()  # gradients add up over the steps between pushes
             step += 1
-            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+            if loss.isfinite():
+                sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
             inject_fault(setup, j, step)
             if step % cfg["n_push"] == 0 or step == setup.total_steps:
                 _wait_all(pushes)
-                pushes = push(model, params, setup, j)
+                grads = [p.grad for p in params if p.grad is not None]
+                bad = not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+                if streak.update(step, bad):
+                    raise RuntimeError(f"stopping at step {step}: {streak.length} pushes in a row (steps "
+                                       f"{streak.first}-{step}, --max-skipped-steps {streak.limit}) had a gradient "
+                                       f"that was not finite (inf/NaN) and were dropped")
+                skipped += bad
+                if bad:  # the shards would drop it too; not sent, and the replica refetches
+                    model.zero_grad(set_to_none=True)
+                    pushes = []
+                    fetch(model, setup, j)
+                else:
+                    pushes = push(model, params, setup, j)
                 if args.barrier:
                     _wait_all(pushes)
                     barrier(heartbeat, 2 * step + 1)
                 if report is not None:
                     _wait(report, COORDINATOR, "coord_report")
-                report = rpc.rpc_async(COORDINATOR, coord_report, args=(j, step, *sums.tolist()),
+                report = rpc.rpc_async(COORDINATOR, coord_report, args=(j, step, *sums.tolist(), skipped),
                                        timeout=_RPC_TIMEOUT)
                 sums.zero_()
     _wait_all(pushes)
     if report is not None:
         _wait(report, COORDINATOR, "coord_report")
-    _call(COORDINATOR, coord_done, j, step, *sums.tolist())
+    _call(COORDINATOR, coord_done, j, step, *sums.tolist(), skipped)
 
 
 _DATA: Any = None
@@ -562,6 +593,8 @@ class Coordinator:
         self.steps = [0] * setup.W  # steps each replica has reported
         self.done = [False] * setup.W
         self.dead = [False] * setup.W
+        self.skipped = [0] * setup.W  # pushes each replica left out: a gradient that was not finite
+        self.dropped = 0  # pushes the shards dropped: a gradient that was not finite
         self.errors: dict[str, str] = {}  # failed role ("replica 3", "shard 0") -> its error, in order of failure
         self.last_seen = [time.monotonic()] * setup.W
         self.interval = [0.0, 0.0, 0.0]  # loss sum, correct, samples since the last record
@@ -619,10 +652,11 @@ def coord_heartbeat(j: int) -> bool:
         return not c.dead[j]
 
 
-def coord_report(j: int, step: int, loss_sum: float, correct: float, samples: float) -> None:
+def coord_report(j: int, step: int, loss_sum: float, correct: float, samples: float, skipped: int = 0) -> None:
     c = _COORD
     with c.cond:
         c.steps[j] = step
+        c.skipped[j] = skipped
         c.last_seen[j] = time.monotonic()
         for k, v in enumerate((loss_sum, correct, samples)):
             c.interval[k] += v
@@ -631,8 +665,8 @@ def coord_report(j: int, step: int, loss_sum: float, correct: float, samples: fl
             c.cond.notify_all()  # replicas waiting for the warmstart (the main loop polls, no need to wake it)
 
 
-def coord_done(j: int, step: int, loss_sum: float, correct: float, samples: float) -> None:
-    coord_report(j, step, loss_sum, correct, samples)
+def coord_done(j: int, step: int, loss_sum: float, correct: float, samples: float, skipped: int = 0) -> None:
+    coord_report(j, step, loss_sum, correct, samples, skipped)
     with _COORD.cond:
         _COORD.done[j] = True
         _COORD.cond.notify_all()
@@ -682,6 +716,7 @@ class State:
     samples_log: int = 0
     samples_epoch: int = 0
     wall_before: float = 0.0  # wall time of the runs this one resumes
+    dropped: int = 0  # pushes the shards dropped (not finite)
     taus_interval: list[int] = field(default_factory=list)
     taus_epoch: list[int] = field(default_factory=list)
     taus_all: list[int] = field(default_factory=list)
@@ -766,7 +801,7 @@ def start_shards(model: torch.nn.Module, setup: Setup, saved: dict[str, Any] | N
 
 def load_checkpoint(path: Path, setup: Setup) -> dict[str, Any]:
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=not setup.args.trusted_checkpoint)
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}; start afresh with --overwrite") from None
     if len(saved["shards"]) != setup.S or len(saved["replica_steps"]) != setup.W:
@@ -830,12 +865,13 @@ def start_log(setup: Setup, out_dir: Path, run_name: str, wandb_id: str | None) 
     (out_dir / "config.json").write_text(json.dumps(summary_cfg, indent=2, default=str) + "\n")
     return RunLog(out_dir, use_wandb=not args.no_wandb, project=args.wandb_project, group=args.wandb_group,
                   name=run_name, tags=["downpour", setup.cfg["optimizer"], f"W{setup.W}", f"S{setup.S}"],
-                  config=summary_cfg, resume_id=wandb_id)
+                  config=summary_cfg, resume_id=wandb_id, timeout=args.wandb_timeout)
 
 
 def drain_taus(setup: Setup, state: State) -> None:
     for i in range(setup.S):
-        _, taus = _call(ps.shard_name(i), ps.rpc_drain_taus)
+        _, taus, dropped = _call(ps.shard_name(i), ps.rpc_drain_taus)
+        state.dropped += dropped
         for group in (state.taus_interval, state.taus_epoch, state.taus_all):
             group.extend(taus)
 
@@ -981,6 +1017,7 @@ def finish(c: Coordinator, setup: Setup, state: State, log: Any, model: torch.nn
               "median5_val_top1_error": statistics.median(last), "wall_time": state.wall(),
               "replica_steps": list(c.steps), "dead_replicas": [j for j in range(setup.W) if c.dead[j]],
               "replica_errors": dict(c.errors), "max_dead_replicas": setup.max_dead,
+              "skipped_pushes": list(c.skipped), "dropped_pushes": state.dropped,
               **{k: v for k, v in ps.tau_summary(state.taus_all).items() if k != "tau_hist"},
               "tau_hist": ps.tau_summary(state.taus_all).get("tau_hist")}
     log.log({"kind": "summary", **result})

@@ -100,6 +100,7 @@ class ParameterShard:
         self.version = 0  # updates applied
         self.fetched: dict[int, int] = {}  # replica -> version at its last fetch
         self.taus: list[int] = []  # staleness of the pushes since the coordinator last drained them
+        self.dropped = 0  # pushes not applied because a gradient was not finite (inf/NaN), since the last drain
         self.lock = threading.Lock()
 
     def fetch(self, replica: int) -> dict[str, torch.Tensor]:
@@ -108,8 +109,13 @@ class ParameterShard:
             self.fetched[replica] = self.version
             return {k: v.clone() for k, v in (self.params | self.buffers).items()}
 
-    def push(self, replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int:
-        """Apply one replica's gradient; return its staleness tau (updates applied since that replica fetched)."""
+    def push(self, replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int | None:
+        """Apply one replica's gradient; return its staleness tau (updates applied since that replica fetched).
+        A gradient that is not finite is dropped (None) and counted: one NaN would poison Adagrad's sum forever."""
+        if not all(bool(g.isfinite().all()) for g in grads.values()):
+            with self.lock:
+                self.dropped += 1
+            return None
         with self.lock:
             tau = self.version - self.fetched.get(replica, 0)
             for name, g in grads.items():
@@ -124,10 +130,11 @@ class ParameterShard:
             self.taus.append(tau)
             return tau
 
-    def drain_taus(self) -> tuple[int, list[int]]:
+    def drain_taus(self) -> tuple[int, list[int], int]:
+        """(version, staleness of the pushes applied, pushes dropped) since the last drain."""
         with self.lock:
-            taus, self.taus = self.taus, []
-            return self.version, taus
+            taus, self.taus, dropped, self.dropped = self.taus, [], self.dropped, 0
+            return self.version, taus, dropped
 
     def state_dict(self) -> dict[str, Any]:
         with self.lock:
@@ -178,11 +185,11 @@ def rpc_fetch(replica: int) -> dict[str, torch.Tensor]:
     return _shard().fetch(replica)
 
 
-def rpc_push(replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int:
+def rpc_push(replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int | None:
     return _shard().push(replica, grads, buffers)
 
 
-def rpc_drain_taus() -> tuple[int, list[int]]:
+def rpc_drain_taus() -> tuple[int, list[int], int]:
     return _shard().drain_taus()
 
 
