@@ -48,7 +48,7 @@ def plan() -> list[dict[str, Any]]:
         for opt in ("adagrad", "sgd"):
             runs.append({"name": f"downpour-{opt}-w{w}", "kind": f"downpour-{opt}", "W": w,
                          "cmd": [py, "train/downpour.py", "--deepspeed_config", cfg, "--shard-optimizer", opt,
-                                 "--evals-per-epoch", "4", *common]})
+                                 "--evals-per-epoch", "4", "--max-dead-replicas", "0", *common]})
         runs.append({"name": f"sync-{32 * w}", "kind": "sync", "W": w, "cmd": [
             str(Path(py).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "PORT", "train/imagenet.py",
             "--deepspeed_config", str(CONFIGS / f"sync-{32 * w}.json"), "--dataset", "fashion-mnist", "--arch", "mlp",
@@ -56,14 +56,23 @@ def plan() -> list[dict[str, Any]]:
     for mode, extra in (("async", []), ("barrier", ["--barrier"])):
         runs.append({"name": f"straggler-{mode}-w4", "kind": f"straggler-{mode}", "W": 4, "cmd": [
             py, "train/downpour.py", "--deepspeed_config", str(CONFIGS / "fmnist-w4-s2.json"), "--epochs", "1",
-            "--replica-delay", f"0={STRAGGLER_DELAY}", "--evals-per-epoch", "4", *extra, *common]})
+            "--replica-delay", f"0={STRAGGLER_DELAY}", "--evals-per-epoch", "4", "--max-dead-replicas", "0", *extra,
+            *common]})
     return runs
 
 
-def finished(run_dir: Path) -> bool:
+def finished(run_dir: Path, lost: tuple[int, ...] = ()) -> bool:
+    """Whether the run wrote its summary; a run that lost replicas other than ``lost`` (those the plan kills) is
+    refused: its numbers are not those of the W replicas the study names."""
     metrics = run_dir / "metrics.jsonl"
-    return metrics.is_file() and any(json.loads(line).get("kind") == "summary"
-                                     for line in metrics.read_text().splitlines() if line.strip().startswith("{"))
+    summaries = [rec for line in metrics.read_text().splitlines() if line.strip().startswith("{")
+                 and (rec := json.loads(line)).get("kind") == "summary"] if metrics.is_file() else []
+    dead = tuple(summaries[-1].get("dead_replicas") or ()) if summaries else ()
+    if summaries and dead != tuple(lost):
+        raise SystemExit(f"{run_dir}: the run lost replicas {list(dead)} (planned: {list(lost)}; errors "
+                         f"{summaries[-1].get('replica_errors')}); its numbers are not the study's. Rerun it: delete "
+                         f"the folder and run the study again")
+    return bool(summaries)
 
 
 def run_all(runs_dir: Path) -> None:
@@ -76,7 +85,7 @@ def run_all(runs_dir: Path) -> None:
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               env=dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1"))
-        if proc.returncode:
+        if proc.returncode or not finished(out):
             raise SystemExit(f"{r['name']} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         (out / "command.txt").write_text(" ".join(Path(a).name if a.startswith(str(REPO)) else a for a in cmd) + "\n")
         print(f"{r['name']}: {time.perf_counter() - t:.0f} s", flush=True)

@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, child_env, read_metrics, write_config
 
 from analysis.runs import load_run
-from train import downpour
+from train import cli, downpour
 from train import parameter_server as ps
 from train.config import ConfigError
 from train.data import GlobalBatchSampler, fashion_mnist
@@ -111,11 +111,77 @@ def test_staleness_counts_updates_since_the_replicas_fetch():
     assert ps.tau_summary(taus)["tau_hist"] == [1, 1, 1]
 
 
-def test_partition_gives_every_shard_a_tensor_and_balances_by_size():
-    sizes = {"a": 100, "b": 10, "c": 60, "d": 50}
-    parts = ps.partition(sizes, ["buf"], 2)
-    assert sorted(sum(parts, [])) == ["a", "b", "buf", "c", "d"]
-    assert parts == [["a", "b", "buf"], ["c", "d"]]  # 100 -> 0, 60 -> 1, 50 -> 1 (60 < 100), 10 -> 0 (100 < 110)
+def test_a_shard_drops_and_counts_a_gradient_that_is_not_finite():
+    shard = ps.ParameterShard(0, {"w": torch.zeros(2)}, {}, optimizer="adagrad", lr=1.0, initial_accumulator_value=0)
+    assert shard.push(0, {"w": torch.tensor([float("nan"), 1.0])}, {}) is None
+    assert shard.push(0, {"w": torch.tensor([3.0, float("inf")])}, {}) is None
+    assert shard.push(0, {"w": torch.tensor([2.0, -2.0])}, {}) == 0  # applied: sum 4, p = -lr 2 / sqrt(4)
+    assert shard.params["w"].tolist() == [-1.0, 1.0] and shard.state_sum["w"].tolist() == [4.0, 4.0]
+    assert shard.drain_taus() == (1, [0], 2)
+
+
+@pytest.mark.parametrize("flags", [["--dist-timeout", "5.0"], ["--precision", "bf16"], ["--ds-log-level", "INFO"],
+                                   ["--keep-checkpoints", "3"]])
+def test_shared_flags_that_would_not_act_are_refused(tmp_path, flags):
+    path = write_config(tmp_path / "c.json", downpour_cfg(2, 2))
+    args = downpour.get_args_parser().parse_args(["--deepspeed_config", str(path), *flags])
+    with pytest.raises(ConfigError, match=f"^{flags[0]} {flags[1]} has no effect in a Downpour run"):
+        downpour.load_setup(args)
+
+
+def test_partition_cuts_contiguous_slices_of_equal_size_also_across_tensors():
+    # The MLP: 784 x 128 + 128 + 128 x 10 + 10 = 101,770 parameters in 4 tensors; 6 shards, more than tensors.
+    sizes = {k: v.numel() for k, v in build_model("mlp", 10, 1, 28).named_parameters()}
+    assert list(sizes.values()) == [784 * 128, 128, 128 * 10, 10]
+    bounds = ps.partition(101_770, 6)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 101_770
+    assert all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:], strict=False))  # contiguous, no gaps
+    assert {b - a for a, b in bounds} == {16_961, 16_962}  # 101,770 / 6 = 16,961.67
+    pieces = ps.describe_slices(sizes, bounds)
+    # 5 x 101,770 // 6 = 84,808: the last slice takes the first layer's weight from there to its end (784 x 128)
+    assert pieces[0] == ["1.weight[0:16961]"]
+    assert pieces[-1] == ["1.weight[84808:100352]", "1.bias", "3.weight", "3.bias"]
+    assert ps.assign_buffers(["a", "b", "c"], 2) == [["a", "c"], ["b"]]
+
+
+def test_six_shards_of_cut_tensors_apply_torch_adagrad():
+    """The replica's side (flatten the gradient, send each shard its slice, join the fetched slices) with 6
+    ParameterShards on the MLP's 4 tensors equals torch.optim.Adagrad on the whole model."""
+    torch.manual_seed(0)
+    model, ref = build_model("mlp", 10, 1, 28), build_model("mlp", 10, 1, 28)
+    ref.load_state_dict(model.state_dict())
+    params = list(model.parameters())
+    bounds = ps.partition(sum(p.numel() for p in params), 6)
+    flat = ps.flatten(params)
+    shards = [ps.ParameterShard(i, {ps.FLAT: flat[a:b]}, {}, optimizer="adagrad", lr=LR,
+                                initial_accumulator_value=ACC0) for i, (a, b) in enumerate(bounds)]
+    opt = torch.optim.Adagrad(ref.parameters(), lr=LR, initial_accumulator_value=ACC0)
+    x, y = torch.randn(3, 16, 1, 28, 28), torch.randint(0, 10, (3, 16))
+    for k in range(3):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        g = ps.flatten([p.grad for p in params])
+        for shard, (a, b) in zip(shards, bounds, strict=True):
+            shard.push(0, {ps.FLAT: g[a:b].clone()}, {})
+        downpour.load_slices(model, [shard.fetch(0) for shard in shards])
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x[k]), y[k]).backward()
+        opt.step()
+    for (name, got), want in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
+
+
+def test_failure_report_names_every_failed_role_once_the_limit_is_passed():
+    one = {"replica 1": "RuntimeError: boom (after step 3)"}
+    assert downpour.failure_report(one, 1, 4, 3) is None  # tolerated: 1 of 4 lost, 3 allowed
+    assert downpour.failure_report(one, 1, 4, 0).splitlines() == [
+        "error: the Downpour run failed: 1 of 4 replicas failed, --max-dead-replicas allows 0",
+        "error: replica 1: RuntimeError: boom (after step 3)"]
+    two = {"replica 0": "a", "replica 1": "b"}
+    assert downpour.failure_report(two, 2, 2, 1).splitlines()[1:] == ["error: replica 0: a", "error: replica 1: b"]
+    shard = {"shard 0": "its process died (signal 9)"}
+    assert downpour.failure_report(shard, 0, 2, 1).splitlines() == [
+        "error: the Downpour run failed: shard 0 failed", "error: shard 0: its process died (signal 9)"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,8 +189,8 @@ def test_partition_gives_every_shard_a_tensor_and_balances_by_size():
 
 
 @pytest.mark.parametrize("override,message", [
-    ({"shards": 5}, "downpour.shards = 5 but model mlp has 4 parameter tensors; every shard needs at least one: "
-                    "use shards <= 4"),
+    ({"shards": 101_771}, "downpour.shards = 101771 but model mlp has 101,770 parameters; every shard needs at "
+                          "least one"),
     ({"replicas": 0}, "downpour.replicas must be an integer >= 1, got 0"),
     ({"n_push": 0}, "downpour.n_push must be an integer >= 1, got 0"),
     ({"model": "vgg"}, "downpour.model 'vgg' is unknown; known: "),
@@ -139,10 +205,13 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, override, message):
     assert str(e.value).startswith(message)
 
 
-def test_bad_input_on_the_command_line_exits_2_before_any_process_starts(tmp_path):
-    proc, out = run_downpour(tmp_path, "bad", downpour_cfg(2, 2), "--replicas", "0", check=False, timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "error: downpour.replicas must be an integer >= 1, got 0" in proc.stderr
+def test_bad_input_on_the_command_line_exits_2_before_any_process_starts(tmp_path, capsys):
+    """In this process (cli.run is what the entry point calls): the exit code, the message, no run folder."""
+    path, out = write_config(tmp_path / "bad.json", downpour_cfg(2, 2)), tmp_path / "bad"
+    args = downpour.get_args_parser().parse_args(["--deepspeed_config", str(path), "--output-dir", str(out),
+                                                  "--no-wandb", "--replicas", "0"])
+    assert cli.run(downpour.main, args) == 2
+    assert "error: downpour.replicas must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -200,18 +269,45 @@ def test_staleness_grows_with_replicas_and_a_killed_replica_leaves_the_run_finis
     _, two = run_downpour(tmp_path, "w2", downpour_cfg(2, 1), "--train-subset", str(2 * 32 * 20), *delays(2))
     proc, four = run_downpour(tmp_path, "w4", downpour_cfg(4, 1), "--train-subset", str(4 * 32 * 20),
                               "--kill-replica", "3@5", *delays(4), timeout=240)
-    assert "replica 3 died (signal 9) after step" in proc.stdout
+    assert "replica 3 is lost: its process died (signal 9) after step" in proc.stdout
     s2, s4 = summary(two), summary(four)
-    assert s4["dead_replicas"] == [3]
+    assert s4["dead_replicas"] == [3] and s4["max_dead_replicas"] == 3  # the default: all but one
+    assert s4["replica_errors"]["replica 3"].startswith("its process died (signal 9)")
+    assert read_metrics(four)[-3]["replicas_dead"] == 1  # the last step record counts it too
     assert s4["replica_steps"][:3] == [20, 20, 20] and s4["replica_steps"][3] <= 5
     assert (four / "model.pt").exists() and read_metrics(four)[-2]["kind"] == "epoch"
     assert 0 < s2["tau_mean"] < s4["tau_mean"], (s2["tau_mean"], s4["tau_mean"])
 
 
 @pytest.mark.launcher
-def test_warmstart_lets_one_replica_train_alone_first(tmp_path):
+def test_warmstart_lets_one_replica_train_alone_first_and_a_hung_replica_is_found_by_its_heartbeat(tmp_path):
     """Dean et al.'s warmstart: replica 1 starts once replica 0 has done warmstart_steps steps. With 20 (all of
-    replica 0's steps) the replicas never overlap, so no push can find another replica's update: staleness 0."""
-    proc, out = run_downpour(tmp_path, "warm", downpour_cfg(2, 1, warmstart_steps=20), "--train-subset", "1280")
+    replica 0's steps) the replicas never overlap, so no push can find another replica's update: staleness 0.
+    Replica 0 takes 20 x 0.1 s, replica 1 waits longer than --replica-timeout 1 s and is not counted lost: its
+    heartbeat goes on in the warmstart wait. Then it hangs (SIGSTOP: no exit code to see) after its step 2: its
+    heartbeat stops, the coordinator counts it lost after 1 s (tolerated: 1 of 2) and the run finishes."""
+    proc, out = run_downpour(tmp_path, "warm", downpour_cfg(2, 1, warmstart_steps=20), "--train-subset", "1280",
+                             "--replica-delay", "0=0.1", "--replica-timeout", "1", "--heartbeat", "0.2",
+                             "--fault", "replica1:hang@2")
     s = summary(out)
-    assert s["replica_steps"] == [20, 20] and s["tau_hist"] == [40]
+    assert s["dead_replicas"] == [1], proc.stdout
+    assert s["replica_errors"]["replica 1"].startswith("no heartbeat for --replica-timeout 1 s, after step ")
+    assert s["replica_steps"][0] == 20 and s["replica_steps"][1] <= 2
+    assert s["tau_hist"] == [20 + s["replica_steps"][1]]  # every push found no other replica's update
+
+
+@pytest.mark.launcher
+def test_a_run_whose_replicas_all_fail_fails_naming_each(tmp_path):
+    """Replica 1 raises after its first step; replica 0's inputs are NaN in its steps 1 and 2, and
+    --max-skipped-steps 2 stops it there: the run exits 1 with one line per replica and its error, and writes no
+    summary (before, every exit counted as "dead", the run evaluated the initial model and exited 0)."""
+    faults = ["--fault", "replica1:raise@1", "--inject-nan", "1", "2", "--max-skipped-steps", "2"]
+    proc, out = run_downpour(tmp_path, "crash", downpour_cfg(2, 1), "--train-subset", "640", *faults, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    lines = lines[:1] + sorted(lines[1:])
+    assert lines[0] == "error: the Downpour run failed: 2 of 2 replicas failed, --max-dead-replicas allows 1"
+    assert lines[1].startswith("error: replica 0: RuntimeError: stopping at step 2: 2 pushes in a row (steps 1-2, "
+                               "--max-skipped-steps 2) had a gradient that was not finite"), lines
+    assert lines[2] == "error: replica 1: RuntimeError: injected fault (--fault replica1:raise@1) (after step 0)"
+    assert "summary" not in [r["kind"] for r in read_metrics(out)]

@@ -26,13 +26,17 @@ optimizer ("adagrad" or "sgd"), lr, initial_accumulator_value, warmstart_steps (
 one replica alone for its first steps before the others start), epochs (passes over the training set by all
 replicas together). The run writes what train/imagenet.py writes (config.json, metrics.jsonl with step, epoch and
 summary records, model.pt, wandb) plus the staleness tau of every push (its distribution per record) and the
-parameter server's checkpoint (checkpoints/ps.pt; ``--resume`` continues from it). A replica that dies (even by
-SIGKILL) is noted and the others go on; a dead shard stops the run (``--resume`` continues).
+parameter server's checkpoint (checkpoints/ps.pt; ``--resume`` continues from it). A replica that fails (an exception, a
+signal, silence) is noted in the records and the others go on while at most ``--max-dead-replicas`` (default W - 1)
+have failed; one more, or a failed shard, fails the run: exit code 1 and one line per failed role with its error
+(``--resume`` continues from the last checkpoint).
 
 The run flags are train/cli.py's, shared with train/imagenet.py; here ``--max-steps`` counts each replica's steps,
 ``--log-interval`` and ``--save-interval`` the replicas' steps summed, ``--micro-batch`` overrides
-batch_per_replica, and the DeepSpeed-only ones (``--precision``, ``--inject-nan``, ``--max-skipped-steps``,
-``--dist-timeout``, ``--trusted-checkpoint``, ``--ds-log-level``) have no effect: the model runs in fp32.
+batch_per_replica, ``--inject-nan`` makes replica 0's inputs NaN, and ``--max-skipped-steps`` N fails a replica
+whose gradient was not finite at N pushes in a row (such a push is not sent; a shard drops any non-finite gradient
+it receives, and counts it). Shared flags that would not act here (``--precision`` other than fp32,
+``--dist-timeout``, ``--ds-log-level``, ``--keep-checkpoints``) are refused.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from train import parameter_server as ps  # noqa: E402
 from train.checkpoints import CheckpointError  # noqa: E402
 from train.config import ConfigError, load_json  # noqa: E402
 from train.data import FASHION_MNIST_DEFAULT_DIR, GlobalBatchSampler, fashion_mnist  # noqa: E402
+from train.faults import BadStepStreak  # noqa: E402
 from train.models import ARCHS, build_model  # noqa: E402
 from train.run_folder import claim_output_dir, rewind_metrics  # noqa: E402
 from train.tracking import RunLog, git_commit  # noqa: E402
@@ -77,6 +82,13 @@ REQUIRED = ("model", "replicas", "shards", "lr", "epochs")
 KNOWN = set(DEFAULTS) | set(REQUIRED)
 
 
+# Shared run flags (train/cli.py) that would not act here: refused when given. fp32 only; --rpc-timeout, not
+# --dist-timeout; no DeepSpeed; one parameter-server checkpoint file (checkpoints/ps.pt).
+INERT = {"precision": "the model runs in fp32", "dist_timeout": "use --rpc-timeout and --replica-timeout",
+         "ds_log_level": "Downpour does not run DeepSpeed", "keep_checkpoints": "it keeps one parameter-server "
+         "checkpoint, checkpoints/ps.pt"}
+
+
 def replica_name(j: int) -> str:
     return f"replica{j}"
 
@@ -85,6 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_run_arguments(p)  # --max-steps: per replica; --log-interval/--save-interval: replica steps, all summed
+    p.set_defaults(**{f: None for f in INERT})  # given or not: load_setup refuses those that would not act
     p.add_argument("--data-dir", default=None, metavar="DIR", help="Fashion-MNIST: folder of the four IDX files")
     p.add_argument("--replicas", type=cli.int_at_least(0), default=None, help="override downpour.replicas (W)")
     p.add_argument("--shards", type=cli.int_at_least(0), default=None, help="override downpour.shards (S)")
@@ -103,9 +116,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="plumbing check: all replicas fetch, then all push, round by round (with n_fetch = n_push "
                         "= 1 and the sgd shard optimizer this is synchronous SGD at lr x W)")
     p.add_argument("--kill-replica", default=None, metavar="J@STEP",
-                   help="testing aid: replica J sends itself SIGKILL after its step STEP")
+                   help="testing aid: replica J sends itself SIGKILL after its step STEP (--fault replicaJ:kill@STEP)")
+    p.add_argument("--fault", nargs="+", default=(), metavar="replicaJ:KIND@STEP",
+                   help="testing aid: replica J fails after its step STEP; KIND raise (an exception), kill "
+                        "(SIGKILL) or hang (SIGSTOP)")
+    p.add_argument("--max-dead-replicas", type=cli.int_at_least(0), default=None, metavar="N",
+                   help="the run goes on while at most N replicas have failed (default W - 1: all but one); one more, "
+                        "or a failed shard, fails the run")
     p.add_argument("--replica-timeout", type=cli.positive_float, default=120.0,
-                   help="seconds without news from a replica (on another machine) before it counts as dead")
+                   help="seconds without a heartbeat from a replica before it counts as lost")
+    p.add_argument("--heartbeat", type=cli.positive_float, default=1.0, metavar="SECONDS",
+                   help="every replica tells the coordinator it lives, and the coordinator pings every shard, this "
+                        "often (in every state: warmstart wait, barrier, training)")
+    p.add_argument("--rpc-timeout", type=cli.positive_float, default=60.0, metavar="SECONDS",
+                   help="the longest any RPC (fetch, push, report, ping) waits for its answer; a shard that does not "
+                        "answer within it fails the run")
     p.add_argument("--eval-batch", type=cli.int_at_least(1), default=1000, help="validation batch")
     p.add_argument("--evals-per-epoch", type=cli.int_at_least(1), default=1,
                    help="evaluate (an epoch record, fractional epoch) K times per pass over the training set")
@@ -124,9 +149,12 @@ class Setup:
     args: argparse.Namespace
     num_train: int
     num_val: int
-    param_shards: list[list[str]]
+    param_shards: list[list[str]]  # what each shard's slice holds (name[a:b] pieces), for config.json
     delays: dict[int, float] = field(default_factory=dict)
-    kill: tuple[int, int] | None = None
+    faults: dict[int, tuple[str, int]] = field(default_factory=dict)  # replica -> (kind, after its step)
+    max_dead: int = 0  # replicas that may fail before the run does
+    bounds: list[tuple[int, int]] = field(default_factory=list)  # each shard's slice of the flattened parameters
+    buffer_shards: list[list[str]] = field(default_factory=list)
 
     @property
     def W(self) -> int:  # noqa: N802 (the paper's letter)
@@ -166,6 +194,10 @@ def _int_at_least(cfg: dict[str, Any], key: str, low: int) -> int:
 def load_setup(args: argparse.Namespace) -> Setup:
     """The config's downpour block with the flags' overrides, checked; raises ConfigError with what and why."""
 
+    for flag, why in INERT.items():
+        if getattr(args, flag) is not None and not (flag == "precision" and args.precision in ("auto", "fp32")):
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} has no effect in a Downpour run "
+                              f"({why}); leave it out")
     raw = load_json(args.deepspeed_config)
     if not isinstance(raw.get("downpour"), dict):
         raise ConfigError(f"{args.deepspeed_config}: no \"downpour\" block; expected a Downpour experiment "
@@ -197,9 +229,9 @@ def load_setup(args: argparse.Namespace) -> Setup:
             raise ConfigError(f"downpour.{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {v!r}")
     model = build_model(cfg["model"], 10, 1, 28)
     sizes = {k: v.numel() for k, v in model.named_parameters()}
-    if cfg["shards"] > len(sizes):
-        raise ConfigError(f"downpour.shards = {cfg['shards']} but model {cfg['model']} has {len(sizes)} parameter "
-                          f"tensors; every shard needs at least one: use shards <= {len(sizes)}")
+    if cfg["shards"] > sum(sizes.values()):
+        raise ConfigError(f"downpour.shards = {cfg['shards']} but model {cfg['model']} has {sum(sizes.values()):,} "
+                          f"parameters; every shard needs at least one")
     buffers = [k for k, _ in model.named_buffers()]
     delays = {}
     for item in args.replica_delay:
@@ -211,21 +243,66 @@ def load_setup(args: argparse.Namespace) -> Setup:
         if not 0 <= int(j) < cfg["replicas"] or not float(sec) >= 0:
             raise ConfigError(f"--replica-delay {item!r}: J must be a replica (0..{cfg['replicas'] - 1}) and "
                               f"SECONDS >= 0")
-    kill = None
-    if args.kill_replica:
-        try:
-            kj, ks = (int(v) for v in args.kill_replica.split("@"))
-        except ValueError:
-            raise ConfigError(f"--kill-replica {args.kill_replica!r}: expected J@STEP, e.g. 1@20") from None
-        kill = (kj, ks)
+    faults = parse_faults(args, cfg["replicas"])
+    max_dead = cfg["replicas"] - 1 if args.max_dead_replicas is None else args.max_dead_replicas
+    if max_dead >= cfg["replicas"]:
+        raise ConfigError(f"--max-dead-replicas {max_dead} with {cfg['replicas']} replicas: a run needs one replica "
+                          f"alive; use at most {cfg['replicas'] - 1}")
     info = _data(args).info  # a missing or corrupt data set fails here, before any process starts
     num_train = min(info.num_train, args.train_subset or info.num_train)
     num_val = min(info.num_val, args.val_subset or info.num_val)
-    setup = Setup(cfg, args, num_train, num_val, ps.partition(sizes, buffers, cfg["shards"]), delays, kill)
+    bounds = ps.partition(sum(sizes.values()), cfg["shards"])
+    setup = Setup(cfg, args, num_train, num_val, ps.describe_slices(sizes, bounds), delays, faults, max_dead,
+                  bounds, ps.assign_buffers(buffers, cfg["shards"]))
     if setup.steps_per_epoch < 1:
         raise ConfigError(f"{num_train} training samples make no step of {setup.W} replicas x "
                           f"{setup.b} samples; use more samples or fewer replicas")
     return setup
+
+
+FAULT_KINDS = ("raise", "kill", "hang")
+
+
+def parse_faults(args: argparse.Namespace, replicas: int) -> dict[int, tuple[str, int]]:
+    """--fault replicaJ:KIND@STEP (and --kill-replica J@STEP): which replica fails how, after which of its steps."""
+    items = list(args.fault) + ([f"replica{args.kill_replica.partition('@')[0]}:kill@"
+                                 f"{args.kill_replica.partition('@')[2]}"] if args.kill_replica else [])
+    faults = {}
+    for item in items:
+        role, _, rest = item.partition(":")
+        kind, _, step = rest.partition("@")
+        try:
+            j, n = int(role.removeprefix("replica")), int(step)
+        except ValueError:
+            j = n = -1
+        if not role.startswith("replica") or kind not in FAULT_KINDS or not 0 <= j < replicas or n < 1:
+            raise ConfigError(f"--fault {item!r}: expected replicaJ:KIND@STEP with J in 0..{replicas - 1}, KIND one "
+                              f"of {', '.join(FAULT_KINDS)} and STEP >= 1, e.g. replica1:kill@20")
+        faults[j] = (kind, n)
+    return faults
+
+
+def inject_fault(setup: Setup, j: int, step: int) -> None:
+    kind, at = setup.faults.get(j, ("", 0))
+    if at != step:
+        return
+    if kind == "raise":
+        raise RuntimeError(f"injected fault (--fault replica{j}:raise@{step})")
+    os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+
+
+class RunFailed(Exception):
+    """The run cannot go on: a shard failed, or more replicas than --max-dead-replicas allows."""
+
+
+def failure_report(errors: dict[str, str], dead: int, replicas: int, max_dead: int) -> str | None:
+    """One line saying why the run failed, then one per failed role with its error; None while it may go on."""
+    shards = [k for k in errors if k.startswith("shard")]
+    if not shards and dead <= max_dead and dead < replicas:
+        return None
+    why = (f"{', '.join(shards)} failed" if shards else
+           f"{dead} of {replicas} replicas failed, --max-dead-replicas allows {max_dead}")
+    return "\n".join([f"error: the Downpour run failed: {why}", *(f"error: {k}: {v}" for k, v in errors.items())])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,7 +310,8 @@ def load_setup(args: argparse.Namespace) -> Setup:
 
 
 def rpc_options(setup: Setup) -> Any:
-    return rpc.TensorPipeRpcBackendOptions(num_worker_threads=max(16, 2 * setup.W + 8), rpc_timeout=300,
+    return rpc.TensorPipeRpcBackendOptions(num_worker_threads=max(16, 2 * setup.W + 8),
+                                           rpc_timeout=setup.args.rpc_timeout,
                                            init_method="env://")
 
 
@@ -245,11 +323,12 @@ def role_of(rank: int, setup: Setup) -> tuple[str, int]:
     return "replica", rank - 1 - setup.S
 
 
-def child(rank: int, world_size: int, setup: Setup) -> None:
+def child(rank: int, world_size: int, setup: Setup, parent: int | None = None) -> None:
     """A shard or a replica process (the coordinator is rank 0, the caller)."""
     role, index = role_of(rank, setup)
     if role == "shard":
-        ps.serve(rank, world_size, index, rpc_options(setup))
+        ps.serve(rank, world_size, index, rpc_options(setup), coordinator_timeout=2 * setup.args.rpc_timeout +
+                 setup.args.heartbeat, parent=parent)
     else:
         run_replica(rank, world_size, index, setup)
 
@@ -281,42 +360,115 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     ctx = torch.multiprocessing.get_context("spawn")
     procs = {}
     for rank in range(1, world_size):
-        procs[rank] = ctx.Process(target=child, args=(rank, world_size, setup), daemon=False)
+        procs[rank] = ctx.Process(target=child, args=(rank, world_size, setup, os.getpid()), daemon=False)
         procs[rank].start()
     try:
         return coordinate(setup, world_size, procs, run_name, out_dir)
     finally:
-        for p in procs.values():
-            p.join(timeout=10)
-            if p.is_alive():  # only the processes this command started
+        lost = {1 + setup.S + j for j in range(setup.W) if _COORD is not None and _COORD.dead[j]}
+        deadline = time.monotonic() + 10
+        for rank, p in procs.items():  # only the processes this command started; a lost replica may be hung
+            p.join(timeout=0 if rank in lost else max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # A replica: fetch, compute, push
 
 
+class RpcFailed(Exception):
+    """An RPC got no answer within --rpc-timeout, or its callee failed; the message names the callee."""
+
+
+_RPC_TIMEOUT = 60.0  # this process's --rpc-timeout (set when it joins the RPC world)
+
+
+def _wait(future: Any, to: str, what: str) -> Any:
+    try:
+        return future.wait()
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise RpcFailed(f"{to} did not answer {what} within --rpc-timeout {_RPC_TIMEOUT:g} s, or failed "
+                        f"({lines[0][:200] if lines else type(e).__name__})") from None
+
+
 def _call(to: str, func: Any, *args: Any) -> Any:
-    return rpc.rpc_sync(to, func, args=args, timeout=0)
+    return _wait(rpc.rpc_async(to, func, args=args, timeout=_RPC_TIMEOUT), to, func.__name__)
+
+
+def _poll(heartbeat: Heartbeat, to: str, func: Any, *args: Any) -> Any:
+    """Call ``func`` until it answers something other than None (each answer comes within a second or so)."""
+    while (answer := _call(to, func, *args)) is None:
+        heartbeat.check()
+    return answer
+
+
+POLL_SECONDS = 1.0  # the longest a coordinator endpoint holds a caller before answering "not yet" (None)
+
+
+class Heartbeat(threading.Thread):
+    """A replica's heartbeat: every --heartbeat s, in every state, it tells the coordinator it lives; it learns when
+    the coordinator counts the replica as lost or does not answer (:meth:`check` then raises in the caller)."""
+
+    def __init__(self, j: int, setup: Setup) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{j}")
+        self.j, self.every, self.why, self.halt = j, setup.args.heartbeat, "", threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.every):
+            try:
+                alive = _call(COORDINATOR, coord_heartbeat, self.j)
+            except RpcFailed as e:
+                self.why = str(e)
+                return
+            if not alive:
+                self.why = "the coordinator counts this replica as lost (it heard nothing within --replica-timeout)"
+                return
+
+    def check(self) -> None:
+        if self.why:
+            raise RuntimeError(self.why)
 
 
 def run_replica(rank: int, world_size: int, j: int, setup: Setup) -> None:
-
+    """A replica's whole life; an exception is reported to the coordinator (one line) before the process fails."""
+    global _RPC_TIMEOUT
     torch.set_num_threads(1)
+    _RPC_TIMEOUT = setup.args.rpc_timeout
     rpc.init_rpc(replica_name(j), rank=rank, world_size=world_size, rpc_backend_options=rpc_options(setup))
+    heartbeat = Heartbeat(j, setup)
+    heartbeat.start()
+    try:
+        train_replica(j, setup, heartbeat)
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        try:
+            rpc.rpc_sync(COORDINATOR, coord_failed, args=(j, f"{type(e).__name__}: {lines[0] if lines else ''}"),
+                         timeout=min(10.0, _RPC_TIMEOUT))
+        except Exception:  # noqa: BLE001, S110 (the coordinator is gone: it learns from the exit code, if at all)
+            pass
+        rpc.shutdown(graceful=False)
+        raise
+    heartbeat.halt.set()
+    rpc.shutdown(graceful=False)
+
+
+def train_replica(j: int, setup: Setup, heartbeat: Heartbeat) -> None:
     cfg, args = setup.cfg, setup.args
     data = _data(args)
     model = build_model(cfg["model"], 10, 1, 28)
     model.train()
-    params = dict(model.named_parameters())
+    params = list(model.parameters())
     sampler = GlobalBatchSampler(setup.num_train, setup.round_batch, setup.b, setup.W, j, args.seed)
-    start = _call(COORDINATOR, coord_start, j)  # blocks until the shards hold the (resumed) parameters
+    start = _poll(heartbeat, COORDINATOR, coord_start, j)  # until the shards hold the (resumed) parameters
     if start < 0:  # the coordinator failed before training began; it says why
-        rpc.shutdown(graceful=False)
         return
     if cfg["warmstart_steps"] and j > 0 and start < cfg["warmstart_steps"]:
-        _call(COORDINATOR, coord_wait_warmstart)
+        _poll(heartbeat, COORDINATOR, coord_wait_warmstart)
     step, pushes, report = start, [], None
+    streak, skipped = BadStepStreak(args.max_skipped_steps), 0  # pushes of a non-finite gradient in a row / in all
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples since the last report
     delay = setup.delays.get(j, 0.0)
     for epoch in range(start // setup.steps_per_epoch, int(cfg["epochs"])):
@@ -324,36 +476,51 @@ def run_replica(rank: int, world_size: int, j: int, setup: Setup) -> None:
         for x, y in data.train_batches(sampler):
             if step >= setup.total_steps:
                 break
+            heartbeat.check()
             if step == start or step % cfg["n_fetch"] == 0:
                 _wait_all(pushes)
                 pushes = []
                 fetch(model, setup, j)
                 if args.barrier:
-                    _call(COORDINATOR, coord_barrier, 2 * step)
+                    barrier(heartbeat, 2 * step)
             if delay:  # a slow machine: its gradient is computed on parameters that age meanwhile
                 time.sleep(delay)
+            if j == 0 and step + 1 in args.inject_nan:  # testing aid: replica 0's inputs are NaN in this step
+                x = torch.full_like(x, float("nan"))
             logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits, y)
             loss.backward()  # gradients add up over the steps between pushes
             step += 1
-            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
-            if setup.kill and setup.kill == (j, step):
-                os.kill(os.getpid(), signal.SIGKILL)
+            if loss.isfinite():
+                sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+            inject_fault(setup, j, step)
             if step % cfg["n_push"] == 0 or step == setup.total_steps:
                 _wait_all(pushes)
-                pushes = push(model, params, setup, j)
+                grads = [p.grad for p in params if p.grad is not None]
+                bad = not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+                if streak.update(step, bad):
+                    raise RuntimeError(f"stopping at step {step}: {streak.length} pushes in a row (steps "
+                                       f"{streak.first}-{step}, --max-skipped-steps {streak.limit}) had a gradient "
+                                       f"that was not finite (inf/NaN) and were dropped")
+                skipped += bad
+                if bad:  # the shards would drop it too; not sent, and the replica refetches
+                    model.zero_grad(set_to_none=True)
+                    pushes = []
+                    fetch(model, setup, j)
+                else:
+                    pushes = push(model, params, setup, j)
                 if args.barrier:
                     _wait_all(pushes)
-                    _call(COORDINATOR, coord_barrier, 2 * step + 1)
+                    barrier(heartbeat, 2 * step + 1)
                 if report is not None:
-                    report.wait()
-                report = rpc.rpc_async(COORDINATOR, coord_report, args=(j, step, *sums.tolist()), timeout=0)
+                    _wait(report, COORDINATOR, "coord_report")
+                report = rpc.rpc_async(COORDINATOR, coord_report, args=(j, step, *sums.tolist(), skipped),
+                                       timeout=_RPC_TIMEOUT)
                 sums.zero_()
     _wait_all(pushes)
     if report is not None:
-        report.wait()
-    _call(COORDINATOR, coord_done, j, step, *sums.tolist())
-    rpc.shutdown(graceful=False)
+        _wait(report, COORDINATOR, "coord_report")
+    _call(COORDINATOR, coord_done, j, step, *sums.tolist(), skipped)
 
 
 _DATA: Any = None
@@ -368,29 +535,45 @@ def _data(args: argparse.Namespace) -> Any:
     return _DATA
 
 
-def _wait_all(futures: list[Any]) -> None:
-    for f in futures:
-        f.wait()
+def _wait_all(futures: list[tuple[str, Any]]) -> None:
+    for to, f in futures:
+        _wait(f, to, "a push")
+
+
+def barrier(heartbeat: Heartbeat, key: int) -> None:
+    arrive = True
+    while not _call(COORDINATOR, coord_barrier, key, arrive):
+        arrive = False
+        heartbeat.check()
 
 
 def fetch(model: torch.nn.Module, setup: Setup, j: int) -> None:
     """Every shard's slice, fetched in parallel, into the replica's model."""
-    futures = [rpc.rpc_async(ps.shard_name(i), ps.rpc_fetch, args=(j,), timeout=0) for i in range(setup.S)]
-    state: dict[str, torch.Tensor] = {}
-    for f in futures:
-        state |= f.wait()
-    with torch.no_grad():
-        model.load_state_dict(state)
+    futures = [rpc.rpc_async(ps.shard_name(i), ps.rpc_fetch, args=(j,), timeout=_RPC_TIMEOUT)
+               for i in range(setup.S)]
+    load_slices(model, [_wait(f, ps.shard_name(i), "a fetch") for i, f in enumerate(futures)])
 
 
-def push(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], setup: Setup, j: int) -> list[Any]:
-    """Send each shard the gradients of its parameters and the current buffers; zero the gradients."""
+def load_slices(model: torch.nn.Module, shards: list[dict[str, torch.Tensor]]) -> None:
+    """Every shard's slice (and buffers) into the model."""
+    ps.unflatten_into(torch.cat([s.pop(ps.FLAT) for s in shards]), list(model.parameters()))
     buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for s in shards:
+            for name, b in s.items():
+                buffers[name].copy_(b)
+
+
+def push(model: torch.nn.Module, params: list[torch.nn.Parameter], setup: Setup, j: int) -> list[tuple[str, Any]]:
+    """Send each shard its slice of the accumulated gradient and its buffers; zero the gradients."""
+    buffers = dict(model.named_buffers())
+    flat = ps.flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
     futures = []
-    for i, names in enumerate(setup.param_shards):
-        grads = {n: params[n].grad.detach().clone() for n in names if n in params and params[n].grad is not None}
-        bufs = {n: buffers[n].detach().clone() for n in names if n in buffers}
-        futures.append(rpc.rpc_async(ps.shard_name(i), ps.rpc_push, args=(j, grads, bufs), timeout=0))
+    for i, ((a, b), names) in enumerate(zip(setup.bounds, setup.buffer_shards, strict=True)):
+        grads = {ps.FLAT: flat[a:b].clone()}  # a clone: RPC would send a view's whole storage
+        bufs = {n: buffers[n].detach().clone() for n in names}
+        futures.append((ps.shard_name(i), rpc.rpc_async(ps.shard_name(i), ps.rpc_push, args=(j, grads, bufs),
+                                                        timeout=_RPC_TIMEOUT)))
     model.zero_grad(set_to_none=True)
     return futures
 
@@ -411,6 +594,9 @@ class Coordinator:
         self.steps = [0] * setup.W  # steps each replica has reported
         self.done = [False] * setup.W
         self.dead = [False] * setup.W
+        self.skipped = [0] * setup.W  # pushes each replica left out: a gradient that was not finite
+        self.dropped = 0  # pushes the shards dropped: a gradient that was not finite
+        self.errors: dict[str, str] = {}  # failed role ("replica 3", "shard 0") -> its error, in order of failure
         self.last_seen = [time.monotonic()] * setup.W
         self.interval = [0.0, 0.0, 0.0]  # loss sum, correct, samples since the last record
         self.epoch_sums = [0.0, 0.0, 0.0]
@@ -427,18 +613,51 @@ class Coordinator:
 _COORD: Coordinator | None = None
 
 
-def coord_start(j: int) -> int:
+class ShardPinger(threading.Thread):
+    """The coordinator's watch on the shards: a ping to each every --heartbeat s; a shard that does not answer
+    within --rpc-timeout (hung, dead, its machine gone) is a failed role, also where no exit code is visible."""
+
+    def __init__(self, c: Coordinator) -> None:
+        super().__init__(daemon=True, name="shard-pinger")
+        self.c, self.halt = c, threading.Event()
+
+    def run(self) -> None:
+        setup = self.c.setup
+        while not self.halt.wait(setup.args.heartbeat):
+            futures = [rpc.rpc_async(ps.shard_name(i), ps.rpc_ping, timeout=_RPC_TIMEOUT) for i in range(setup.S)]
+            for i, f in enumerate(futures):
+                try:
+                    _wait(f, ps.shard_name(i), "a ping")
+                except RpcFailed as e:
+                    if not self.halt.is_set():
+                        with self.c.cond:
+                            self.c.errors.setdefault(f"shard {i}", str(e))
+                            self.c.cond.notify_all()
+
+
+def coord_start(j: int) -> int | None:
+    """Replica -> coordinator: the step to start from once the shards hold the parameters (-1: the run failed);
+    None: not yet, ask again."""
     c = _COORD
     with c.cond:
-        c.cond.wait_for(lambda: c.ready or c.failed)
-        c.last_seen[j] = time.monotonic()
+        if not c.cond.wait_for(lambda: c.ready or c.failed, timeout=POLL_SECONDS):
+            return None
         return -1 if c.failed else c.start_steps[j]
 
 
-def coord_report(j: int, step: int, loss_sum: float, correct: float, samples: float) -> None:
+def coord_heartbeat(j: int) -> bool:
+    """Replica -> coordinator: alive. The answer: whether the coordinator still counts it (False once lost)."""
+    c = _COORD
+    with c.cond:
+        c.last_seen[j] = time.monotonic()
+        return not c.dead[j]
+
+
+def coord_report(j: int, step: int, loss_sum: float, correct: float, samples: float, skipped: int = 0) -> None:
     c = _COORD
     with c.cond:
         c.steps[j] = step
+        c.skipped[j] = skipped
         c.last_seen[j] = time.monotonic()
         for k, v in enumerate((loss_sum, correct, samples)):
             c.interval[k] += v
@@ -447,26 +666,42 @@ def coord_report(j: int, step: int, loss_sum: float, correct: float, samples: fl
             c.cond.notify_all()  # replicas waiting for the warmstart (the main loop polls, no need to wake it)
 
 
-def coord_done(j: int, step: int, loss_sum: float, correct: float, samples: float) -> None:
-    coord_report(j, step, loss_sum, correct, samples)
+def coord_done(j: int, step: int, loss_sum: float, correct: float, samples: float, skipped: int = 0) -> None:
+    coord_report(j, step, loss_sum, correct, samples, skipped)
     with _COORD.cond:
         _COORD.done[j] = True
         _COORD.cond.notify_all()
 
 
-def coord_wait_warmstart() -> None:
-    """Dean et al.'s warmstart: the other replicas start once replica 0 has done ``warmstart_steps`` steps."""
+def coord_failed(j: int, error: str) -> None:
+    """Replica -> coordinator: it failed with this error (its process is about to end)."""
     c = _COORD
     with c.cond:
-        c.cond.wait_for(lambda: c.steps[0] >= c.setup.cfg["warmstart_steps"] or c.finished(0))
-
-
-def coord_barrier(key: int) -> None:
-    c = _COORD
-    with c.cond:
-        c.barriers[key] = c.barriers.get(key, 0) + 1
+        if not c.finished(j):
+            c.dead[j] = True
+            c.errors[f"replica {j}"] = f"{error} (after step {c.steps[j]})"
+            print(f"replica {j} failed after step {c.steps[j]}: {error}", flush=True)
         c.cond.notify_all()
-        c.cond.wait_for(lambda: c.barriers[key] >= sum(not c.finished(j) for j in range(c.setup.W)))
+
+
+def coord_wait_warmstart() -> bool | None:
+    """Dean et al.'s warmstart: the other replicas start once replica 0 has done ``warmstart_steps`` steps (True);
+    None: not yet."""
+    c = _COORD
+    with c.cond:
+        return c.cond.wait_for(lambda: c.steps[0] >= c.setup.cfg["warmstart_steps"] or c.finished(0),
+                               timeout=POLL_SECONDS) or None
+
+
+def coord_barrier(key: int, arrive: bool) -> bool:
+    """Replica -> coordinator: arrived at barrier ``key`` (first call) / still waiting; True once all live replicas
+    have arrived."""
+    c = _COORD
+    with c.cond:
+        c.barriers[key] = c.barriers.get(key, 0) + arrive
+        c.cond.notify_all()
+        return c.cond.wait_for(lambda: c.barriers[key] >= sum(not c.finished(j) for j in range(c.setup.W)),
+                               timeout=POLL_SECONDS)
 
 
 @dataclass
@@ -482,6 +717,7 @@ class State:
     samples_log: int = 0
     samples_epoch: int = 0
     wall_before: float = 0.0  # wall time of the runs this one resumes
+    dropped: int = 0  # pushes the shards dropped (not finite)
     taus_interval: list[int] = field(default_factory=list)
     taus_epoch: list[int] = field(default_factory=list)
     taus_all: list[int] = field(default_factory=list)
@@ -499,8 +735,12 @@ def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: s
     if procs:
         torch.set_num_threads(1)
     refusal = None if procs else claim_output_dir(out_dir, resume=args.resume, overwrite=args.overwrite)
+    global _RPC_TIMEOUT
+    _RPC_TIMEOUT = args.rpc_timeout
     _COORD = c = Coordinator(setup)
     rpc.init_rpc(COORDINATOR, rank=0, world_size=world_size, rpc_backend_options=rpc_options(setup))
+    pinger = ShardPinger(c)
+    pinger.start()
     try:
         if refusal:
             raise SystemExit(f"error: {refusal}")
@@ -524,10 +764,19 @@ def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: s
         log = start_log(setup, out_dir, run_name, wandb_id)
         with c.cond:
             c.ready = True
+            c.last_seen = [time.monotonic()] * setup.W  # every replica's heartbeat started before init_rpc returned
             c.cond.notify_all()
-        watch(c, setup, state, log, model, procs, out_dir)
-        return finish(c, setup, state, log, model, out_dir)
+        try:
+            watch(c, setup, state, log, model, procs, out_dir)
+            return finish(c, setup, state, log, model, out_dir)
+        except (RunFailed, RpcFailed) as e:
+            log.close()
+            with c.cond:
+                why = str(e) if isinstance(e, RunFailed) else "\n".join(
+                    [f"error: the Downpour run failed: {e}", *(f"error: {k}: {v}" for k, v in c.errors.items())])
+            raise SystemExit(why) from None
     finally:
+        pinger.halt.set()
         with c.cond:
             c.failed = not c.ready  # replicas still waiting to start are told to go
             c.cond.notify_all()
@@ -541,19 +790,19 @@ def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: s
 
 def start_shards(model: torch.nn.Module, setup: Setup, saved: dict[str, Any] | None) -> None:
     """Give every shard its slice of the initial model (then, on --resume, the checkpointed state)."""
-    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    flat, buffers = ps.flatten(list(model.parameters())), dict(model.named_buffers())
     options = {"optimizer": setup.cfg["optimizer"], "lr": float(setup.cfg["lr"]),
                "initial_accumulator_value": float(setup.cfg["initial_accumulator_value"])}
-    for i, names in enumerate(setup.param_shards):
-        _call(ps.shard_name(i), ps.rpc_create, i, {n: params[n].detach() for n in names if n in params},
-              {n: buffers[n].detach() for n in names if n in buffers}, options)
+    for i, ((a, b), names) in enumerate(zip(setup.bounds, setup.buffer_shards, strict=True)):
+        _call(ps.shard_name(i), ps.rpc_create, i, {ps.FLAT: flat[a:b].clone()},
+              {n: buffers[n].detach() for n in names}, options)
         if saved:
             _call(ps.shard_name(i), ps.rpc_load, saved["shards"][i])
 
 
 def load_checkpoint(path: Path, setup: Setup) -> dict[str, Any]:
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=not setup.args.trusted_checkpoint)
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}; start afresh with --overwrite") from None
     if len(saved["shards"]) != setup.S or len(saved["replica_steps"]) != setup.W:
@@ -582,7 +831,8 @@ def describe(setup: Setup) -> str:
     cfg = setup.cfg
     return "\n".join([
         f"Downpour SGD: {setup.W} replicas x {setup.b} samples = {setup.round_batch} samples per update round; "
-        f"{setup.S} parameter-server shards ({', '.join(str(len(n)) for n in setup.param_shards)} tensors)",
+        f"{setup.S} parameter-server shards (contiguous slices of {', '.join(f'{b - a:,}' for a, b in setup.bounds)} "
+        f"parameters)",
         f"data: fashion-mnist, {setup.num_train:,} training samples -> {setup.steps_per_epoch:,} steps/epoch per "
         f"replica x {cfg['epochs']} epochs" + (f", stopping at step {setup.total_steps}" if setup.args.max_steps
                                                 else ""),
@@ -616,12 +866,13 @@ def start_log(setup: Setup, out_dir: Path, run_name: str, wandb_id: str | None) 
     (out_dir / "config.json").write_text(json.dumps(summary_cfg, indent=2, default=str) + "\n")
     return RunLog(out_dir, use_wandb=not args.no_wandb, project=args.wandb_project, group=args.wandb_group,
                   name=run_name, tags=["downpour", setup.cfg["optimizer"], f"W{setup.W}", f"S{setup.S}"],
-                  config=summary_cfg, resume_id=wandb_id)
+                  config=summary_cfg, resume_id=wandb_id, timeout=args.wandb_timeout)
 
 
 def drain_taus(setup: Setup, state: State) -> None:
     for i in range(setup.S):
-        _, taus = _call(ps.shard_name(i), ps.rpc_drain_taus)
+        _, taus, dropped = _call(ps.shard_name(i), ps.rpc_drain_taus)
+        state.dropped += dropped
         for group in (state.taus_interval, state.taus_epoch, state.taus_all):
             group.extend(taus)
 
@@ -654,21 +905,26 @@ def check_alive(c: Coordinator, setup: Setup, procs: dict[int, Any]) -> None:
         role, index = role_of(rank, setup)
         if p.exitcode is None:
             continue
+        how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
         if role == "shard":
-            raise SystemExit(f"error: parameter-server shard {index} died (exit code {p.exitcode}); the run stops. "
-                             f"--resume continues from the last parameter-server checkpoint")
-        if not c.finished(index):
-            c.dead[index] = True
-            how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
-            print(f"replica {index} died ({how}) after step {c.steps[index]}; the other replicas go on", flush=True)
-            c.cond.notify_all()
-    if not procs:
-        for j in range(setup.W):
-            if not c.finished(j) and time.monotonic() - c.last_seen[j] > setup.args.replica_timeout:
-                c.dead[j] = True
-                print(f"replica {j}: no news for {setup.args.replica_timeout:g} s after step {c.steps[j]}; counted "
-                      f"as dead, the other replicas go on", flush=True)
-                c.cond.notify_all()
+            c.errors.setdefault(f"shard {index}", f"its process died ({how})")
+        elif not c.finished(index):
+            mark_dead(c, index, f"its process died ({how}) after step {c.steps[index]}")
+    for j in range(setup.W):  # heartbeats: also where no exit code is visible (other machines, torchrun)
+        if not c.finished(j) and time.monotonic() - c.last_seen[j] > setup.args.replica_timeout:
+            mark_dead(c, j, f"no heartbeat for --replica-timeout {setup.args.replica_timeout:g} s, after step "
+                            f"{c.steps[j]}")
+    report = failure_report(c.errors, sum(c.dead), setup.W, setup.max_dead)
+    if report:
+        raise RunFailed(report)
+
+
+def mark_dead(c: Coordinator, j: int, why: str) -> None:
+    c.dead[j] = True
+    c.errors[f"replica {j}"] = why
+    print(f"replica {j} is lost: {why}; {sum(c.dead)} of {c.setup.W} lost, --max-dead-replicas "
+          f"{c.setup.max_dead}", flush=True)
+    c.cond.notify_all()
 
 
 def _rates(c: Coordinator, sums: list[float]) -> tuple[float | None, float | None]:
@@ -681,12 +937,13 @@ def step_record(c: Coordinator, setup: Setup, state: State, log: Any) -> None:
     with c.cond:
         total, samples, (loss, _) = sum(c.steps), c.samples, _rates(c, c.interval)
         c.interval = [0.0, 0.0, 0.0]
-        alive = sum(not d for d in c.dead)
+        alive, dead = sum(not d for d in c.dead), sum(c.dead)
     now = time.perf_counter()
     rec = {"kind": "step", "step": total, "epoch": samples / (setup.steps_per_epoch * setup.round_batch),
            "samples": samples, "loss": loss, "lr": setup.cfg["lr"],
            "images_per_sec": (samples - state.samples_log) / max(now - state.t_log, 1e-9),
            "global_batch": setup.round_batch, "wall_time": state.wall(), "replicas_alive": alive,
+           "replicas_dead": dead,
            **ps.tau_summary(state.taus_interval)}
     state.t_log, state.samples_log, state.taus_interval = now, samples, []
     log.log(rec)
@@ -723,12 +980,8 @@ def _fmt(v: float | None) -> str:
 
 
 def load_from_shards(model: torch.nn.Module, setup: Setup) -> None:
-    state: dict[str, torch.Tensor] = {}
-    for i in range(setup.S):
-        shard = _call(ps.shard_name(i), ps.rpc_state)
-        state |= shard["params"] | shard["buffers"]
-    with torch.no_grad():
-        model.load_state_dict(state)
+    shards = [_call(ps.shard_name(i), ps.rpc_state) for i in range(setup.S)]
+    load_slices(model, [s["params"] | s["buffers"] for s in shards])
 
 
 @torch.no_grad()
@@ -764,6 +1017,8 @@ def finish(c: Coordinator, setup: Setup, state: State, log: Any, model: torch.nn
               "final_val_top5_error": state.history[-1]["val_top5_error"],
               "median5_val_top1_error": statistics.median(last), "wall_time": state.wall(),
               "replica_steps": list(c.steps), "dead_replicas": [j for j in range(setup.W) if c.dead[j]],
+              "replica_errors": dict(c.errors), "max_dead_replicas": setup.max_dead,
+              "skipped_pushes": list(c.skipped), "dropped_pushes": state.dropped,
               **{k: v for k, v in ps.tau_summary(state.taus_all).items() if k != "tau_hist"},
               "tau_hist": ps.tau_summary(state.taus_all).get("tau_hist")}
     log.log({"kind": "summary", **result})

@@ -38,18 +38,45 @@ def shard_name(i: int) -> str:
     return f"ps{i}"
 
 
-def partition(param_sizes: dict[str, int], buffer_names: list[str], shards: int) -> list[list[str]]:
-    """Assign every parameter tensor (greedily by size, largest first, to the least-loaded shard) and every buffer
-    (round robin) to one of ``shards`` shards. The caller checks ``shards <= len(param_sizes)``."""
-    load = [0] * shards
-    names: list[list[str]] = [[] for _ in range(shards)]
-    for name in sorted(param_sizes, key=lambda n: (-param_sizes[n], list(param_sizes).index(n))):
-        i = min(range(shards), key=lambda s: (load[s], s))
-        names[i].append(name)
-        load[i] += param_sizes[name]
-    for k, name in enumerate(buffer_names):
-        names[k % shards].append(name)
-    return names
+FLAT = "flat"  # a shard's one parameter tensor: its slice of the model's parameters, flattened
+
+
+def partition(num_params: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous slices [a, b) of the model's parameters flattened in ``named_parameters`` order (tensors
+    cut where a boundary falls), of sizes that differ by at most one. The caller checks ``shards <= num_params``."""
+    return [(i * num_params // shards, (i + 1) * num_params // shards) for i in range(shards)]
+
+
+def assign_buffers(buffer_names: list[str], shards: int) -> list[list[str]]:
+    """Buffers (BatchNorm statistics: not optimized) go whole to the shards, round robin."""
+    return [buffer_names[i::shards] for i in range(shards)]
+
+
+def describe_slices(param_sizes: dict[str, int], bounds: list[tuple[int, int]]) -> list[list[str]]:
+    """What each slice holds, as ``name[a:b]`` pieces of the flattened tensors (for config.json)."""
+    pieces: list[list[str]] = []
+    for a, b in bounds:
+        pieces.append([])
+        start = 0
+        for name, n in param_sizes.items():
+            lo, hi = max(a, start), min(b, start + n)
+            if lo < hi:
+                pieces[-1].append(name if (lo, hi) == (start, start + n) else f"{name}[{lo - start}:{hi - start}]")
+            start += n
+    return pieces
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """Copy a flat vector back into the tensors it was made from (the inverse of :func:`flatten`)."""
+    start = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(flat[start:start + p.numel()].view_as(p))
+            start += p.numel()
 
 
 def adagrad_update(p: torch.Tensor, g: torch.Tensor, state_sum: torch.Tensor, lr: float, eps: float) -> None:
@@ -73,6 +100,7 @@ class ParameterShard:
         self.version = 0  # updates applied
         self.fetched: dict[int, int] = {}  # replica -> version at its last fetch
         self.taus: list[int] = []  # staleness of the pushes since the coordinator last drained them
+        self.dropped = 0  # pushes not applied because a gradient was not finite (inf/NaN), since the last drain
         self.lock = threading.Lock()
 
     def fetch(self, replica: int) -> dict[str, torch.Tensor]:
@@ -81,8 +109,13 @@ class ParameterShard:
             self.fetched[replica] = self.version
             return {k: v.clone() for k, v in (self.params | self.buffers).items()}
 
-    def push(self, replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int:
-        """Apply one replica's gradient; return its staleness tau (updates applied since that replica fetched)."""
+    def push(self, replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int | None:
+        """Apply one replica's gradient; return its staleness tau (updates applied since that replica fetched).
+        A gradient that is not finite is dropped (None) and counted: one NaN would poison Adagrad's sum forever."""
+        if not all(bool(g.isfinite().all()) for g in grads.values()):
+            with self.lock:
+                self.dropped += 1
+            return None
         with self.lock:
             tau = self.version - self.fetched.get(replica, 0)
             for name, g in grads.items():
@@ -97,10 +130,11 @@ class ParameterShard:
             self.taus.append(tau)
             return tau
 
-    def drain_taus(self) -> tuple[int, list[int]]:
+    def drain_taus(self) -> tuple[int, list[int], int]:
+        """(version, staleness of the pushes applied, pushes dropped) since the last drain."""
         with self.lock:
-            taus, self.taus = self.taus, []
-            return self.version, taus
+            taus, self.taus, dropped, self.dropped = self.taus, [], self.dropped, 0
+            return self.version, taus, dropped
 
     def state_dict(self) -> dict[str, Any]:
         with self.lock:
@@ -128,6 +162,7 @@ class ParameterShard:
 _SHARD: ParameterShard | None = None
 _STOP = threading.Event()
 _READY = threading.Event()
+_LAST_PING = [time.monotonic()]  # when the coordinator last pinged this shard
 
 
 def _shard() -> ParameterShard:
@@ -150,11 +185,11 @@ def rpc_fetch(replica: int) -> dict[str, torch.Tensor]:
     return _shard().fetch(replica)
 
 
-def rpc_push(replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int:
+def rpc_push(replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int | None:
     return _shard().push(replica, grads, buffers)
 
 
-def rpc_drain_taus() -> tuple[int, list[int]]:
+def rpc_drain_taus() -> tuple[int, list[int], int]:
     return _shard().drain_taus()
 
 
@@ -167,18 +202,36 @@ def rpc_load(state: dict[str, Any]) -> int:
     return _shard().version
 
 
+def rpc_ping() -> bool:
+    """Coordinator -> shard, every few seconds: the coordinator lives; the answer says the shard does."""
+    _LAST_PING[0] = time.monotonic()
+    return True
+
+
 def rpc_stop() -> bool:
     _STOP.set()
     return True
 
 
-def serve(rank: int, world_size: int, index: int, rpc_options: Any) -> None:
-    """A shard's whole life: join the RPC world, answer calls until the coordinator says stop."""
+def serve(rank: int, world_size: int, index: int, rpc_options: Any, *, coordinator_timeout: float,
+          parent: int | None = None) -> None:
+    """A shard's whole life: join the RPC world, answer calls until the coordinator says stop, or until it is
+    gone: no ping for ``coordinator_timeout`` seconds (any machine), or (started on the coordinator's machine) the
+    process that started this one ended. A shard never outlives its run."""
+    import os
+
     from torch.distributed import rpc
 
     torch.set_num_threads(1)
     rpc.init_rpc(shard_name(index), rank=rank, world_size=world_size, rpc_backend_options=rpc_options)
-    _STOP.wait()
+    _LAST_PING[0] = time.monotonic()
+    while not _STOP.wait(timeout=0.5):
+        silent = time.monotonic() - _LAST_PING[0]
+        if silent > coordinator_timeout or (parent is not None and os.getppid() != parent):
+            why = (f"no ping for {silent:.0f} s" if silent > coordinator_timeout else
+                   f"its parent process {parent} ended")
+            print(f"parameter-server shard {index}: the coordinator is gone ({why}); stopping", flush=True)
+            os._exit(1)  # a graceful RPC shutdown would wait for the coordinator
     time.sleep(0.2)  # let the answer to rpc_stop leave before the agent goes
     rpc.shutdown(graceful=False)
 
