@@ -16,7 +16,6 @@ Finished runs (a summary record) are skipped, so the command resumes where it st
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from analysis.grid import finished
 from analysis.runs import load_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,31 +61,31 @@ def plan() -> list[dict[str, Any]]:
     return runs
 
 
-def finished(run_dir: Path, lost: tuple[int, ...] = ()) -> bool:
-    """Whether the run wrote its summary; a run that lost replicas other than ``lost`` (those the plan kills) is
-    refused: its numbers are not those of the W replicas the study names."""
-    metrics = run_dir / "metrics.jsonl"
-    summaries = [rec for line in metrics.read_text().splitlines() if line.strip().startswith("{")
-                 and (rec := json.loads(line)).get("kind") == "summary"] if metrics.is_file() else []
-    dead = tuple(summaries[-1].get("dead_replicas") or ()) if summaries else ()
-    if summaries and dead != tuple(lost):
+def finished_as_planned(run_dir: Path, lost: tuple[int, ...] = ()) -> bool:
+    """Whether the run finished (analysis.grid.finished); a finished run that lost replicas other than ``lost``
+    (those the plan kills) is refused: its numbers are not those of the W replicas the study names."""
+    summary = finished(run_dir)
+    if summary is None:
+        return False
+    dead = tuple(summary.get("dead_replicas") or ())
+    if dead != tuple(lost):
         raise SystemExit(f"{run_dir}: the run lost replicas {list(dead)} (planned: {list(lost)}; errors "
-                         f"{summaries[-1].get('replica_errors')}); its numbers are not the study's. Rerun it: delete "
+                         f"{summary.get('replica_errors')}); its numbers are not the study's. Rerun it: delete "
                          f"the folder and run the study again")
-    return bool(summaries)
+    return True
 
 
 def run_all(runs_dir: Path) -> None:
     for r in plan():
         out = runs_dir / r["name"]
-        if finished(out):
+        if finished_as_planned(out):
             print(f"{r['name']}: done before, skipped", flush=True)
             continue
         cmd = [str(free_port()) if a == "PORT" else a for a in r["cmd"]] + ["--output-dir", str(out), "--overwrite"]
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               env=dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1"))
-        if proc.returncode or not finished(out):
+        if proc.returncode or not finished_as_planned(out):
             raise SystemExit(f"{r['name']} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         (out / "command.txt").write_text(" ".join(Path(a).name if a.startswith(str(REPO)) else a for a in cmd) + "\n")
         print(f"{r['name']}: {time.perf_counter() - t:.0f} s", flush=True)
@@ -125,7 +125,7 @@ def figures(runs_dir: Path, out: Path) -> None:
         for ax, w in zip(axes, REPLICAS, strict=True):
             for kind, (label, color) in styles.items():
                 name = f"sync-{32 * w}" if kind == "sync" else f"{kind}-w{w}"
-                if not finished(runs_dir / name):
+                if not finished_as_planned(runs_dir / name):
                     continue
                 c = curves(runs_dir / name)
                 ax.plot(c[axis], c[2], "o-", color=color, label=label, ms=3)
@@ -177,7 +177,7 @@ def table(runs_dir: Path) -> str:
             "p90 / max |", "|---|---|---|---|---|---|"]
     for r in plan():
         d = runs_dir / r["name"]
-        if not finished(d):
+        if not finished_as_planned(d):
             continue
         run = load_run(d)
         s, (samples, wall, errors) = run.summary, curves(d)
