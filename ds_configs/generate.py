@@ -279,58 +279,120 @@ def downpour_config(replicas: int, shards: int, optimizer: str, epochs: int) -> 
                          "initial_accumulator_value": 0.1, "warmstart_steps": 0, "epochs": epochs}}
 
 
-# BERT pre-training (ds_configs/bert/, train/bert.py). Two phases where the source has two: sequence length 128 for
-# the first 9/10 of the epochs, 512 after, each phase its own warmup; phase 2 starts from phase 1's weights
-# (--init-from). Epochs: 40 in all (Devlin et al. 2018: 1M steps x 256 x 512 tokens, about 40 passes over their 3.3B
-# words), 36 + 4; warmup is a share of each phase, so the recipe keeps its shape on any corpus.
-# * You et al. 2019 (arXiv:1904.00962), Table 4 (untuned LAMB, square-root lr scaling, linear-epoch warmup): from
-#   lr 5 / (2^3 x 10^3) with warmup ratio 1/320 at batch 512 to lr 5 / (2^0 x 10^3) = 5e-3 with warmup ratio 1/5 at
-#   32k; beta1 0.9, beta2 0.999, eps 1e-6, weight decay 0.01 (their section 4). Their 64k/32k run (8,599 steps,
-#   F1 90.584) gives no lr in a table; we apply the same square-root rule from the 32k row (5e-3 x sqrt(2) at
-#   64k) and the 1/5 warmup in each phase.
-# * NVIDIA DeepLearningExamples, PyTorch/LanguageModeling/BERT/scripts/run_pretraining.sh (NVLAMB): phase 1
-#   65,536 x 128, lr 6e-3, warmup 0.2843 of 7,038 steps; phase 2 32,768 x 512, lr 4e-3, warmup 0.128 of 1,563.
-# * Devlin et al. 2018 (arXiv:1810.04805), the AdamW baseline: batch 256, lr 1e-4, beta 0.9/0.999, weight decay
-#   0.01, 10k warmup steps of 1M (1%), linear decay; one config at seq 128 (their last 10% at 512 is left out).
+# BERT pre-training (ds_configs/bert/, train/bert.py). A two-phase recipe is two configs: sequence length 128, then
+# 512 started from phase 1's checkpoint (--init-from); the "bert" block says how long each phase runs in optimizer
+# steps (as the sources do; never epochs, whose length would depend on the sequence length) and what phase 2 takes
+# from phase 1 ("carry": "optimizer" keeps LAMB's moments and resets its step and the schedule; "weights" starts
+# a fresh optimizer). Every BERT-large recipe uses BERT's 30,522-token uncased WordPiece vocabulary size.
+# * You et al. 2019 (arXiv:1904.00962), Table 1 and Table 4 (untuned LAMB, square-root lr scaling): 32k for 15,625
+#   steps, 9/10 of the epochs at sequence length 128 and 1/10 at 512 (so 9/10 of the samples: 14,063 + 1,562
+#   steps at one batch); lr 5 / (2^0 x 10^3) = 5e-3 with warmup ratio 1/5; beta1 0.9, beta2 0.999, eps 1e-6,
+#   weight decay 0.01 (their section 4); linear decay. Their 64k/32k run takes 8,599 steps; 9 : 1 in samples at
+#   64k : 32k is 7,036 + 1,563 steps. That row gives no lr: ours is the square-root rule from the 32k row
+#   (5e-3 x sqrt(2) at 64k). Each phase warms up again (their section 4); phase 2 starts a fresh optimizer (the
+#   paper does not say it keeps the moments). No gradient clipping (the paper states none).
+# * NVIDIA DeepLearningExamples, PyTorch/LanguageModeling/BERT (scripts/run_pretraining.sh, schedulers.py,
+#   lamb_amp_opt.py): phase 1 65,536 x 128 for 7,038 steps, lr 6e-3, warmup 0.2843; phase 2 32,768 x 512 for
+#   1,563 steps, lr 4e-3, warmup 0.128; PolyWarmUpScheduler, degree 0.5 on step / total (decay_from_start);
+#   FusedLAMBAMP (betas 0.9/0.999, eps 1e-6, weight decay 0.01, bias correction) divides all gradients by
+#   max(1, global_norm / 1.0) before its update. DeepSpeed's "gradient_clipping": 1.0 does the same over the same
+#   global norm (ZeRO divides by max(1, (norm + 1e-6) / 1.0)): the two differ by the 1e-6 only, a relative 1e-6
+#   at most where clipping acts. Phase 2 loads phase 1's optimizer state and resets its step and the lr schedule.
+# * DeepSpeedExamples training/bing_bert (deepspeed_bsz64k_lamb_config_seq128.json,
+#   deepspeed_bsz32k_lamb_config_seq512.json, bert_large_lamb.json, the ds_train_bert_*.sh scripts): DeepSpeed's
+#   Lamb with bias_correction false, max_coeff 0.3, min_coeff 0.01 (our max/min_trust_ratio), weight decay 0.01,
+#   its default betas 0.9/0.999 and eps 1e-8; gradient_clipping 1.0; fp16. Phase 1 65,536 x 128, lr 11e-3 with
+#   --lr_offset 1e-3 (so 1e-3 .. 12e-3), warmup 0.06 of 7,500 steps (power 2), then x 0.9 every 250 steps, 7,500
+#   steps. Phase 2 32,768 x 512, lr 2e-3, offset 0, warmup 0.02 of 7,500 (--rewarmup), x 0.9 every 150 steps; it
+#   loads the phase-1 checkpoint with its optimizer state. Its length is ten of bing_bert's data epochs, which no
+#   file states in steps: we run NVIDIA's 1,563.
+# * Devlin et al. 2018 (arXiv:1810.04805), the AdamW baseline (BERT's AdamWeightDecayOptimizer, as in Google's
+#   BERT code): batch 256, lr 1e-4, beta 0.9/0.999, eps 1e-6, weight decay 0.01 but not on LayerNorm or biases,
+#   gradients clipped at global norm 1.0, 10,000 warmup steps, linear decay to 0 at 1,000,000 steps; one config
+#   at sequence length 128 (their last 10% of the steps at 512 is left out).
 # * demo: BERT-tiny on the Debian corpus, 2 CPU ranks, batch 64, 2 epochs: LAMB at lr 1e-2 (our choice, for a run
-#   of about 4 minutes on 2 cores).
-# Decay: linear to 0 (poly power 1) after each warmup.
-BERT_PHASE_EPOCHS = (36, 4)
-# (file name, global batch, seq len, lr, warmup share of the run, epochs, optimizer, model, recipe)
-BERT_RECIPES: list[tuple[str, int, int, float, float, int, str, str, str]] = [
-    ("lamb-32k-phase1", 32768, 128, 5e-3, 1 / 5, BERT_PHASE_EPOCHS[0], "LAMB", "large", "you2019-32k"),
-    ("lamb-32k-phase2", 32768, 512, 5e-3, 1 / 5, BERT_PHASE_EPOCHS[1], "LAMB", "large", "you2019-32k"),
-    ("lamb-64k-phase1", 65536, 128, 5e-3 * math.sqrt(2), 1 / 5, BERT_PHASE_EPOCHS[0], "LAMB", "large",
-     "you2019-64k/32k"),
-    ("lamb-64k-phase2", 32768, 512, 5e-3, 1 / 5, BERT_PHASE_EPOCHS[1], "LAMB", "large", "you2019-64k/32k"),
-    ("nvlamb-64k-phase1", 65536, 128, 6e-3, 0.2843, BERT_PHASE_EPOCHS[0], "LAMB", "large", "nvidia-64k/32k"),
-    ("nvlamb-64k-phase2", 32768, 512, 4e-3, 0.128, BERT_PHASE_EPOCHS[1], "LAMB", "large", "nvidia-64k/32k"),
-    ("adamw-256", 256, 128, 1e-4, 0.01, sum(BERT_PHASE_EPOCHS), "AdamW", "large", "devlin2018"),
-    ("demo", 64, 128, 1e-2, 0.1, 2, "LAMB", "tiny", "bert-demo"),
-]
+#   of about 4 minutes on 2 cores), vocabulary 4,096.
+BERT_VOCAB = 30522  # bert-base/large-uncased
+YOU_32K_STEPS, YOU_64K_STEPS = (14063, 1562), (7036, 1563)  # You et al.: 15,625 and 8,599 steps in all
+NVIDIA_STEPS = (7038, 1563)
+BING_TOTAL = 7500  # bing_bert's total_training_steps, the horizon of both phases' warmup
 
 
-def bert_config(batch: int, seq_len: int, lr: float, warmup: float, epochs: int, optimizer: str, model: str,
-                recipe: str) -> dict[str, Any]:
-    """One BERT config; ``warmup`` is the share of the run's epochs (the paper's warmup ratio)."""
-    demo = recipe == "bert-demo"
-    sched = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_epochs": round(warmup * epochs, 4),
-             "warmup_type": "linear", "total_num_epochs": "auto"}
-    # Linear warmup, then linear decay to 0 (power 1) for both optimizers. train.schedules' WarmupPolyLR, not
-    # DeepSpeed's WarmupDecayLR: that one runs the first two optimizer steps at warmup_min_lr (0 here), so step t
-    # gets the lr meant for step t - 1.
-    scheduler = {"type": "WarmupPolyLR", "params": {**sched, "end_lr": 0.0, "power": 1.0}}
-    if optimizer == "LAMB":
-        opt = {"type": "LAMB", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01}}
-    else:  # DeepSpeed's AdamW as torch.optim.AdamW (no CUDA extension)
-        opt = {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01,
-                                           "torch_adam": True}}
-    return {"train_batch_size": batch, "train_micro_batch_size_per_gpu": 32 if demo else 64 if seq_len == 128 else 16,
-            **({} if demo else {"fp16": dict(FP16)}), "zero_optimization": {"stage": 1},
-            "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0 if optimizer == "LAMB" or demo else 1.0,
-            "optimizer": opt, "scheduler": scheduler,
-            "training": {"epochs": epochs, "exclude_norm_and_bias": True, "recipe": recipe},
-            "bert": {"model": model, "seq_len": seq_len, **({"vocab_size": 4096} if demo else {})}}
+def _lamb(lr: float, **extra: Any) -> dict[str, Any]:
+    return {"type": "LAMB", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01, **extra}}
+
+
+def _poly(lr: float, warmup_steps: int, total: int, power: float, *, from_start: bool = False) -> dict[str, Any]:
+    return {"type": "WarmupPolyLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup_steps, "warmup_type": "linear",
+        "total_num_steps": total, "end_lr": 0.0, "power": power, **({"decay_from_start": True} if from_start else {})}}
+
+
+def _bing_bert(lr: float, offset: float, warmup: float, decay_steps: int) -> dict[str, Any]:
+    return {"type": "WarmupExpDecayLR", "params": {
+        "warmup_min_lr": offset, "warmup_max_lr": offset + lr, "warmup_num_steps": round(warmup * BING_TOTAL),
+        "warmup_type": "linear", "warmup_power": 2.0, "decay_rate": 0.9, "decay_num_steps": decay_steps}}
+
+
+def bert_recipes() -> dict[str, dict[str, Any]]:
+    """name -> {batch, seq_len, steps, optimizer, scheduler, clip, carry, recipe}: the table of ds_configs/bert/."""
+    you = {}
+    for tag, (batch1, lr1), steps in (("32k", (32768, 5e-3), YOU_32K_STEPS),
+                                      ("64k", (65536, 5e-3 * math.sqrt(2)), YOU_64K_STEPS)):
+        for phase, (batch, lr, seq) in enumerate(((batch1, lr1, 128), (32768, 5e-3, 512))):
+            n = steps[phase]
+            you[f"lamb-{tag}-phase{phase + 1}"] = dict(
+                batch=batch, seq_len=seq, steps=n, optimizer=_lamb(lr), scheduler=_poly(lr, round(n / 5), n, 1.0),
+                clip=0.0, carry="weights", recipe=f"you2019-{tag if tag == '32k' else '64k/32k'}")
+    nvidia = {f"nvlamb-64k-phase{i + 1}": dict(
+        batch=batch, seq_len=seq, steps=n, optimizer=_lamb(lr),
+        scheduler=_poly(lr, round(warmup * n), n, 0.5, from_start=True), clip=1.0, carry="optimizer",
+        recipe="nvidia-64k/32k")
+        for i, (batch, seq, n, lr, warmup) in enumerate(((65536, 128, NVIDIA_STEPS[0], 6e-3, 0.2843),
+                                                          (32768, 512, NVIDIA_STEPS[1], 4e-3, 0.128)))}
+    bing_lamb = {"bias_correction": False, "max_trust_ratio": 0.3, "min_trust_ratio": 0.01}
+    bing = {
+        "dslamb-64k-phase1": dict(batch=65536, seq_len=128, steps=BING_TOTAL,
+                                  optimizer={"type": "LAMB", "params": {
+                                      "lr": 11e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01,
+                                      **bing_lamb}},
+                                  scheduler=_bing_bert(11e-3, 1e-3, 0.06, 250), clip=1.0, carry="optimizer",
+                                  recipe="deepspeed-bing-bert-64k/32k"),
+        "dslamb-64k-phase2": dict(batch=32768, seq_len=512, steps=NVIDIA_STEPS[1],
+                                  optimizer={"type": "LAMB", "params": {
+                                      "lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01,
+                                      **bing_lamb}},
+                                  scheduler=_bing_bert(2e-3, 0.0, 0.02, 150), clip=1.0, carry="optimizer",
+                                  recipe="deepspeed-bing-bert-64k/32k"),
+    }
+    devlin = {"adamw-256": dict(
+        batch=256, seq_len=128, steps=1_000_000,
+        optimizer={"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01,
+                                               "torch_adam": True}},
+        scheduler=_poly(1e-4, 10_000, 1_000_000, 1.0), clip=1.0, carry="weights", recipe="devlin2018")}
+    return you | nvidia | bing | devlin
+
+
+def bert_config(row: dict[str, Any]) -> dict[str, Any]:
+    """One BERT-large config from a row of :func:`bert_recipes`."""
+    return {"train_batch_size": row["batch"], "train_micro_batch_size_per_gpu": 64 if row["seq_len"] == 128 else 16,
+            "fp16": dict(FP16), "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+            "gradient_clipping": row["clip"], "optimizer": row["optimizer"], "scheduler": row["scheduler"],
+            "training": {"epochs": 1, "exclude_norm_and_bias": True, "recipe": row["recipe"]},
+            "bert": {"model": "large", "seq_len": row["seq_len"], "vocab_size": BERT_VOCAB, "steps": row["steps"],
+                     **({"carry": row["carry"]} if row["seq_len"] == 512 else {})}}
+
+
+def bert_demo_config() -> dict[str, Any]:
+    """The laptop demo: epochs of the Debian corpus, linear warmup over a tenth, linear decay."""
+    lr = 1e-2
+    return {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 1},
+            "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0, "optimizer": _lamb(lr),
+            "scheduler": {"type": "WarmupPolyLR", "params": {
+                "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_epochs": 0.2, "warmup_type": "linear",
+                "total_num_epochs": "auto", "end_lr": 0.0, "power": 1.0}},
+            "training": {"epochs": 2, "exclude_norm_and_bias": True, "recipe": "bert-demo"},
+            "bert": {"model": "tiny", "seq_len": 128, "vocab_size": 4096}}
 
 
 # The synchronous baseline of the Downpour study (docs/study-downpour/): train/imagenet.py on the same MLP and data,
@@ -348,8 +410,9 @@ def downpour_sync_config(batch: int) -> dict[str, Any]:
 
 def all_configs() -> dict[Path, dict[str, Any]]:
     out = {HERE / f"{name}.json": config(name, batch, recipe, epochs) for name, batch, recipe, epochs in RECIPES}
-    for name, *row in BERT_RECIPES:
-        out[HERE / "bert" / f"{name}.json"] = bert_config(*row)
+    for name, row in bert_recipes().items():
+        out[HERE / "bert" / f"{name}.json"] = bert_config(row)
+    out[HERE / "bert" / "demo.json"] = bert_demo_config()
     for method, batch, tag, factor in tuned_study_points():
         out[HERE / "study" / f"{method}-{batch}-{tag}.json"] = tuned_study_config(method, batch, factor)
     for method in STUDY_METHODS:

@@ -11,16 +11,21 @@ arguments, ``main`` (set-up, then a loop over epochs), ``train_one_epoch`` (forw
 ``evaluate`` (held-out MLM loss and masked-token accuracy). The trained model is saved as ``<output-dir>/model/``,
 which ``BertForMaskedLM.from_pretrained`` and ``BertTokenizerFast.from_pretrained`` load.
 
-A config may hold a ``"bert"`` block (``model``, ``seq_len``): the defaults of ``--model``/``--seq-len`` for that
-recipe; DeepSpeed never sees it. A two-phase recipe (seq 128, then 512) is two configs: the second run starts from
-the first one's weights with ``--init-from <first run>/model`` (weights only: a fresh optimizer and schedule, each
-phase with its own warmup, as in You et al. 2019 and NVIDIA's BERT scripts).
+A config may hold a ``"bert"`` block, which DeepSpeed never sees: ``model``, ``seq_len`` and ``vocab_size`` (the
+defaults of ``--model``/``--seq-len``/``--vocab-size``), ``steps`` (the run's length in optimizer steps, as the
+sources give it; the epochs follow from the corpus) and ``carry``. A two-phase recipe (seq 128, then 512) is two
+configs: the second run starts from a checkpoint of the first with ``--init-from <first run>`` (its latest
+checkpoint) or ``--init-from <first run>/checkpoints/<tag>``. It always takes the fp32 master weights; with
+``"carry": "optimizer"`` also the optimizer's state (LAMB's moments, as NVIDIA's and DeepSpeed's BERT scripts do),
+with ``"weights"`` a fresh optimizer (You et al. 2019). Either way its step count and lr schedule start at 0, with
+the second config's hyperparameters. ``--init-from <run>/model`` (the exported folder) takes the weights only.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -35,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the ranks share the 
 import torch  # noqa: E402
 
 from train import cli, diagnostics, distributed, loop  # noqa: E402
-from train.checkpoints import Checkpointer, Position  # noqa: E402
+from train.checkpoints import Checkpointer, Position, checkpoint_tags, resume_tag  # noqa: E402
 from train.config import ConfigError, batch_arithmetic, load_json  # noqa: E402
 from train.data import GlobalBatchSampler, eval_shard  # noqa: E402
 from train.diagnostics import TrustRatioMonitor  # noqa: E402
@@ -80,8 +85,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="use this saved tokenizer (a save_pretrained folder) instead of training one")
     p.add_argument("--init-from", default=None, metavar="DIR",
-                   help="start from these weights (a model/ folder of an earlier run: phase 2 of a two-phase "
-                        "recipe); its tokenizer comes along")
+                   help="phase 2 of a two-phase recipe: start from an earlier run (its latest checkpoint), one of "
+                        "its checkpoints (<run>/checkpoints/<tag>) or its exported model/ folder (weights only); "
+                        "the config's bert.carry says whether the optimizer state comes along; so does the "
+                        "tokenizer")
     p.add_argument("--val-percent", type=cli.int_at_least(1), default=5,
                    help="share of documents held out for validation (by a hash of their path)")
     p.add_argument("--max-docs", type=cli.int_at_least(2), default=None,
@@ -126,10 +133,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("DeepSpeed").setLevel(args.ds_log_level.upper())
     cfg = load_json(args.deepspeed_config)  # bad JSON fails here, before anything heavy
     diagnostics.check_optimizer(cfg, args.trust_ratio_interval)  # an optimizer that cannot record: refused now
-    recipe = cfg.pop("bert", {})  # ours: the recipe's model, sequence length and vocabulary size
-    if not isinstance(recipe, dict) or set(recipe) - {"model", "seq_len", "vocab_size"}:
-        raise ConfigError(f'{args.deepspeed_config}: the "bert" block may hold model, seq_len and vocab_size; got '
-                          f"{recipe!r}")
+    recipe = cfg.pop("bert", {})  # ours: the recipe's model, sequence length, vocabulary, length, carry-over
+    if not isinstance(recipe, dict) or set(recipe) - RECIPE_KEYS:
+        raise ConfigError(f'{args.deepspeed_config}: the "bert" block may hold {", ".join(sorted(RECIPE_KEYS))}; '
+                          f"got {recipe!r}")
+    steps, carry = recipe.get("steps"), recipe.get("carry", "weights")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"{args.deepspeed_config}: bert.steps must be a positive number of optimizer steps, got "
+                          f"{steps!r}")
+    if carry not in CARRY:
+        raise ConfigError(f"{args.deepspeed_config}: bert.carry must be one of {', '.join(CARRY)}, got {carry!r}")
+    init = phase1_checkpoint(args.init_from) if args.init_from else None
     model_name, seq_len = args.model or recipe.get("model", "tiny"), args.seq_len or recipe.get("seq_len", 128)
     args.vocab_size = args.vocab_size or recipe.get("vocab_size", 8192)
     if model_name not in MODELS:
@@ -153,21 +167,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return bf16_speedup(_FromEmbeddings(model), embeds, lambda logits, y: torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), y.flatten()), torch.randint(0, model.config.vocab_size, (micro, seq_len)))
 
+    if steps is not None and args.epochs is None:  # enough epochs for the recipe's steps on this corpus
+        per_epoch = len(corpus.train) // int(cfg.get("train_batch_size") or 1)
+        args.epochs = max(1, math.ceil(steps / per_epoch)) if per_epoch else 1
     resolved = loop.resolve_run(args, cfg, world, len(corpus.train), probe)
     torch.manual_seed(args.seed)
-    if args.init_from:
+    if args.init_from and init is None:  # an exported model/ folder: its weights
         model = MaskedLM(BertForMaskedLM.from_pretrained(args.init_from, local_files_only=True))
     else:
         model = MaskedLM(BertForMaskedLM(bert_config(model_name, len(corpus.tokenizer), corpus.tokenizer)))
     engine, ds_config = build_engine(resolved, model, timeout=world.timeout,
                                      trusted_checkpoint=args.trusted_checkpoint, say=world.say)
+    if init is not None and not args.resume:
+        world.say(start_from_checkpoint(engine, *init, carry=carry))
     masker = Masker(corpus.tokenizer)
     val_rows = corpus.val[eval_shard(len(corpus.val), world.size, world.rank)]
     run = Run(args=args, world=world, resolved=resolved, engine=engine, guard=loop.step_guard(engine, args, world),
               meter=StepMeter(engine.device, world.size, "sequences_per_sec"), checkpointer=Checkpointer(
                   engine, out_dir, world.rank, lambda: {"wandb_id": run.log.wandb_id if run.log else None},
                   keep=args.keep_checkpoints),
-              max_steps=args.max_steps or resolved.total_steps, corpus=corpus, masker=masker,
+              max_steps=args.max_steps or steps or resolved.total_steps, corpus=corpus, masker=masker,
               val_batch=masker(val_rows, seed=2**31 + world.rank), seq_len=seq_len)
 
     pos, wandb_id = Position(), None
@@ -235,7 +254,7 @@ def prepare_corpus(args: argparse.Namespace, world: distributed.World, out_dir: 
     train_docs, val_docs = split_documents(docs, args.val_percent)
     saved = out_dir / "model"
     if world.is_main and not (args.resume and (saved / "tokenizer.json").is_file()):
-        given = args.tokenizer or args.init_from
+        given = args.tokenizer or (args.init_from and init_folder(Path(args.init_from)))
         tokenizer = load_tokenizer(given) if given else train_tokenizer([d.text for d in train_docs], args.vocab_size)
         tokenizer.save_pretrained(str(saved))
     torch.distributed.barrier()
@@ -341,11 +360,92 @@ def finish(run: Run, out_dir: Path, pos: Position) -> dict[str, Any]:
     if run.history:
         result |= {"final_val_loss": run.history[-1]["val_loss"],
                    "final_val_mlm_accuracy": run.history[-1]["val_mlm_accuracy"]}
+    state = fp32_state_dict(run.engine)  # every rank: ZeRO's partitions are gathered
     if run.world.is_main:
-        module = run.engine.module.bert
-        module.save_pretrained(str(out_dir / "model"), state_dict={
-            k: v.detach().float().cpu() for k, v in module.state_dict().items()})
+        run.engine.module.bert.save_pretrained(str(out_dir / "model"), state_dict=state)
     return loop.end_run(run, out_dir, pos, result)
+
+
+def fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The BertForMaskedLM state dict with the optimizer's fp32 master weights (not an upcast of the fp16/bf16
+    copies the module computes with); buffers and fp32 runs as they are. A collective under ZeRO: call on every
+    rank."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters: dict[int, torch.Tensor] = {}
+    wrapper = engine.optimizer
+    low, high = getattr(wrapper, "fp16_groups", None), getattr(wrapper, "fp32_groups", None)
+    if isinstance(low, list) and isinstance(high, list) and all(isinstance(g, list) for g in high):
+        for lo_group, hi_group in zip(low, high, strict=True):  # ZeRO-0 fp16: FP16_UnfusedOptimizer's copies
+            masters.update({id(lo): hi for lo, hi in zip(lo_group, hi_group, strict=True)})
+    module = engine.module.bert
+    out = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        full = safe_get_full_fp32_param(p)
+        out[name] = (full if full is not None else masters.get(id(p), p)).detach().float().cpu().clone()
+    for name, b in module.named_buffers():
+        out[name] = b.detach().float().cpu() if b.is_floating_point() else b.detach().cpu()
+    return {k: out[k] for k in module.state_dict()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phase 2 from a phase-1 checkpoint
+
+RECIPE_KEYS = {"model", "seq_len", "vocab_size", "steps", "carry"}
+CARRY = ("weights", "optimizer")
+
+
+def phase1_checkpoint(path: str | Path) -> tuple[Path, str] | None:
+    """(checkpoint folder, tag) that ``--init-from`` names: a run folder (its latest checkpoint) or a tag folder;
+    None for an exported model/ folder; a clear error for anything else."""
+    path = Path(path)
+    if (path / "config.json").is_file() and any((path / f).is_file() for f in ("model.safetensors",
+                                                                               "pytorch_model.bin")):
+        return None
+    if (path / "mp_rank_00_model_states.pt").is_file():
+        return path.parent, path.name
+    if (path / "checkpoints").is_dir():
+        tags = checkpoint_tags(path / "checkpoints")
+        tag = resume_tag(path / "checkpoints") or (tags[-1] if tags else None)
+        if tag:
+            return path / "checkpoints", tag
+    raise ConfigError(f"--init-from {path}: neither a run folder with a checkpoint (checkpoints/latest), a checkpoint "
+                      f"(checkpoints/<tag>) nor an exported model/ folder")
+
+
+def init_folder(path: Path) -> Path:
+    """The folder whose tokenizer phase 2 takes: the run's model/ folder (written when the run starts)."""
+    if (path / "mp_rank_00_model_states.pt").is_file():
+        return path.parent.parent / "model"
+    return path / "model" if (path / "checkpoints").is_dir() else path
+
+
+def start_from_checkpoint(engine: Any, ckpt_dir: Path, tag: str, *, carry: str) -> str:
+    """Load phase 1's checkpoint into the phase-2 engine: the fp32 master weights always (DeepSpeed restores them
+    with the optimizer state); with ``carry="optimizer"`` the moments stay, else they are zeroed (a fresh
+    optimizer: LAMB's state starts at zeros); the step counts and the schedule start at 0, and every optimizer
+    hyperparameter (lr, betas, clamps ...) is this config's."""
+    base = engine.basic_optimizer
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise ConfigError(f"--init-from: DeepSpeed found no checkpoint {tag} in {ckpt_dir}")
+    for group, saved in zip(base.param_groups, hyper, strict=True):
+        group.update(saved)
+    for state in base.state.values():
+        for key, value in state.items():
+            if key == "step":
+                state[key] = value.zero_() if torch.is_tensor(value) else 0
+            elif carry == "weights" and torch.is_tensor(value):
+                value.zero_()
+    engine.global_steps, engine.global_samples, engine.skipped_steps = 0, 0, 0
+    scheduler = engine.lr_scheduler
+    if hasattr(scheduler, "last_batch_iteration"):
+        scheduler.step(-1)  # step 0's lr of this config's schedule
+    return (f"phase 2 from {ckpt_dir / tag}: fp32 master weights" +
+            (", optimizer state (moments) carried" if carry == "optimizer" else ", a fresh optimizer") +
+            "; step and lr schedule reset")
 
 
 if __name__ == "__main__":

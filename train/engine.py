@@ -10,6 +10,7 @@ non-finite steps in the one mode that lacks it.
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import Any
 
@@ -50,17 +51,18 @@ def build_optimizer_and_schedule(resolved: Resolved, model: torch.nn.Module) -> 
         raise ConfigError(f"unknown optimizer type {opt_name!r}; known: {', '.join(known)} "
                           f"(or a torch.optim class name)")
 
-    schedule = None
+    schedule: Any = None
     if resolved.scheduler is not None:
         sched_name = resolved.scheduler["type"]
         if sched_name in SCHEDULES:
-            if optimizer is None:
-                raise ConfigError(f"scheduler {sched_name} needs one of our optimizers "
-                                  f"({', '.join(optimizers.KNOWN_OPTIMIZERS)}); got {opt_name}")
-            try:
-                schedule = SCHEDULES[sched_name](optimizer, **resolved.scheduler["params"])
+            sched_cls, sched_params = SCHEDULES[sched_name], resolved.scheduler["params"]
+            try:  # checked now on a stand-in when DeepSpeed builds the optimizer: a bad value fails before the engine
+                schedule = sched_cls(optimizer or torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                     **sched_params)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"scheduler {sched_name}: {e}") from None
+            if optimizer is None:  # DeepSpeed builds the optimizer (AdamW ...); initialize calls this with it
+                schedule = functools.partial(sched_cls, **sched_params)
             ds_config.pop("scheduler")
         elif sched_name not in VALID_LR_SCHEDULES and not hasattr(torch.optim.lr_scheduler, sched_name):
             raise ConfigError(f"unknown scheduler type {sched_name!r}; known: "
@@ -69,13 +71,24 @@ def build_optimizer_and_schedule(resolved: Resolved, model: torch.nn.Module) -> 
     return optimizer, schedule, ds_config
 
 
+def foreign_param_groups(resolved: Resolved, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Our parameter groups for an optimizer DeepSpeed builds (AdamW, torch.optim classes): the decayed weights
+    take the config's weight_decay, normalisation parameters and biases none under ``exclude_norm_and_bias``
+    (Devlin et al.'s AdamW excludes LayerNorm and biases), as for our optimizers. DeepSpeed passes the groups to
+    the optimizer's constructor, where a group's own ``weight_decay`` wins over the constructor's."""
+    weight_decay = float(resolved.optimizer["params"].get("weight_decay", 0.0))
+    groups = optimizers.build_param_groups(model, weight_decay,
+                                           exclude_norm_and_bias=resolved.training["exclude_norm_and_bias"])
+    return [{k: v for k, v in g.items() if k != "adapt"} for g in groups]  # "adapt" is a key of our optimizers
+
+
 def build_engine(resolved: Resolved, model: torch.nn.Module, *, timeout: timedelta, trusted_checkpoint: bool,
                  say: Any = print) -> tuple[Any, dict[str, Any]]:
     """``deepspeed.initialize`` with our optimizer and schedule; return the engine and the config it was given."""
     optimizer, schedule, ds_config = build_optimizer_and_schedule(resolved, model)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
-        model_parameters=None if optimizer is not None else model.parameters())
+        model_parameters=None if optimizer is not None else foreign_param_groups(resolved, model))
     if optimizer is not None:
         say(optimizers.bind_deepspeed(engine))  # layer-wise optimizers learn the real layers behind flat partitions
     set_collective_timeout(timeout)  # also for the groups DeepSpeed made (ZeRO's gradient all-reduce)
