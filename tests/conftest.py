@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,7 +85,6 @@ def pytest_collection_modifyitems(config, items):
 def no_shared_memory_left_behind():
     """Safety net for DeepSpeed's CPU all-reduce buffers (66 MB each in RAM-backed /dev/shm; see
     train/distributed.py): remove any that runs started by this session left, e.g. a rank killed during start-up."""
-    import time
 
     start = time.time()
     yield
@@ -95,6 +96,51 @@ def no_shared_memory_left_behind():
             pass
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds of this process, and of its children that have been waited for.
+
+    RUSAGE_CHILDREN counts a child once it is reaped, and it includes that child's own reaped descendants: the
+    deepspeed launcher waits for ``deepspeed.launcher.launch``, which waits for every rank it started, so a
+    launcher test's ranks are in it once ``subprocess.run`` returns."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+_cpu_report: list[tuple[str, float, float, float]] = []  # (test id, own CPU s, children's CPU s, wall s)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With TEST_CPU_REPORT=PATH, account each test's CPU seconds (setup, call and teardown, so a module fixture's
+    launch is charged to the test that first needs it, its teardown to the last one)."""
+    if not os.environ.get("TEST_CPU_REPORT"):
+        yield
+        return
+
+    (me0, kids0), t0 = _cpu_seconds(), time.perf_counter()
+    yield
+    (me1, kids1), t1 = _cpu_seconds(), time.perf_counter()
+    _cpu_report.append((item.nodeid, me1 - me0, kids1 - kids0, t1 - t0))
+
+
+def write_cpu_report(path: Path, rows: list[tuple[str, float, float, float]]) -> None:
+    """The per-test table (most CPU first) and the per-file totals, with the load average at the end."""
+    lines = [f"{'cpu_s':>8} {'self_s':>8} {'child_s':>8} {'wall_s':>8}  test"]
+    for nodeid, me, kids, wall in sorted(rows, key=lambda r: -(r[1] + r[2])):
+        lines.append(f"{me + kids:8.1f} {me:8.1f} {kids:8.1f} {wall:8.1f}  {nodeid}")
+    files: dict[str, list[float]] = {}
+    for nodeid, me, kids, wall in rows:
+        f = files.setdefault(nodeid.split("::")[0], [0.0, 0.0, 0.0, 0])
+        f[0], f[1], f[2], f[3] = f[0] + me, f[1] + kids, f[2] + wall, f[3] + 1
+    lines += ["", f"{'cpu_s':>8} {'self_s':>8} {'child_s':>8} {'wall_s':>8} {'tests':>5}  file"]
+    for name, (me, kids, wall, n) in sorted(files.items(), key=lambda kv: -(kv[1][0] + kv[1][1])):
+        lines.append(f"{me + kids:8.1f} {me:8.1f} {kids:8.1f} {wall:8.1f} {n:5d}  {name}")
+    total = sum(r[1] + r[2] for r in rows)
+    lines.append(f"{total:8.1f} {'':8} {'':8} {sum(r[3] for r in rows):8.1f} {len(rows):5d}  all "
+                 f"(load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
+    path.write_text("\n".join(lines) + "\n")
+
+
 _exit_status: int | None = None
 
 
@@ -102,6 +148,8 @@ _exit_status: int | None = None
 def pytest_sessionfinish(session, exitstatus):
     global _exit_status
     _exit_status = int(exitstatus)
+    if os.environ.get("TEST_CPU_REPORT") and _cpu_report:
+        write_cpu_report(Path(os.environ["TEST_CPU_REPORT"]), _cpu_report)
 
 
 @pytest.hookimpl(trylast=True)

@@ -22,7 +22,7 @@ def test_pipeline_benchmark_prints_ratios_against_torchvision():
 
 def test_train_step_benchmark_prints_fp32_and_bf16_ratios_against_plain_torch():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--rounds", "1", "--steps", "4",
-                           "--log-interval", "2", "--micro-batch", "8", "--accum", "1"], cwd=REPO,
+                           "--log-interval", "2", "--micro-batch", "2", "--accum", "1"], cwd=REPO,
                           capture_output=True, text=True, timeout=600, env=child_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

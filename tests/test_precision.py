@@ -1,9 +1,10 @@
 """Which precision a run gets, independent of this host's instruction set.
 
 The rule (train/precision.py, train/config.py): on a CPU, --precision auto never picks fp16, even where DeepSpeed's
-CPU accelerator claims it (Xeons with avx512_fp16, where fp16 is emulated); bf16 only when a timed probe measures it
-at least 1.1x faster than fp32; else fp32. The claims and the probe's answer are inputs here, so every branch runs
-on any machine; one real run checks that what config.json records is consistent with the rule.
+CPU accelerator claims it (Xeons with avx512_fp16, where fp16 is emulated); on an x86 CPU whose flags name no native
+bf16 (avx512_bf16, amx_bf16) fp32 without a probe; else bf16 only when a timed probe measures it at least 1.1x faster
+than fp32; else fp32. The claims, the CPU flags and the probe's answer are inputs here, so every branch runs on any
+machine; one real run checks that what config.json records is consistent with the rule on this host.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import copy
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_single
 
 from train.config import choose_precision, resolve
-from train.precision import MIN_BF16_SPEEDUP, bf16_speedup, fast_precisions
+from train.precision import MIN_BF16_SPEEDUP, bf16_speedup, fast_precisions, native_bf16
 
 ALL = ("fp32", "fp16", "bf16")  # what DeepSpeed's CPU accelerator reports on an avx512_fp16 Xeon
 
@@ -48,6 +50,38 @@ def test_cpu_without_bf16_support_is_not_probed_and_gets_fp32():
 
     fast, why = fast_precisions("cpu", ("fp32",), probe)
     assert fast == ("fp32",) and "bf16 not supported" in why
+
+
+# /proc/cpuinfo excerpts (one core each; the flags lines shortened to the flags that matter and a few others)
+EPYC_ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n"
+ICELAKE = "processor\t: 0\nmodel name\t: Intel Xeon 8375C\nflags\t\t: avx2 avx512f avx512bw avx512_vnni avx512_bitalg\n"
+COOPERLAKE = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_vnni avx512_bf16\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8\n"
+AMX_ONLY = "processor\t: 0\nflags\t\t: avx2 amx_bf16 amx_tile\n"
+GRAVITON3 = "processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n"
+
+
+def test_native_bf16_is_read_from_the_x86_flags_and_unknown_elsewhere():
+    assert native_bf16(EPYC_ZEN3) is False and native_bf16(ICELAKE) is False  # AVX-512 without bf16: emulated
+    assert native_bf16(COOPERLAKE) is True and native_bf16(SAPPHIRE) is True and native_bf16(AMX_ONLY) is True
+    assert native_bf16(GRAVITON3) is None and native_bf16("") is None  # no x86 flags line: the probe decides
+
+
+def test_cpu_without_native_bf16_gets_fp32_without_a_probe():
+    def probe() -> float:
+        raise AssertionError("the probe must not run on a CPU whose flags name no native bf16")
+
+    for cpuinfo in (EPYC_ZEN3, ICELAKE):
+        fast, why = fast_precisions("cpu", ALL, probe, native_bf16(cpuinfo))
+        assert fast == ("fp32",)
+        assert "bf16 not measured: this CPU has no native bf16 instructions (none of avx512_bf16, amx_bf16" in why
+        r = resolve(fp16_config(), world_size=2, num_train=60000, supported_precisions=ALL, fast_precisions=fast,
+                    precision_reason=why)
+        assert r.precision == "fp32" and r.derived()["precision_reason"] == why
+    for cpuinfo, speedup in ((SAPPHIRE, 3.0), (COOPERLAKE, 0.9), (GRAVITON3, 1.5)):  # native or unknown: measured
+        calls: list[int] = []
+        fast, why = fast_precisions("cpu", ALL, lambda s=speedup, c=calls: c.append(1) or s, native_bf16(cpuinfo))
+        assert calls == [1] and ("bf16" in fast) == (speedup >= MIN_BF16_SPEEDUP) and f"{speedup:.2f}x" in why
 
 
 def test_gpu_runs_every_supported_precision_without_a_probe():
@@ -93,15 +127,32 @@ def test_the_probe_measures_the_ratio_of_step_times_and_leaves_the_model_untouch
     assert all(p.grad is None for p in model.parameters())
 
 
+def host_has_no_native_bf16() -> bool:
+    """This host's answer, read here from /proc/cpuinfo independently of train/precision.py: an x86 flags line
+    naming neither avx512_bf16 nor amx_bf16."""
+    try:
+        flags = [line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.split(":", 1)[0].strip() == "flags"]
+    except OSError:
+        return False
+    return bool(flags) and not any({"avx512_bf16", "amx_bf16"} & set(f) for f in flags)
+
+
 @pytest.mark.launcher
-def test_a_real_cpu_run_records_a_choice_consistent_with_its_probe(tmp_path, fashion_mnist_dir):
-    """demo.json asks for fp16: on this CPU the run gets bf16 or fp32 by the probe it records, never fp16."""
+def test_a_real_cpu_run_records_a_choice_consistent_with_the_rule(tmp_path, fashion_mnist_dir):
+    """demo.json asks for fp16: on this CPU the run gets fp32 unprobed where the flags name no native bf16, else
+    bf16 or fp32 by the probe it records; never fp16."""
     run = tmp_path / "r"
     out = run_single(["--deepspeed_config", "ds_configs/demo.json", "--dataset", "fashion-mnist", "--data-dir",
                       str(fashion_mnist_dir), "--arch", "resnet_small", "--train-subset", "256", "--val-subset",
                       "64", "--max-steps", "1", "--output-dir", str(run), "--no-wandb"])
     derived = json.loads((run / "config.json").read_text())["derived"]
-    speedup = float(re.search(r"bf16 measured ([\d.]+)x", derived["precision_reason"]).group(1))
-    assert derived["precision"] == ("bf16" if speedup >= MIN_BF16_SPEEDUP else "fp32")
+    if host_has_no_native_bf16():
+        assert derived["precision"] == "fp32"
+        assert "bf16 not measured: this CPU has no native bf16 instructions" in derived["precision_reason"]
+        assert "bf16 measured" not in derived["precision_reason"]
+    else:
+        speedup = float(re.search(r"bf16 measured ([\d.]+)x", derived["precision_reason"]).group(1))
+        assert derived["precision"] == ("bf16" if speedup >= MIN_BF16_SPEEDUP else "fp32")
     assert f"precision: {derived['precision']} (config: fp16)" in out.stdout
     assert f"precision choice: {derived['precision_reason']}" in out.stdout

@@ -18,7 +18,8 @@ def test_layerwise_rung_runs_one_step(tmp_path, fashion_mnist_dir, name):
     run = tmp_path / "run"
     out = run_single(["--deepspeed_config", f"ds_configs/{name}.json", "--dataset", "fashion-mnist", "--data-dir",
                       str(fashion_mnist_dir), "--arch", "mlp", "--train-subset", str(batch), "--val-subset", "128",
-                      "--max-steps", "2", "--micro-batch", "512", "--output-dir", str(run), "--no-wandb"])
+                      "--max-steps", "2", "--micro-batch", "512", "--output-dir", str(run), "--no-wandb",
+                      "--precision", "fp32"])  # not about precision: no probe (train/precision.py) on any CPU
     assert "bind_deepspeed: DeepSpeedZeroOptimizer: 2 flat ZeRO partition(s) bound" in out.stdout
     steps = [r for r in read_metrics(run) if r["kind"] == "step"]
     assert [s["step"] for s in steps] == [1, 2]
@@ -36,7 +37,7 @@ def test_lars_32k_on_two_ranks_binds_a_layer_split_across_ranks(tmp_path, fashio
     run = tmp_path / "run"
     out = launch(["--deepspeed_config", "ds_configs/lars-32k.json", "--dataset", "fashion-mnist", "--data-dir",
                   str(fashion_mnist_dir), "--arch", "resnet_small", "--train-subset", "32768", "--val-subset", "256",
-                  "--max-steps", "1", "--output-dir", str(run), "--no-wandb"])
+                  "--max-steps", "1", "--output-dir", str(run), "--no-wandb", "--precision", "fp32"])
     assert "batch: 32 micro x 512 accumulation x 2 ranks = 32,768 global" in out.stdout
     assert "layer(s) split across ranks" in out.stdout
     steps = [r for r in read_metrics(run) if r["kind"] == "step"]

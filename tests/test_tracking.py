@@ -50,7 +50,8 @@ def offline_run(tmp_path_factory, fashion_mnist_dir) -> tuple[Path, list[dict], 
     cmd = [sys.executable, "train/imagenet.py", "--deepspeed_config", "ds_configs/demo.json", "--dataset",
            "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--arch", "mlp", "--train-subset", "1024",
            "--val-subset", "256", "--epochs", "2", "--log-interval", "1", "--output-dir", str(run),
-           "--run-name", "demo-wandb-seed0", "--wandb-group", "study-a", "--wandb-project", "largebatch-test"]
+           "--precision", "fp32", "--run-name", "demo-wandb-seed0", "--wandb-group", "study-a", "--wandb-project",
+           "largebatch-test"]
     if HAS_NOISE_FLAG:
         cmd += ["--noise-scale-interval", "2"]
     env = wandb_env(tmp)

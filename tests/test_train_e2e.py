@@ -57,8 +57,10 @@ def test_fashion_mnist_two_ranks_learns_writes_outputs_and_resumes(tmp_path, fas
     model.load_state_dict(state)
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
-    # A second run into the same folder is refused without --resume (it would overwrite the first).
-    refused = launch([*common, "--epochs", "2"], check=False)
+    # A second run into the same folder is refused without --resume (it would overwrite the first). One process
+    # shows it as two would: the refusal is rank 0's, and a second rank's exit is not seen here either (the
+    # launcher ends the other ranks when rank 0 exits non-zero).
+    refused = run_single([*common, "--epochs", "2"], check=False)
     assert refused.returncode != 0 and "already holds a run" in refused.stdout + refused.stderr
 
     second = launch([*common, "--epochs", "2", "--resume"])

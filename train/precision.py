@@ -8,13 +8,16 @@ On a GPU every precision the accelerator supports runs natively. A CPU is differ
   machine (2 ranks, batch 256). ``--precision auto`` therefore never picks fp16 on a CPU,
   whatever the accelerator says; an explicit ``--precision fp16`` is obeyed with one warning line.
 * bf16 is fast only with native instructions (avx512_bf16, AMX); oneDNN emulates it on older AVX-512 CPUs and
-  torch falls back to slow reference kernels elsewhere. Whether it pays is measured, not guessed from flags:
-  :func:`bf16_speedup` times the real model's forward and backward at the run's micro batch in fp32 and in bf16
-  (about a second), and auto takes bf16 only when it is at least :data:`MIN_BF16_SPEEDUP` times faster, else fp32.
+  torch falls back to slow reference kernels elsewhere. An x86 CPU whose flags (``/proc/cpuinfo``) name neither
+  ``avx512_bf16`` nor ``amx_bf16`` gets fp32 without a probe: it can only emulate bf16 (an AVX2-only AMD EPYC
+  measured it at 0.07x fp32's speed), and the probe would spend seconds of emulated work to learn what the flags
+  say. Where the flags do name native bf16, or cannot be read, whether it pays is measured: :func:`bf16_speedup`
+  times the real model's forward and backward at the run's micro batch in fp32 and in bf16 (about a second), and
+  auto takes bf16 only when it is at least :data:`MIN_BF16_SPEEDUP` times faster, else fp32.
 
-The decision itself (:func:`fast_precisions`) is a pure function of the device type, what the accelerator claims
-and the measured speed-up, so it is tested on any host; the choice and its reason are printed and recorded in the
-run's config.json (``derived.precision``, ``derived.precision_reason``).
+The decision itself (:func:`fast_precisions`) is a pure function of the device type, what the accelerator claims,
+the CPU's flags (:func:`native_bf16`) and the measured speed-up, so it is tested on any host; the choice and its
+reason are printed and recorded in the run's config.json (``derived.precision``, ``derived.precision_reason``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,13 +35,38 @@ from train.config import config_precision
 # bf16 must beat fp32 by this factor to be chosen on a CPU: below it, fp32's extra precision is worth more.
 MIN_BF16_SPEEDUP = 1.1
 
+# The x86 CPU flags (as Linux names them in /proc/cpuinfo) of native bf16 arithmetic: AVX512-BF16 (Cooper Lake,
+# Zen 4 and later) and AMX-BF16 (Sapphire Rapids and later). Without either, bf16 matrix products are emulated.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def native_bf16(cpuinfo: str) -> bool | None:
+    """Whether the CPU described by ``cpuinfo`` (the text of /proc/cpuinfo) has native bf16 instructions: True or
+    False from an x86 ``flags`` line, None (unknown: the probe decides) where there is none (another architecture,
+    another OS)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return any(flag in value.split() for flag in NATIVE_BF16_FLAGS)
+    return None
+
+
+def host_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """:func:`native_bf16` of this host; None where ``cpuinfo`` cannot be read."""
+    try:
+        return native_bf16(cpuinfo.read_text())
+    except OSError:
+        return None
+
 
 def fast_precisions(device_type: str, supported: tuple[str, ...],
-                    bf16_speedup: Callable[[], float] | None = None) -> tuple[tuple[str, ...], str]:
+                    bf16_speedup: Callable[[], float] | None = None,
+                    native: bool | None = None) -> tuple[tuple[str, ...], str]:
     """The precisions this device runs at full speed, and a sentence saying why.
 
     ``supported`` is what the accelerator claims it can run at all; ``bf16_speedup`` (called only on a CPU that
-    claims bf16) returns how many times faster bf16 ran than fp32 for this run's model and micro batch.
+    claims bf16 and whose flags do not rule it out) returns how many times faster bf16 ran than fp32 for this run's
+    model and micro batch; ``native`` is :func:`native_bf16` of the CPU (False: no probe, fp32).
     """
     if device_type != "cpu":
         return supported, f"{device_type}: {', '.join(supported)} run natively"
@@ -45,7 +74,10 @@ def fast_precisions(device_type: str, supported: tuple[str, ...],
     parts = ["CPU: fp16 is never chosen automatically (emulated, about 100x slower than bf16 where it is "
              "accepted at all)"]
     if "bf16" in supported:
-        if bf16_speedup is None:
+        if bf16_speedup is not None and native is False:
+            parts.append(f"bf16 not measured: this CPU has no native bf16 instructions (none of "
+                         f"{', '.join(NATIVE_BF16_FLAGS)} in its flags), so bf16 is emulated and slower than fp32")
+        elif bf16_speedup is None:
             parts.append("bf16 not measured (the config asks for fp32, or --precision was given)")
         else:
             speedup = bf16_speedup()
@@ -89,13 +121,16 @@ def bf16_speedup(model: torch.nn.Module, example: torch.Tensor, loss_fn: Callabl
     return min(times[torch.float32]) / min(times[torch.bfloat16])
 
 
-def device_precisions(world: Any, cfg: dict[str, Any], requested: str,
-                      probe: Callable[[], float]) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+def device_precisions(world: Any, cfg: dict[str, Any], requested: str, probe: Callable[[], float],
+                      native: bool | None = None) -> tuple[tuple[str, ...], tuple[str, ...], str]:
     """What the accelerator supports, what it runs fast, and why, for this run; the same answer on every rank.
 
     ``probe()`` measures bf16's speed-up (:func:`bf16_speedup`); it runs only where the answer depends on it (a CPU,
     ``--precision auto``, a config asking for fp16 or bf16), on every rank at once (each rank then measures with its
-    neighbours busy, as in training), and the ranks average their results.
+    neighbours busy, as in training), and the ranks average their results. ``native`` (default: this host's
+    :func:`host_native_bf16`) False skips it: every rank reads the same flags on one machine; across machines a
+    rank that cannot read them would probe alone, so the flags are agreed first (any rank without native bf16
+    makes every rank skip).
     """
     from deepspeed.accelerator import get_accelerator  # heavy: imported when a run starts
 
@@ -109,5 +144,11 @@ def device_precisions(world: Any, cfg: dict[str, Any], requested: str,
         return mean.item() / world.size
 
     needed = world.on_cpu and requested == "auto" and config_precision(cfg) != "fp32"
-    fast, why = fast_precisions(world.device_type, supported, agreed if needed else None)
+    if needed and "bf16" in supported:
+        mine = host_native_bf16() if native is None else native
+        # 0: no native bf16, 1: unknown, 2: native; the minimum over the ranks, so that all probe or none does
+        code = torch.tensor([{False: 0, None: 1, True: 2}[mine]], dtype=torch.int64)
+        torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MIN)
+        native = {0: False, 1: None, 2: True}[int(code.item())]
+    fast, why = fast_precisions(world.device_type, supported, agreed if needed else None, native)
     return supported, fast, why
