@@ -30,7 +30,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):  # run as a script (the deepspeed launcher does this): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,6 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from the
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the ranks share the cores
 
 import torch  # noqa: E402
+
+if TYPE_CHECKING:  # transformers takes seconds to import: at run time only where a model is built
+    from transformers import BertForMaskedLM
 
 from train import cli, diagnostics, distributed, loop  # noqa: E402
 from train.checkpoints import Checkpointer, Position, checkpoint_tags, resume_tag  # noqa: E402
@@ -224,7 +227,7 @@ class MaskedLM(torch.nn.Module):
     masked positions, as NVIDIA's BERT pre-training does; the loss equals BertForMaskedLM's (cross-entropy over the
     masked tokens). ``self.bert`` is the transformers model that is saved and loaded."""
 
-    def __init__(self, bert: torch.nn.Module):
+    def __init__(self, bert: BertForMaskedLM):
         super().__init__()
         self.bert = bert
 

@@ -247,7 +247,7 @@ class Checkpointer:
         """Load the checkpoint 'latest' names; return its position and everything else it holds."""
         tag = resume_tag(self.dir)  # a clear message for a 'latest' that names no checkpoint of this folder
         path, client = self.engine.load_checkpoint(str(self.dir), tag=tag) if tag else (None, None)
-        if path is None:
+        if path is None or client is None:
             raise SystemExit(f"--resume: no checkpoint in {self.dir} (the run stopped before its first save, or the "
                              f"folder is not a run); pass --overwrite instead of --resume to start this run afresh")
         pos = Position(client["epoch"], client["step_in_epoch"], client["global_step"], client["samples"])

@@ -467,7 +467,8 @@ def train_replica(j: int, setup: Setup, heartbeat: Heartbeat) -> None:
         return
     if cfg["warmstart_steps"] and j > 0 and start < cfg["warmstart_steps"]:
         _poll(heartbeat, COORDINATOR, coord_wait_warmstart)
-    step, pushes, report = start, [], None
+    step, report = start, None
+    pushes: list[tuple[str, Any]] = []  # (shard name, its push future)
     streak, skipped = BadStepStreak(args.max_skipped_steps), 0  # pushes of a non-finite gradient in a row / in all
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples since the last report
     delay = setup.delays.get(j, 0.0)
@@ -613,6 +614,13 @@ class Coordinator:
 _COORD: Coordinator | None = None
 
 
+def _coordinator() -> Coordinator:
+    """The coordinator process's state (its RPC handlers run only there, after it is set)."""
+    if _COORD is None:
+        raise RuntimeError("a coordinator RPC reached a process that is not the coordinator")
+    return _COORD
+
+
 class ShardPinger(threading.Thread):
     """The coordinator's watch on the shards: a ping to each every --heartbeat s; a shard that does not answer
     within --rpc-timeout (hung, dead, its machine gone) is a failed role, also where no exit code is visible."""
@@ -638,7 +646,7 @@ class ShardPinger(threading.Thread):
 def coord_start(j: int) -> int | None:
     """Replica -> coordinator: the step to start from once the shards hold the parameters (-1: the run failed);
     None: not yet, ask again."""
-    c = _COORD
+    c = _coordinator()
     with c.cond:
         if not c.cond.wait_for(lambda: c.ready or c.failed, timeout=POLL_SECONDS):
             return None
@@ -647,14 +655,14 @@ def coord_start(j: int) -> int | None:
 
 def coord_heartbeat(j: int) -> bool:
     """Replica -> coordinator: alive. The answer: whether the coordinator still counts it (False once lost)."""
-    c = _COORD
+    c = _coordinator()
     with c.cond:
         c.last_seen[j] = time.monotonic()
         return not c.dead[j]
 
 
 def coord_report(j: int, step: int, loss_sum: float, correct: float, samples: float, skipped: int = 0) -> None:
-    c = _COORD
+    c = _coordinator()
     with c.cond:
         c.steps[j] = step
         c.skipped[j] = skipped
@@ -668,14 +676,15 @@ def coord_report(j: int, step: int, loss_sum: float, correct: float, samples: fl
 
 def coord_done(j: int, step: int, loss_sum: float, correct: float, samples: float, skipped: int = 0) -> None:
     coord_report(j, step, loss_sum, correct, samples, skipped)
-    with _COORD.cond:
-        _COORD.done[j] = True
-        _COORD.cond.notify_all()
+    c = _coordinator()
+    with c.cond:
+        c.done[j] = True
+        c.cond.notify_all()
 
 
 def coord_failed(j: int, error: str) -> None:
     """Replica -> coordinator: it failed with this error (its process is about to end)."""
-    c = _COORD
+    c = _coordinator()
     with c.cond:
         if not c.finished(j):
             c.dead[j] = True
@@ -687,7 +696,7 @@ def coord_failed(j: int, error: str) -> None:
 def coord_wait_warmstart() -> bool | None:
     """Dean et al.'s warmstart: the other replicas start once replica 0 has done ``warmstart_steps`` steps (True);
     None: not yet."""
-    c = _COORD
+    c = _coordinator()
     with c.cond:
         return c.cond.wait_for(lambda: c.steps[0] >= c.setup.cfg["warmstart_steps"] or c.finished(0),
                                timeout=POLL_SECONDS) or None
@@ -696,7 +705,7 @@ def coord_wait_warmstart() -> bool | None:
 def coord_barrier(key: int, arrive: bool) -> bool:
     """Replica -> coordinator: arrived at barrier ``key`` (first call) / still waiting; True once all live replicas
     have arrived."""
-    c = _COORD
+    c = _coordinator()
     with c.cond:
         c.barriers[key] = c.barriers.get(key, 0) + arrive
         c.cond.notify_all()

@@ -59,7 +59,7 @@ def skip_nonfinite_steps(engine: Any) -> bool:
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         norms = torch._foreach_norm(grads) if grads else []
         # The one host read a step of this mode: the decision must be known before the optimizer runs.
-        opt.overflow = bool(grads) and not bool(torch.stack(norms).isfinite().all())
+        opt.overflow = bool(grads) and not bool(torch.stack(list(norms)).isfinite().all())
         if opt.overflow:
             return None
         return step(closure) if closure is not None else step()

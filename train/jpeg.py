@@ -214,7 +214,7 @@ class TrainTransform:
             return None
         top, left, h, w = drawn["box"]
         if tuple(chw.shape[1:]) != drawn["full"]:  # decoded at reduced size: the box on the coarser grid
-            top, left, h, w = box_on_grid((top, left, h, w), drawn["scale"], tuple(chw.shape[1:]))
+            top, left, h, w = box_on_grid((top, left, h, w), drawn["scale"], (int(chw.shape[1]), int(chw.shape[2])))
         out = _resize(chw, top, left, h, w, self.size, self.size)
         return out.flip(-1) if drawn["flip"] else out.contiguous()
 

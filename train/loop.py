@@ -85,7 +85,8 @@ def resume_run(run: RunParts, out_dir: Path) -> tuple[Position, dict[str, Any]]:
     pos, client = run.checkpointer.resume()
     if run.world.is_main:  # metrics.jsonl keeps what led to the checkpoint and drops what a crash made us redo
         run.history = [r for r in rewind_metrics(out_dir / "metrics.jsonl", pos.global_step) if r["kind"] == "epoch"]
-    run.world.say(f"resumed from {run.checkpointer.dir / run.checkpointer.good_tag}: epoch {pos.epoch}, "
+    tag = run.checkpointer.good_tag
+    run.world.say(f"resumed from {run.checkpointer.dir / tag if tag else run.checkpointer.dir}: epoch {pos.epoch}, "
                   f"step {pos.global_step}")
     return pos, client
 

@@ -100,7 +100,7 @@ def check_shared_folder(out_dir: Path, rank: int) -> None:
     torch.distributed.broadcast_object_list(token, src=0)
     probe = out_dir / f".shared-check-{token[0]}"  # a new name: no cached lookup of an older one can answer
     if rank == 0:
-        write_atomically(probe, token[0])
+        write_atomically(probe, str(token[0]))
     torch.distributed.barrier()
     try:
         seen = probe.read_text() == token[0]

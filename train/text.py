@@ -88,7 +88,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     """A WordPiece tokenizer trained on ``texts``, as a transformers BertTokenizerFast."""
     # Local here and below: transformers takes seconds to import; bad input is reported before anything needs it.
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]  # transformers' lazy module has it
 
     def empty(vocab: dict[str, int] | None = None) -> Any:
         tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]") if vocab else models.WordPiece(unk_token="[UNK]"))
@@ -112,7 +112,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
 
 
 def load_tokenizer(folder: str | Path) -> Any:
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]  # transformers' lazy module has it
 
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.txt").is_file():
