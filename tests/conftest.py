@@ -24,10 +24,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE",
+                   "MASTER_ADDR", "MASTER_PORT")
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
+    for key in WORLD_VARIABLES:  # a world left in this process by an in-process test is not the child's
+        env.pop(key, None)
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", **extra)
     env.pop("WANDB_API_KEY", None)
+    env.pop("TEST_CPU_REPORT", None)  # a pytest started by a test must not write over this session's report
     return env
 
 

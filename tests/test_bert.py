@@ -3,7 +3,8 @@ ZeRO-1/2 equal to ZeRO-0 on BERT through the launcher, bit-exact resume, the sav
 from_pretrained, and bad input answered with one clear line.
 
 The corpus is Debian's python3.11-doc (train/setup.sh installs it); the launcher runs use BERT-tiny at sequence
-length 64 on its first 40 documents and a 512-token vocabulary, fp32, 2 CPU ranks, 4 optimizer steps.
+length 64 on its first 24 documents and a 512-token vocabulary, fp32, 4 optimizer steps: ZeRO-0 on one rank (the
+reference), ZeRO-1/2 and the resumed run on 2 ranks, and a phase-2 run (--init-from) of 2 steps on one rank.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from train.text import (
     train_tokenizer,
 )
 
-SMALL = ["--model", "tiny", "--seq-len", "64", "--max-docs", "40", "--vocab-size", "512", "--no-wandb",
+SMALL = ["--model", "tiny", "--seq-len", "64", "--max-docs", "24", "--vocab-size", "512", "--no-wandb",
          "--log-interval", "1"]
 
 
@@ -173,7 +174,7 @@ def test_empty_corpus_through_the_entry_point(tmp_path):
 # Through the launcher: LAMB under ZeRO, resume, the saved model
 
 
-def lamb_config(path: Path, stage: int) -> Path:
+def lamb_config(path: Path, stage: int, bert: dict | None = None) -> Path:
     return write_config(path, {
         "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
@@ -181,7 +182,7 @@ def lamb_config(path: Path, stage: int) -> Path:
         "scheduler": {"type": "WarmupPolyLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 5e-3,
                                                          "warmup_num_steps": 2, "total_num_epochs": "auto",
                                                          "end_lr": 0.0, "power": 1.0}},
-        "training": {"epochs": 1}})
+        "training": {"epochs": 1}, **({"bert": bert} if bert else {})})
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -192,19 +193,26 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, corpus_dir) -> dict[str, Path]:
-    """ZeRO 0, 1, 2 for 4 steps (ZeRO-1 also saves at step 2); a copy of the ZeRO-1 run resumed from step 2."""
+    """ZeRO 0 (one rank), 1, 2 (two ranks) for 4 steps (ZeRO-1 also saves at step 2); a copy of the ZeRO-1 run
+    resumed from step 2; phase 2 from the ZeRO-0 run's checkpoint (2 steps, sequence length 128, optimizer state
+    carried)."""
     root = tmp_path_factory.mktemp("bert")
     out = {}
     for stage in (0, 1, 2):
         cfg = lamb_config(root / f"z{stage}.json", stage)
         out[f"z{stage}"] = root / f"z{stage}"
         launch(["train/bert.py", "--deepspeed_config", str(cfg), *SMALL, "--output-dir", str(out[f"z{stage}"]),
-                "--max-steps", "4", "--save-interval", "2"])
+                "--max-steps", "4", "--save-interval", "2"], ranks=1 if stage == 0 else 2)
     out["resumed"] = root / "resumed"
     shutil.copytree(out["z1"], out["resumed"])
     (out["resumed"] / "checkpoints" / "latest").write_text("step2")
     launch(["train/bert.py", "--deepspeed_config", str(root / "z1.json"), *SMALL, "--output-dir",
             str(out["resumed"]), "--max-steps", "4", "--resume"])
+    out["phase2"] = root / "phase2"
+    cfg = lamb_config(root / "phase2.json", 0, {"seq_len": 128, "steps": 2, "carry": "optimizer"})
+    proc = launch(["train/bert.py", "--deepspeed_config", str(cfg), *SMALL, "--seq-len", "128", "--output-dir",
+                   str(out["phase2"]), "--init-from", str(out["z0"])], ranks=1)
+    (out["phase2"] / "launcher.log").write_text(proc.stdout + proc.stderr)
     return out
 
 
@@ -267,3 +275,18 @@ def test_compare_reads_bert_runs_with_mlm_loss(launched):
     assert runs[0].final_top1 == last["val_loss"] and runs[0].method == "LAMB" and runs[0].batch == 16
     table = table_markdown(runs)
     assert "final MLM loss (nats)" in table and f"{last['val_loss']:.2f}" in table
+
+
+def test_phase2_through_the_entry_point(launched):
+    """--init-from a run folder: its latest checkpoint (the ZeRO-0 run's step 4), its tokenizer, the recipe's
+    2 steps (bert.steps), step and schedule from 0 (the first step at warmup_min_lr 0, the second at 5e-3 / 2)."""
+    log = (launched["phase2"] / "launcher.log").read_text()
+    assert f"phase 2 from {launched['z0'] / 'checkpoints' / 'step4'}: fp32 master weights, optimizer state" in log
+    steps = [r for r in read_metrics(launched["phase2"]) if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert [r["lr"] for r in steps] == [0.0, 2.5e-3]
+    cfg = json.loads((launched["phase2"] / "config.json").read_text())
+    assert cfg["derived"]["seq_len"] == 128
+    tok = json.loads((launched["phase2"] / "model" / "tokenizer.json").read_text())
+    assert tok["model"]["vocab"] == json.loads((launched["z0"] / "model" / "tokenizer.json").read_text())["model"][
+        "vocab"]

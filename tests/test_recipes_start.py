@@ -91,19 +91,23 @@ def _signature(resolved: Any, kind: str) -> tuple:
 
 @pytest.fixture(scope="module")
 def world():
-    """A world of one for deepspeed.initialize; the variables go away after the module."""
-    with pytest.MonkeyPatch.context() as mp:
-        if "RANK" not in os.environ:
-            from train.distributed import single_process_env
+    """A world of one for deepspeed.initialize; the variables go away after the module (a child process started
+    later, e.g. by tests/test_bert.py, must not inherit this world's MASTER_PORT: its rendezvous would meet this
+    process's store and fail)."""
+    added: list[str] = []
+    if "RANK" not in os.environ:
+        from train.distributed import single_process_env
 
-            saved = dict(os.environ)
-            single_process_env()
-            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-                if key not in saved:
-                    mp.setenv(key, os.environ[key])  # undone at the end of the module
-        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        before = set(os.environ)
+        single_process_env()
+        added = [k for k in os.environ if k not in before]
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    try:
         yield
-    _STARTED.clear()
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+        _STARTED.clear()
 
 
 _STARTED: set[tuple] = set()  # signatures already built into an engine and stepped

@@ -78,29 +78,44 @@ def test_rejects_log_warmup_and_bad_gamma():
         WarmupMultiStepLR(torch.optim.SGD([p], lr=1.0), gamma=2.0)
 
 
-def test_every_bert_recipe_warms_up_linearly_from_its_first_step():
-    """Devlin et al. and You et al.: linear warmup to the peak, then linear decay to 0. Each shipped BERT config's
-    schedule, stepped as DeepSpeed's engine steps it, runs step t (0-based) at peak x t / W during the warmup and
-    reaches 0 at the end. DeepSpeed's own WarmupDecayLR, the control, fails this: it runs the
-    first two steps at warmup_min_lr, so every warmup step gets the previous step's lr."""
+def test_every_bert_recipe_warms_up_from_its_first_step():
+    """Devlin et al., You et al., NVIDIA DeepLearningExamples and bing_bert all warm up from the first step: step t
+    (0-based) runs at min + (peak - min) x (t / W) ** q (q = 1, bing_bert's q = warmup_power). After the warmup each
+    recipe follows its source's decay, written out here: linear to 0 over the steps after the warmup (Devlin, You),
+    (1 - t / T) ** 0.5 counted from step 0 (NVIDIA's PolyWarmUpScheduler), rate ** ((t - W) / D) (bing_bert).
+    DeepSpeed's own WarmupDecayLR, the control, fails this: it runs the first two steps at warmup_min_lr, so every
+    warmup step gets the previous step's lr."""
     W, T = 10, 100
 
-    def linear_warmup_and_decay(seen: list[float], peak: float) -> bool:
-        warm = all(math.isclose(seen[t], peak * t / W, abs_tol=1e-15) for t in range(W + 1))
-        decay = all(math.isclose(seen[t], peak * (T - t) / (T - W), rel_tol=1e-9) for t in range(W, T))
-        return warm and decay
+    def expected(kind: str, p: dict, t: int) -> float:
+        lo, hi = p["warmup_min_lr"], p["warmup_max_lr"]
+        if t < W:
+            return lo + (hi - lo) * (t / W) ** p.get("warmup_power", 1.0)
+        if kind == "WarmupExpDecayLR":
+            return lo + (hi - lo) * p["decay_rate"] ** ((t - W) / p["decay_num_steps"])
+        frac = t / T if p.get("decay_from_start") else (t - W) / (T - W)
+        return p["end_lr"] + (hi - p["end_lr"]) * (1 - frac) ** p["power"]
+
+    def follows(seen: list[float], kind: str, p: dict) -> bool:
+        return all(math.isclose(seen[t], expected(kind, p, t), rel_tol=1e-9, abs_tol=1e-15) for t in range(T))
 
     configs = sorted((Path(__file__).resolve().parent.parent / "ds_configs" / "bert").glob("*.json"))
     assert len(configs) >= 8
+    kinds = set()
     for path in configs:
         sched = json.loads(path.read_text())["scheduler"]
-        p = sched["params"]
-        assert sched["type"] in SCHEDULES, f"{path.name}: {sched['type']} is not one of train.schedules' schedules"
-        assert (p["warmup_min_lr"], p["end_lr"], p["power"]) == (0.0, 0.0, 1.0), path.name
-        seen = lrs_seen(SCHEDULES[sched["type"]], T, warmup_min_lr=0.0, warmup_max_lr=p["warmup_max_lr"],
-                        warmup_num_steps=W, total_num_steps=T, end_lr=0.0, power=1.0)
-        assert linear_warmup_and_decay(seen, p["warmup_max_lr"]), (path.name, seen[:W + 2])
+        kind, p = sched["type"], dict(sched["params"])
+        assert kind in SCHEDULES, f"{path.name}: {kind} is not one of train.schedules' schedules"
+        kinds.add((kind, p.get("power"), bool(p.get("decay_from_start"))))
+        for key in ("warmup_num_epochs", "total_num_epochs", "warmup_num_steps", "total_num_steps"):
+            p.pop(key, None)  # the demo counts in epochs; here every recipe runs on W and T steps
+        if kind == "WarmupPolyLR":
+            p.update(total_num_steps=T)
+        seen = lrs_seen(SCHEDULES[kind], T, warmup_num_steps=W, **p)
+        assert follows(seen, kind, p), (path.name, seen[:W + 2])
+    assert {("WarmupPolyLR", 1.0, False), ("WarmupPolyLR", 0.5, True), ("WarmupExpDecayLR", None, False)} <= kinds
+    control = dict(warmup_min_lr=0.0, warmup_max_lr=1e-4, end_lr=0.0, power=1.0)
     deepspeed_seen = lrs_seen(WarmupDecayLR, T, warmup_min_lr=0.0, warmup_max_lr=1e-4, warmup_num_steps=W,
                               total_num_steps=T, warmup_type="linear")
     assert deepspeed_seen[:3] == [0.0, 0.0, 1e-4 / W]  # the control: one step late
-    assert not linear_warmup_and_decay(deepspeed_seen, 1e-4)
+    assert not follows(deepspeed_seen, "WarmupPolyLR", control)
