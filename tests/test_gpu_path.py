@@ -167,15 +167,13 @@ def _loop(tmp_path: Path, monkeypatch, precision: str, stage: int, steps: int = 
     from deepspeed.accelerator import get_accelerator
 
     from train import imagenet
-    from train.checkpoints import Checkpointer, Position
+    from train.checkpoints import Position
     from train.config import resolve
     from train.data import GlobalBatchSampler, build_data
     from train.distributed import World
     from train.engine import build_engine
-    from train.faults import StepAgreement, StepGuard
+    from train.faults import StepAgreement
     from train.models import build_model
-    from train.noise_scale import NoiseScaleMonitor
-    from train.tracking import StepMeter
 
     monkeypatch.setattr(StepAgreement, "AGREE_SECONDS", 1e9)  # after the first micro-step's agreement: none
     cfg_path = tmp_path / "c.json"
@@ -190,10 +188,9 @@ def _loop(tmp_path: Path, monkeypatch, precision: str, stage: int, steps: int = 
     engine, _ = build_engine(resolved, model, timeout=timedelta(minutes=5), trusted_checkpoint=True,
                              say=lambda *_: None)
     world = World(0, 1, "cpu", timedelta(minutes=5))
-    run = imagenet.Run(args=args, world=world, resolved=resolved, engine=engine,
-                       guard=StepGuard(engine, max_skipped_steps=10), meter=StepMeter(engine.device, 1),
-                       checkpointer=Checkpointer(engine, tmp_path, 0, dict), max_steps=steps, data=data,
-                       noise=NoiseScaleMonitor(engine, interval=0, ema=0.95), memory_format=torch.channels_last)
+    run = imagenet.ImageRun(args=args, world=world, resolved=resolved, engine=engine, ds_config={}, run_name="r",
+                            out_dir=tmp_path, max_steps=steps, data=data, memory_format=torch.channels_last,
+                            val_indices=list(range(8)))
     sampler = GlobalBatchSampler(64, 8, 4, 1, 0, 0)
     sampler.set_epoch(0, 0)
 

@@ -7,9 +7,9 @@ A BertForMaskedLM from ``transformers`` (randomly initialised; nothing is downlo
 (``--model``), trained on a folder of text files (train/text.py: WordPiece tokenizer, packing, 15% masking with
 transformers' collator, a held-out split by document). The run machinery is train/imagenet.py's: config resolution,
 engine, step guard, checkpoints, records (train/loop.py and the parts it names). Read top to bottom: the
-arguments, ``main`` (set-up, then a loop over epochs), ``train_one_epoch`` (forward, loss, backward, step) and
-``evaluate`` (held-out MLM loss and masked-token accuracy). The trained model is saved as ``<output-dir>/model/``,
-which ``BertForMaskedLM.from_pretrained`` and ``BertTokenizerFast.from_pretrained`` load.
+arguments, ``main`` (corpus, then train/loop.py's set-up and epoch loop), ``train_one_epoch`` (forward, loss,
+backward, step) and ``evaluate`` (held-out MLM loss and masked-token accuracy). The trained model is saved as
+``<output-dir>/model/``, which ``BertForMaskedLM.from_pretrained`` and ``BertTokenizerFast.from_pretrained`` load.
 
 A config may hold a ``"bert"`` block, which DeepSpeed never sees: ``model``, ``seq_len`` and ``vocab_size`` (the
 defaults of ``--model``/``--seq-len``/``--vocab-size``), ``steps`` (the run's length in optimizer steps, as the
@@ -43,11 +43,9 @@ if TYPE_CHECKING:  # transformers takes seconds to import: at run time only wher
     from transformers import BertForMaskedLM
 
 from train import cli, diagnostics, distributed, loop  # noqa: E402
-from train.checkpoints import Checkpointer, Position, checkpoint_tags, resume_tag  # noqa: E402
-from train.config import ConfigError, batch_arithmetic, load_json  # noqa: E402
+from train.checkpoints import Position, checkpoint_tags, resume_tag  # noqa: E402
+from train.config import ConfigError, load_json  # noqa: E402
 from train.data import GlobalBatchSampler, eval_shard  # noqa: E402
-from train.diagnostics import TrustRatioMonitor  # noqa: E402
-from train.engine import build_engine  # noqa: E402
 from train.precision import bf16_speedup  # noqa: E402
 from train.text import (  # noqa: E402
     SPECIAL_TOKENS,
@@ -61,7 +59,7 @@ from train.text import (  # noqa: E402
     train_tokenizer,
     unigram_entropy,
 )
-from train.tracking import StepMeter, progress_bar  # noqa: E402
+from train.tracking import progress_bar  # noqa: E402
 
 # The published BERT shapes (layers, hidden size, attention heads): Devlin et al. 2018 (base, large) and Turc et al.
 # 2019, "Well-Read Students Learn Better" (tiny, mini, small). The feed-forward layer is 4 x hidden.
@@ -102,13 +100,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 @dataclass(kw_only=True)
-class Run(loop.RunParts):
+class BertRun(loop.RunParts):
     """One training run: the parts every run holds (train/loop.py), the text and its masking."""
 
+    rate_name = "sequences_per_sec"
     corpus: Corpus
     masker: Masker
     val_batch: dict[str, torch.Tensor]  # this rank's validation sequences, masked once for the whole run
     seq_len: int
+
+    def train_one_epoch(self, sampler: GlobalBatchSampler, pos: Position) -> float:
+        return train_one_epoch(self, sampler, pos)
+
+    def epoch_record(self, pos: Position, sampler: GlobalBatchSampler, lr: float) -> dict[str, Any]:
+        return epoch_record(self, pos, sampler, lr)
 
 
 def micro_seed(seed: int, epoch: int, first_index: int) -> int:
@@ -161,65 +166,37 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     corpus = prepare_corpus(args, world, out_dir, seq_len)
     from transformers import BertForMaskedLM
 
-    def probe() -> float:  # bf16's speed-up on this model at the run's micro batch (CPU, auto precision)
-        micro = batch_arithmetic(cfg.get("train_batch_size"), args.micro_batch or cfg.get(
-            "train_micro_batch_size_per_gpu"), None if args.micro_batch else cfg.get("gradient_accumulation_steps"),
-            world.size)[1]
+    def probe(micro: int) -> float:  # bf16's speed-up on this model at the run's micro batch (CPU, auto precision)
         model = BertForMaskedLM(bert_config(model_name, len(corpus.tokenizer), corpus.tokenizer))
         embeds = torch.randn(micro, seq_len, model.config.hidden_size)  # float input, so bf16 can cast it
         return bf16_speedup(_FromEmbeddings(model), embeds, lambda logits, y: torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), y.flatten()), torch.randint(0, model.config.vocab_size, (micro, seq_len)))
 
+    def model(_: Any) -> MaskedLM:
+        if args.init_from and init is None:  # an exported model/ folder: its weights
+            return MaskedLM(BertForMaskedLM.from_pretrained(args.init_from, local_files_only=True))
+        return MaskedLM(BertForMaskedLM(bert_config(model_name, len(corpus.tokenizer), corpus.tokenizer)))
+
     if steps is not None and args.epochs is None:  # enough epochs for the recipe's steps on this corpus
         per_epoch = len(corpus.train) // int(cfg.get("train_batch_size") or 1)
         args.epochs = max(1, math.ceil(steps / per_epoch)) if per_epoch else 1
-    resolved = loop.resolve_run(args, cfg, world, len(corpus.train), probe)
-    torch.manual_seed(args.seed)
-    if args.init_from and init is None:  # an exported model/ folder: its weights
-        model = MaskedLM(BertForMaskedLM.from_pretrained(args.init_from, local_files_only=True))
-    else:
-        model = MaskedLM(BertForMaskedLM(bert_config(model_name, len(corpus.tokenizer), corpus.tokenizer)))
-    engine, ds_config = build_engine(resolved, model, timeout=world.timeout,
-                                     trusted_checkpoint=args.trusted_checkpoint, say=world.say)
-    if init is not None and not args.resume:
-        world.say(start_from_checkpoint(engine, *init, carry=carry))
     masker = Masker(corpus.tokenizer)
     val_rows = corpus.val[eval_shard(len(corpus.val), world.size, world.rank)]
-    run = Run(args=args, world=world, resolved=resolved, engine=engine, guard=loop.step_guard(engine, args, world),
-              meter=StepMeter(engine.device, world.size, "sequences_per_sec"), checkpointer=Checkpointer(
-                  engine, out_dir, world.rank, lambda: {"wandb_id": run.log.wandb_id if run.log else None},
-                  keep=args.keep_checkpoints),
-              max_steps=args.max_steps or steps or resolved.total_steps, corpus=corpus, masker=masker,
-              val_batch=masker(val_rows, seed=2**31 + world.rank), seq_len=seq_len)
-
-    pos, wandb_id = Position(), None
-    if args.resume:
-        pos, client = loop.resume_run(run, out_dir)
-        wandb_id = client.get("wandb_id")
-    run.trust_ratios = TrustRatioMonitor.create(engine, args.trust_ratio_interval, pos.global_step + 1)
+    run = loop.build_run(BertRun, args, cfg, world, num_train=len(corpus.train), probe=probe, model=model,
+                         folder=(run_name, out_dir), steps=steps, corpus=corpus, masker=masker,
+                         val_batch=masker(val_rows, seed=2**31 + world.rank), seq_len=seq_len)
+    if init is not None and not args.resume:
+        world.say(start_from_checkpoint(run.engine, *init, carry=carry))
     entropy = unigram_entropy(corpus.val, corpus.special_ids)
-    derived = resolved.derived() | {
+    derived = run.resolved.derived() | {
         "dataset": "text", "data_dir": str(args.data_dir or default_corpus()), "model": model_name,
         "seq_len": seq_len, "vocab_size": len(corpus.tokenizer), "num_train": len(corpus.train),
         "num_val": len(corpus.val), "train_docs": corpus.num_docs[0], "val_docs": corpus.num_docs[1],
         "train_tokens": corpus.num_tokens[0], "val_tokens": corpus.num_tokens[1], "val_unigram_entropy": entropy,
-        "parameters": sum(p.numel() for p in model.parameters())}
-    if world.is_main:
-        world.say(describe(derived))
-        run.log = loop.start_log(args, out_dir, run_name, resolved, derived, ds_config, wandb_id, "bert")
-        run.checkpointer.log = run.log
-
-    sampler = GlobalBatchSampler(len(corpus.train), resolved.global_batch, resolved.micro_batch, world.size,
-                                 world.rank, args.seed)
-    for epoch in range(pos.epoch, resolved.epochs):
-        if pos.global_step >= run.max_steps:
-            break
-        sampler.set_epoch(epoch, pos.step_in_epoch if epoch == pos.epoch else 0)
-        pos.epoch, pos.step_in_epoch = epoch, sampler.start_step
-        lr = train_one_epoch(run, sampler, pos)
-        epoch_record(run, pos, sampler, lr)
-        run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
-    return finish(run, out_dir, pos)
+        "parameters": sum(p.numel() for p in run.engine.module.parameters())}
+    pos = loop.begin(run, derived, "bert", lambda: describe(derived))
+    loop.train_epochs(run, pos, len(corpus.train))
+    return finish(run, pos)
 
 
 class MaskedLM(torch.nn.Module):
@@ -286,7 +263,7 @@ def describe(d: dict[str, Any]) -> str:
 # One epoch: forward, loss, backward, step
 
 
-def train_one_epoch(run: Run, sampler: GlobalBatchSampler, pos: Position) -> float:
+def train_one_epoch(run: BertRun, sampler: GlobalBatchSampler, pos: Position) -> float:
     """Train from ``pos`` to the epoch's end (or --max-steps); return the lr of the last step."""
     engine, guard = run.engine, run.guard
     run.meter.start_epoch()
@@ -317,7 +294,7 @@ def train_one_epoch(run: Run, sampler: GlobalBatchSampler, pos: Position) -> flo
     return lr
 
 
-def epoch_record(run: Run, pos: Position, sampler: GlobalBatchSampler, lr: float) -> dict[str, Any]:
+def epoch_record(run: BertRun, pos: Position, sampler: GlobalBatchSampler, lr: float) -> dict[str, Any]:
     """The epoch's record (training totals over all ranks, then the held-out MLM loss), logged and printed."""
     totals = run.meter.epoch_totals()  # before evaluation: its time is not training's
     val = evaluate(run)
@@ -338,7 +315,7 @@ def epoch_record(run: Run, pos: Position, sampler: GlobalBatchSampler, lr: float
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict[str, float]:
+def evaluate(run: BertRun) -> dict[str, float]:
     """MLM loss (nats per masked token) and masked-token accuracy (%) over the held-out sequences, each masked the
     same way at every evaluation, each counted once across ranks."""
     engine, batch, size = run.engine, run.val_batch, run.args.eval_batch
@@ -357,7 +334,7 @@ def evaluate(run: Run) -> dict[str, float]:
             "val_masked_tokens": int(n)}
 
 
-def finish(run: Run, out_dir: Path, pos: Position) -> dict[str, Any]:
+def finish(run: BertRun, pos: Position) -> dict[str, Any]:
     """The final held-out loss, the model folder (from_pretrained loads it, tokenizer beside it), the summary."""
     result: dict[str, Any] = {"steps": pos.global_step, "samples": pos.samples, "tokens": pos.samples * run.seq_len}
     if run.history:
@@ -365,8 +342,8 @@ def finish(run: Run, out_dir: Path, pos: Position) -> dict[str, Any]:
                    "final_val_mlm_accuracy": run.history[-1]["val_mlm_accuracy"]}
     state = fp32_state_dict(run.engine)  # every rank: ZeRO's partitions are gathered
     if run.world.is_main:
-        run.engine.module.bert.save_pretrained(str(out_dir / "model"), state_dict=state)
-    return loop.end_run(run, out_dir, pos, result)
+        run.engine.module.bert.save_pretrained(str(run.out_dir / "model"), state_dict=state)
+    return loop.end_run(run, pos, result)
 
 
 def fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:

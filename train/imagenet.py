@@ -6,8 +6,8 @@
 
 The JSON owns the experiment (batch, precision, ZeRO, optimizer, schedule, epochs: see train/config.py); the
 command line owns the run (data, architecture, seed, output folder, length overrides). Read top to bottom: the
-arguments, ``main`` (set-up, then a loop over epochs), ``train_one_epoch`` (forward, backward, step) and
-``evaluate``. The parts every entry point shares live beside this file: the step guard (faults.py), the
+arguments, ``main`` (data, then train/loop.py's set-up and epoch loop), ``train_one_epoch`` (forward, backward,
+step) and ``evaluate``. The parts every entry point shares live beside this file: the step guard (faults.py), the
 checkpointer (checkpoints.py), the engine (engine.py), the records (tracking.py); docs/architecture.md maps them.
 """
 
@@ -18,7 +18,7 @@ import logging
 import math
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +28,15 @@ if __package__ in (None, ""):  # run as a script (the deepspeed launcher does th
 import torch  # noqa: E402
 
 from train import cli, diagnostics, distributed  # noqa: E402
-from train.checkpoints import Checkpointer, Position  # noqa: E402
-from train.config import Resolved, batch_arithmetic, load_json  # noqa: E402
+from train.checkpoints import Position  # noqa: E402
+from train.config import Resolved, load_json  # noqa: E402
 from train.data import DATASETS, GlobalBatchSampler, build_data, eval_shard, to_model_input  # noqa: E402
-from train.diagnostics import TrustRatioMonitor  # noqa: E402
-from train.engine import build_engine, engine_dtype  # noqa: E402
-from train.loop import (  # noqa: E402
-    RunParts,
-    after_step,
-    end_run,
-    resolve_run,
-    resume_run,
-    run_folder,
-    save_and_exit,
-    start_log,
-    step_guard,
-)
+from train.engine import engine_dtype  # noqa: E402
+from train.loop import RunParts, after_step, begin, build_run, end_run, save_and_exit, train_epochs  # noqa: E402
 from train.models import ARCHS, build_model, input_channels  # noqa: E402
 from train.noise_scale import NoiseScaleMonitor  # noqa: E402
 from train.precision import bf16_speedup  # noqa: E402
-from train.tracking import StepMeter, progress_bar  # noqa: E402
+from train.tracking import progress_bar  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -79,16 +68,36 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 @dataclass(kw_only=True)
-class Run(RunParts):
-    """One training run: the parts every run holds (train/loop.py), the images and the noise-scale monitor."""
+class ImageRun(RunParts):
+    """One training run: the parts every run holds (train/loop.py), the images, their memory layout and the
+    noise-scale monitor (its estimate is kept in every checkpoint)."""
 
     data: Any
-    noise: NoiseScaleMonitor
     memory_format: torch.memory_format
+    val_indices: list[int]  # this rank's share of the validation set
+    noise: NoiseScaleMonitor = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.noise = NoiseScaleMonitor(self.engine, interval=self.args.noise_scale_interval,
+                                       ema=self.args.noise_scale_ema)
 
     def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(logits.float(), target,
                                                  label_smoothing=self.resolved.training["label_smoothing"])
+
+    def client_state(self) -> dict[str, Any]:
+        return super().client_state() | {"noise_scale": self.noise.estimator.state_dict()}
+
+    def load_client_state(self, client: dict[str, Any]) -> None:
+        if client.get("noise_scale"):
+            self.noise.estimator.load_state_dict(client["noise_scale"])
+
+    def train_one_epoch(self, sampler: GlobalBatchSampler, pos: Position) -> float:
+        return train_one_epoch(self, sampler, pos)
+
+    def epoch_record(self, pos: Position, sampler: GlobalBatchSampler, lr: float) -> dict[str, Any]:
+        return epoch_record(self, pos, sampler, lr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,59 +118,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # Inputs in NHWC make every convolution run NHWC; the parameters stay contiguous (DeepSpeed flattens them).
     memory_format = torch.channels_last if args.channels_last and args.arch != "mlp" else torch.contiguous_format
 
-    def probe() -> float:  # bf16's speed-up on this model at the run's micro batch (CPU, auto precision)
-        micro = batch_arithmetic(cfg.get("train_batch_size"), args.micro_batch or cfg.get(
-            "train_micro_batch_size_per_gpu"), None if args.micro_batch else cfg.get("gradient_accumulation_steps"),
-            world.size)[1]
+    def probe(micro: int) -> float:  # bf16's speed-up on this model at the run's micro batch (CPU, auto precision)
         x = torch.randn(micro, channels, image_size, image_size).contiguous(memory_format=memory_format)
         model = build_model(args.arch, data.info.num_classes, channels, image_size)
         return bf16_speedup(model, x, torch.nn.functional.cross_entropy,
                             torch.randint(0, data.info.num_classes, (micro,)))
 
-    resolved = resolve_run(args, cfg, world, num_train, probe)
-    run_name, out_dir = run_folder(args, world)
-
-    torch.manual_seed(args.seed)
-    model = build_model(args.arch, data.info.num_classes, channels, image_size,
-                        zero_init_residual=resolved.training["zero_init_residual"])
-    engine, ds_config = build_engine(resolved, model, timeout=world.timeout,
-                                     trusted_checkpoint=args.trusted_checkpoint, say=world.say)
-    noise = NoiseScaleMonitor(engine, interval=args.noise_scale_interval, ema=args.noise_scale_ema)
-    run = Run(args=args, world=world, resolved=resolved, engine=engine, guard=step_guard(engine, args, world),
-              meter=StepMeter(engine.device, world.size), checkpointer=Checkpointer(
-                  engine, out_dir, world.rank, lambda: {"wandb_id": run.log.wandb_id if run.log else None,
-                                                        "noise_scale": noise.estimator.state_dict()},
-                  keep=args.keep_checkpoints),
-              max_steps=args.max_steps or resolved.total_steps, data=data, noise=noise, memory_format=memory_format)
-
-    pos, wandb_id = Position(), None
-    if args.resume:
-        pos, client = resume_run(run, out_dir)
-        wandb_id = client.get("wandb_id")
-        if client.get("noise_scale"):
-            noise.estimator.load_state_dict(client["noise_scale"])
-    run.trust_ratios = TrustRatioMonitor.create(engine, args.trust_ratio_interval, pos.global_step + 1)
-    derived = resolved.derived() | {"dataset": args.dataset, "num_train": num_train, "num_val": num_val,
-                                    "arch": args.arch, "image_size": image_size}
-    if world.is_main:
-        world.say(describe(resolved, args.dataset, num_train))
-        run.log = start_log(args, out_dir, run_name, resolved, derived, ds_config, wandb_id, args.dataset)
-        run.checkpointer.log = run.log
-
-    sampler = GlobalBatchSampler(num_train, resolved.global_batch, resolved.micro_batch, world.size, world.rank,
-                                 args.seed)
-    val_indices = eval_shard(num_val, world.size, world.rank)
-    for epoch in range(pos.epoch, resolved.epochs):
-        if pos.global_step >= run.max_steps:
-            break
-        if resolved.batch_at(epoch) != sampler.global_batch:  # Smith et al.: a larger batch instead of a smaller lr
-            sampler = grow_batch(run, resolved.batch_at(epoch), num_train, epoch)
-        sampler.set_epoch(epoch, pos.step_in_epoch if epoch == pos.epoch else 0)
-        pos.epoch, pos.step_in_epoch = epoch, sampler.start_step
-        lr = train_one_epoch(run, sampler, pos)
-        epoch_record(run, pos, sampler, lr, val_indices)
-        run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
-    return finish(run, out_dir, pos)
+    run = build_run(ImageRun, args, cfg, world, num_train=num_train, probe=probe, model=lambda resolved: build_model(
+        args.arch, data.info.num_classes, channels, image_size,
+        zero_init_residual=resolved.training["zero_init_residual"]),
+        data=data, memory_format=memory_format, val_indices=eval_shard(num_val, world.size, world.rank))
+    derived = run.resolved.derived() | {"dataset": args.dataset, "num_train": num_train, "num_val": num_val,
+                                        "arch": args.arch, "image_size": image_size}
+    pos = begin(run, derived, args.dataset, lambda: describe(run.resolved, args.dataset, num_train))
+    train_epochs(run, pos, num_train)
+    return finish(run, pos)
 
 
 def describe(r: Resolved, data_name: str, num_train: int) -> str:
@@ -183,21 +154,11 @@ def describe(r: Resolved, data_name: str, num_train: int) -> str:
     ]).rstrip()
 
 
-def grow_batch(run: Run, batch: int, num_train: int, epoch: int) -> GlobalBatchSampler:
-    """Smith et al.'s batch increase: the engine accumulates more micro-steps; a sampler for the new batch."""
-    run.engine.set_train_batch_size(batch)
-    sampler = GlobalBatchSampler(num_train, batch, run.resolved.micro_batch, run.world.size, run.world.rank,
-                                 run.args.seed)
-    run.world.say(f"epoch {epoch + 1}: global batch {batch:,} ({run.engine.gradient_accumulation_steps()} "
-                  f"accumulation steps), {sampler.steps_per_epoch} steps/epoch")
-    return sampler
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # One epoch: forward, backward, step
 
 
-def train_one_epoch(run: Run, sampler: GlobalBatchSampler, pos: Position) -> float:
+def train_one_epoch(run: ImageRun, sampler: GlobalBatchSampler, pos: Position) -> float:
     """Train from ``pos`` to the epoch's end (or --max-steps); return the lr of the last step."""
     engine, guard, dtype = run.engine, run.guard, engine_dtype(run.engine)
     run.meter.start_epoch()
@@ -227,11 +188,10 @@ def train_one_epoch(run: Run, sampler: GlobalBatchSampler, pos: Position) -> flo
     return lr
 
 
-def epoch_record(run: Run, pos: Position, sampler: GlobalBatchSampler, lr: float,
-                 val_indices: list[int]) -> dict[str, Any]:
+def epoch_record(run: ImageRun, pos: Position, sampler: GlobalBatchSampler, lr: float) -> dict[str, Any]:
     """The epoch's record (training totals over all ranks, then validation), logged and printed."""
     totals = run.meter.epoch_totals(run.data.skipped)  # before evaluation: its time and images are not training's
-    val = evaluate(run, val_indices)
+    val = evaluate(run, run.val_indices)
     record = {"kind": "epoch", "epoch": pos.epoch + pos.step_in_epoch / sampler.steps_per_epoch,
               "step": pos.global_step, "samples": pos.samples, "train_loss": totals["train_loss"],
               "train_error": totals["train_error"], **val, "skipped_images": int(totals["skipped"]),
@@ -248,7 +208,7 @@ def epoch_record(run: Run, pos: Position, sampler: GlobalBatchSampler, lr: float
 
 
 @torch.no_grad()
-def evaluate(run: Run, indices: list[int]) -> dict[str, float]:
+def evaluate(run: ImageRun, indices: list[int]) -> dict[str, float]:
     """Top-1/top-5 error (%) and loss over the whole validation set, each sample counted once across ranks."""
     engine, dtype = run.engine, engine_dtype(run.engine)
     engine.eval()
@@ -273,7 +233,7 @@ def evaluate(run: Run, indices: list[int]) -> dict[str, float]:
             "val_samples": int(n)}
 
 
-def finish(run: Run, out_dir: Path, pos: Position) -> dict[str, Any]:
+def finish(run: ImageRun, pos: Position) -> dict[str, Any]:
     """Goyal's figure (median top-1 error of the last 5 epochs), the final weights (model.pt), the summary."""
     result: dict[str, Any] = {"steps": pos.global_step, "samples": pos.samples}
     if run.history:
@@ -284,8 +244,8 @@ def finish(run: Run, out_dir: Path, pos: Position) -> dict[str, Any]:
     if run.world.is_main:
         state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
                  for k, v in run.engine.module.state_dict().items()}
-        torch.save(state, out_dir / "model.pt")
-    return end_run(run, out_dir, pos, result)
+        torch.save(state, run.out_dir / "model.pt")
+    return end_run(run, pos, result)
 
 
 if __name__ == "__main__":

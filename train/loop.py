@@ -1,18 +1,24 @@
 """The parts of an entry point's run that do not depend on the workload, shared by train/imagenet.py and
-train/bert.py (docs/architecture.md, "Where to add: a workload").
+train/bert.py (docs/architecture.md, "Where to add: a workload"). An entry point's ``main`` reads:
 
-* :func:`resolve_run` and :func:`run_folder`: the config resolved against this device and data, the run folder
-  claimed;
-* :func:`resume_run`: ``--resume`` (layout check, checkpoint, metrics rewind, the wandb id);
-* :func:`start_log`: config.json and the run's records;
+    world = distributed.init(...)                   # then its data (needed for the training-set size)
+    run = loop.build_run(ImageRun, args, cfg, world, num_train=..., probe=..., model=..., data=...)
+    pos = loop.begin(run, derived, tag, banner)     # --resume, per-layer trust ratios, config.json and records
+    loop.train_epochs(run, pos, num_train)          # the epoch loop: run.train_one_epoch, run.epoch_record, saves
+    return finish(run, pos)                         # the workload's summary and final weights, then end_run
+
+* :func:`build_run`: the config resolved against this device (precision probe) and data, the run folder claimed,
+  the engine built; :class:`RunParts` adds the step guard, the step meter and the checkpointer;
+* :func:`begin`: ``--resume`` (layout check, checkpoint, metrics rewind, the run's own checkpoint state), the
+  trust-ratio monitor, the banner, config.json and the run's records;
+* :func:`train_epochs`: the loop over epochs (Smith et al.'s batch increase when the config schedules one);
 * :func:`after_step` and :func:`save_and_exit`: what follows an optimizer step (count, log, per-layer trust ratios
-  when due, give up, interval save)
-  and an agreed stop signal;
+  when due, give up, interval save) and an agreed stop signal;
 * :func:`end_run`: the summary record and the records closed.
 
-Each takes the entry point's run object (a subclass of :class:`RunParts`, the parts every run holds, to which the
-entry point adds its data and model-specific parts), so an entry point's ``train_one_epoch`` keeps forward, loss,
-backward and step in view and calls these in one line each.
+An entry point subclasses :class:`RunParts` with its data and writes ``train_one_epoch`` (forward, loss, backward
+and step in view, calling :func:`after_step` and :func:`save_and_exit` in one line each), ``epoch_record`` (with
+its evaluation) and, where it keeps more in a checkpoint, ``client_state``/``load_client_state``.
 """
 
 from __future__ import annotations
@@ -23,14 +29,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from train import cli, distributed
 from train.checkpoints import Checkpointer, Position, check_resume_layout, resume_refusal
-from train.config import Resolved, resolve
+from train.config import Resolved, batch_arithmetic, resolve
+from train.data import GlobalBatchSampler
 from train.diagnostics import TrustRatioMonitor
+from train.engine import build_engine
 from train.exits import ExitCode
 from train.faults import StepGuard, Verdict
 from train.precision import device_precisions
@@ -40,28 +48,120 @@ from train.tracking import RunLog, StepMeter, git_commit, write_run_config
 
 @dataclass(kw_only=True)
 class RunParts:
-    """What every training run holds: the engine and the parts that wrap each step (an entry point subclasses it
-    with its data)."""
+    """What every training run holds: the engine, its run folder and the parts that wrap each step. An entry point
+    subclasses it with its data and its ``train_one_epoch`` and ``epoch_record``; :func:`build_run` makes one."""
+
+    rate_name: ClassVar[str] = "images_per_sec"  # the step meter's throughput name (samples per second)
 
     args: argparse.Namespace
     world: distributed.World
     resolved: Resolved
     engine: Any
-    guard: StepGuard
-    meter: StepMeter
-    checkpointer: Checkpointer
+    ds_config: dict[str, Any]
+    run_name: str
+    out_dir: Path
     max_steps: int
+    guard: StepGuard = field(init=False)
+    meter: StepMeter = field(init=False)
+    checkpointer: Checkpointer = field(init=False)
     log: RunLog | None = None
     trust_ratios: TrustRatioMonitor | None = None  # --trust-ratio-interval (train/diagnostics.py); None: off
     bar: Any = None
     history: list[dict[str, Any]] = field(default_factory=list)  # epoch records
 
+    def __post_init__(self) -> None:
+        self.guard = step_guard(self.engine, self.args, self.world)
+        self.meter = StepMeter(self.engine.device, self.world.size, self.rate_name)
+        self.checkpointer = Checkpointer(self.engine, self.out_dir, self.world.rank, self.client_state,
+                                         keep=self.args.keep_checkpoints)
+
+    def client_state(self) -> dict[str, Any]:
+        """What this run adds to every checkpoint (the Checkpointer asks at each save); a subclass extends it."""
+        return {"wandb_id": self.log.wandb_id if self.log else None}
+
+    def load_client_state(self, client: dict[str, Any]) -> None:
+        """``--resume``: take back what :meth:`client_state` saved (the wandb id is :func:`begin`'s)."""
+
+    def train_one_epoch(self, sampler: GlobalBatchSampler, pos: Position) -> float:
+        """Train from ``pos`` to the epoch's end (or max_steps); return the lr of the last step."""
+        raise NotImplementedError
+
+    def epoch_record(self, pos: Position, sampler: GlobalBatchSampler, lr: float) -> dict[str, Any]:
+        """The epoch's record, with its evaluation, logged and printed."""
+        raise NotImplementedError
+
+
+R = TypeVar("R", bound=RunParts)
+
+
+def build_run(run_cls: type[R], args: argparse.Namespace, cfg: dict[str, Any], world: distributed.World, *,
+              num_train: int, probe: Callable[[int], float], model: Callable[[Resolved], torch.nn.Module],
+              folder: tuple[str, Path] | None = None, steps: int | None = None, **fields: Any) -> R:
+    """The config resolved (:func:`resolve_run`), the run folder claimed (:func:`run_folder`, unless the entry point
+    claimed it earlier and passes ``folder``), the seed set, ``model(resolved)`` built into a DeepSpeed engine, and
+    the run made with the entry point's ``fields``. ``steps``: the run's length when the recipe gives it in steps
+    (else the config's epochs); ``--max-steps`` caps either."""
+    resolved = resolve_run(args, cfg, world, num_train, probe)
+    run_name, out_dir = folder or run_folder(args, world)
+    torch.manual_seed(args.seed)
+    engine, ds_config = build_engine(resolved, model(resolved), timeout=world.timeout,
+                                     trusted_checkpoint=args.trusted_checkpoint, say=world.say)
+    return run_cls(args=args, world=world, resolved=resolved, engine=engine, ds_config=ds_config, run_name=run_name,
+                   out_dir=out_dir, max_steps=args.max_steps or steps or resolved.total_steps, **fields)
+
+
+def begin(run: RunParts, derived: dict[str, Any], tag: str, banner: Callable[[], str]) -> Position:
+    """Where the run starts: ``--resume`` from its latest checkpoint (:func:`resume_run`, then the run's own
+    :meth:`RunParts.load_client_state`), else step 0; the trust-ratio monitor; on rank 0 ``banner()`` printed,
+    config.json written (``derived`` beside the config) and the records opened (``tag``: the data's wandb tag)."""
+    pos, wandb_id = Position(), None
+    if run.args.resume:
+        pos, client = resume_run(run)
+        wandb_id = client.get("wandb_id")
+        run.load_client_state(client)
+    run.trust_ratios = TrustRatioMonitor.create(run.engine, run.args.trust_ratio_interval, pos.global_step + 1)
+    if run.world.is_main:
+        run.world.say(banner())
+        run.log = start_log(run.args, run.out_dir, run.run_name, run.resolved, derived, run.ds_config, wandb_id, tag)
+        run.checkpointer.log = run.log
+    return pos
+
+
+def train_epochs(run: RunParts, pos: Position, num_train: int) -> None:
+    """The loop over epochs from ``pos``: each epoch trained (``run.train_one_epoch``), recorded
+    (``run.epoch_record``) and saved, until the config's epochs or ``run.max_steps``. Where the config schedules a
+    larger batch for an epoch (Smith et al. 2018, instead of a smaller lr), the engine accumulates more
+    micro-steps and a sampler for the new batch takes over."""
+    r, world = run.resolved, run.world
+    sampler = GlobalBatchSampler(num_train, r.global_batch, r.micro_batch, world.size, world.rank, run.args.seed)
+    for epoch in range(pos.epoch, r.epochs):
+        if pos.global_step >= run.max_steps:
+            break
+        if r.batch_at(epoch) != sampler.global_batch:
+            run.engine.set_train_batch_size(r.batch_at(epoch))
+            sampler = GlobalBatchSampler(num_train, r.batch_at(epoch), r.micro_batch, world.size, world.rank,
+                                         run.args.seed)
+            world.say(f"epoch {epoch + 1}: global batch {sampler.global_batch:,} "
+                      f"({run.engine.gradient_accumulation_steps()} accumulation steps), "
+                      f"{sampler.steps_per_epoch} steps/epoch")
+        sampler.set_epoch(epoch, pos.step_in_epoch if epoch == pos.epoch else 0)
+        pos.epoch, pos.step_in_epoch = epoch, sampler.start_step
+        lr = run.train_one_epoch(sampler, pos)
+        run.epoch_record(pos, sampler, lr)
+        run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
+
 
 def resolve_run(args: argparse.Namespace, cfg: dict[str, Any], world: distributed.World, num_train: int,
-                probe: Callable[[], float]) -> Resolved:
-    """The config resolved for this device (precision by ``probe``, see train/precision.py) and training set;
-    its notes printed on rank 0."""
-    supported, fast, why = device_precisions(world, cfg, args.precision, probe)
+                probe: Callable[[int], float]) -> Resolved:
+    """The config resolved for this device and training set; its notes printed on rank 0. ``probe(micro_batch)``
+    times bf16 against fp32 on the workload's model at the run's micro batch (train/precision.py: called only
+    where the choice needs it, i.e. ``auto`` precision on a CPU with native bf16)."""
+    def probe_at_micro_batch() -> float:  # the batch arithmetic only when probed: resolve() explains bad input
+        return probe(batch_arithmetic(cfg.get("train_batch_size"), args.micro_batch or cfg.get(
+            "train_micro_batch_size_per_gpu"), None if args.micro_batch else cfg.get("gradient_accumulation_steps"),
+            world.size)[1])
+
+    supported, fast, why = device_precisions(world, cfg, args.precision, probe_at_micro_batch)
     resolved = resolve(cfg, world_size=world.size, num_train=num_train, epochs=args.epochs,
                        micro_batch=args.micro_batch, precision=args.precision, supported_precisions=supported,
                        fast_precisions=fast, precision_reason=why)
@@ -79,8 +179,9 @@ def run_folder(args: argparse.Namespace, world: distributed.World) -> tuple[str,
     return run_name, out_dir
 
 
-def resume_run(run: RunParts, out_dir: Path) -> tuple[Position, dict[str, Any]]:
+def resume_run(run: RunParts) -> tuple[Position, dict[str, Any]]:
     """``--resume``: load the latest checkpoint; rank 0 rewinds metrics.jsonl to it and keeps its epoch records."""
+    out_dir = run.out_dir
     check_resume_layout(out_dir / "config.json", run.resolved)
     pos, client = run.checkpointer.resume()
     if run.world.is_main:  # metrics.jsonl keeps what led to the checkpoint and drops what a crash made us redo
@@ -151,12 +252,12 @@ def save_and_exit(run: RunParts, pos: Position, sampler: Any, verdict: Verdict) 
     raise SystemExit(ExitCode.for_signal(verdict.signum))
 
 
-def end_run(run: RunParts, out_dir: Path, pos: Position, result: dict[str, Any]) -> dict[str, Any]:
+def end_run(run: RunParts, pos: Position, result: dict[str, Any]) -> dict[str, Any]:
     """The summary record and wandb summary (rank 0), the records closed; every rank waits for rank 0."""
     if run.world.is_main and run.log is not None:
         run.log.log({"kind": "summary", "samples": pos.samples, **result})
         run.log.summary(result)
-        run.world.say(f"done: {json.dumps(result)}; run folder {out_dir}")
+        run.world.say(f"done: {json.dumps(result)}; run folder {run.out_dir}")
     torch.distributed.barrier()
     if run.world.is_main and run.log is not None:
         run.log.close()  # after the barrier: a slow wandb server keeps no other rank waiting in a collective
