@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,17 +25,12 @@ from typing import Any
 
 from analysis.grid import finished
 from analysis.runs import load_run
+from train.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "ds_configs" / "downpour"
 REPLICAS = (1, 2, 4, 8)
 STRAGGLER_DELAY = 0.02
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plan() -> list[dict[str, Any]]:

@@ -54,7 +54,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,15 +69,11 @@ REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
+from train.distributed import free_port  # noqa: E402
+
 PRECISIONS = ("fp32", "bf16")
 LAYOUTS = ("channels_last", "contiguous")
 BF16_BASELINES = ("master", "autocast")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_description() -> str:

@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "architecture.md"
 FOLDERS = ("optimizers", "train", "ds_configs", "analysis", "benchmarks", "tests")
 

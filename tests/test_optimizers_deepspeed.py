@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ds_optim_worker as worker  # noqa: E402
 
 pytestmark = pytest.mark.launcher
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO  # noqa: E402
+
 STEPS = 5
 FP32_TOL = 1e-4  # relative to the size of the 5-step update; measured ~2e-6 (fp32 summation order)
 LOW_PRECISION_VS_FP32_TOL = 0.3  # bf16 forward/backward vs fp32 reference; measured 0.16 (LARS), 0.09 (LAMB)

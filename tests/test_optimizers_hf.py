@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 transformers = pytest.importorskip("transformers")

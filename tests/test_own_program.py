@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO  # noqa: E402
 from torch import nn
 
 import optimizers
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "docs" / "examples" / "deepspeed_lamb.py"
 
 

@@ -21,13 +21,18 @@ from typing import Any, NoReturn
 import torch
 
 
+def free_port() -> int:
+    """A TCP port free on this host now (the kernel picks it; another process may take it before it is bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def single_process_env() -> None:
     """Let plain ``python train/<entry>.py`` run as a world of one (the launcher sets these for its ranks)."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
 

@@ -46,7 +46,6 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import sys
 import threading
@@ -70,6 +69,7 @@ from train import parameter_server as ps  # noqa: E402
 from train.checkpoints import CheckpointError  # noqa: E402
 from train.config import ConfigError, load_json  # noqa: E402
 from train.data import FASHION_MNIST_DEFAULT_DIR, GlobalBatchSampler, fashion_mnist  # noqa: E402
+from train.distributed import free_port  # noqa: E402
 from train.faults import BadStepStreak  # noqa: E402
 from train.models import ARCHS, build_model  # noqa: E402
 from train.run_folder import claim_output_dir, rewind_metrics  # noqa: E402
@@ -331,12 +331,6 @@ def child(rank: int, world_size: int, setup: Setup, parent: int | None = None) -
                  setup.args.heartbeat, parent=parent)
     else:
         run_replica(rank, world_size, index, setup)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any] | None:
