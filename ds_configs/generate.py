@@ -1,6 +1,6 @@
 """Write every ds_configs/*.json from the recipe table below: `python ds_configs/generate.py`.
 
-The table is the one place the recipes live; tests/test_configs.py proves that the checked-in JSON equals what
+The table is the one place the recipes live; tests/test_recipe_table.py proves that the checked-in JSON equals what
 this script writes and that every config obeys the rule its row claims. Sources:
 
 * Goyal et al. 2017 (arXiv:1706.02677), "goyal": SGD, Nesterov momentum 0.9, weight decay 1e-4, linear scaling

@@ -3,8 +3,8 @@
 * A LARS run of train/imagenet.py (one process, small ResNet) writes "layers" records equal to You et al. 2017's
   eq. 6 recomputed here in float64 from the weights and gradients the optimizer was handed (saved by a wrapper
   around LARS.step in the run's own process).
-* Through the deepspeed launcher on 2 ranks (tests/diag_worker.py, one launch): the records under ZeRO-1/2, where a
-  Linear weight straddles the ranks' partitions, equal ZeRO-0's and a float64 plain-PyTorch recomputation of
+* Through the deepspeed launcher on 2 ranks (tests/workers/diag_worker.py, one launch): the records under ZeRO-1/2,
+  where a Linear weight straddles the ranks' partitions, equal ZeRO-0's and a float64 plain-PyTorch recomputation of
   LARS, LARC (min(ratio / lr, 1)), LAMB (||u|| too; and with a max_trust_ratio that clamps one layer of three) and
   SGD (the ratio LARS would apply), to within a rounding control measured here: the distance of the same
   recomputation in fp32 from float64. bf16 ZeRO-1 equals bf16 ZeRO-0 alike. A parameter outside the forward pass
@@ -211,8 +211,8 @@ PAD_RUN = "fp32-z1:lamb_pad"
 @pytest.fixture(scope="module")
 def zero_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("diag") / "results.pt"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/diag_worker.py", "--out", str(out),
-           "--runs", *RUNS, *UNUSED_RUNS, PAD_RUN]
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/workers/diag_worker.py", "--out",
+           str(out), "--runs", *RUNS, *UNUSED_RUNS, PAD_RUN]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=child_env())
     assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -328,8 +328,8 @@ def test_zero_stages_log_the_ratios_of_zero_0_and_of_float64(zero_results, run):
 
 @pytest.mark.launcher
 def test_a_parameter_without_gradient_has_an_entry_in_every_zero_stage(zero_results):
-    """A parameter outside the forward pass (tests/diag_worker.py's lars_unused model) is in every record with the
-    same numbers in ZeRO-0 and ZeRO-2: DeepSpeed hands the optimizer a zero gradient for it in both (ZeRO-0's
+    """A parameter outside the forward pass (tests/workers/diag_worker.py's lars_unused model) is in every record with
+    the same numbers in ZeRO-0 and ZeRO-2: DeepSpeed hands the optimizer a zero gradient for it in both (ZeRO-0's
     all-reduce zero-fills a missing gradient), so g_norm 0, LARS's ratio 1 for a zero gradient, and weight decay only
     (w_t = c_t w_0 with the momentum recursion written out here). The other layers equal the plain LARS run's."""
     w0 = float(worker.make_model("lars_unused").get_parameter(worker.UNUSED).detach().double().norm())
@@ -355,9 +355,10 @@ def test_a_parameter_without_gradient_has_an_entry_in_every_zero_stage(zero_resu
 
 @pytest.mark.launcher
 def test_lamb_rank_holding_only_padding_of_a_group_records_what_rank_0_does(zero_results):
-    """ZeRO-1, 2 ranks, LAMB with a 2-element weight in a param group of its own (tests/diag_worker.py's TinyHead):
-    rank 1's partition of that group is only padding, yet its records equal rank 0's, the ratio and ||u|| of that
-    layer included (the update-norm scale comes from the group's step count). Without that, rank 1 had no ratio."""
+    """ZeRO-1, 2 ranks, LAMB with a 2-element weight in a param group of its own (tests/workers/diag_worker.py's
+    TinyHead): rank 1's partition of that group is only padding, yet its records equal rank 0's, the ratio and ||u||
+    of that layer included (the update-norm scale comes from the group's step count). Without that, rank 1 had no
+    ratio."""
     res = zero_results["results"][PAD_RUN]
     rank0, rank1 = res["ranks"]
     assert rank0["padding_only"] == [False, False, False] and rank1["padding_only"] == [False, False, True]

@@ -166,7 +166,7 @@ def _loop(tmp_path: Path, monkeypatch, precision: str, stage: int, steps: int = 
     reads inside StepGuard.after_micro per step (raising for ours on steps that neither skip nor log)."""
     from deepspeed.accelerator import get_accelerator
 
-    from train import imagenet
+    from train import imagenet, loop
     from train.checkpoints import Position
     from train.config import resolve
     from train.data import GlobalBatchSampler, build_data
@@ -206,7 +206,7 @@ def _loop(tmp_path: Path, monkeypatch, precision: str, stage: int, steps: int = 
         syncs[0] += 1
         return synchronize(*a, **kw)
 
-    after_micro, after_step = run.guard.after_micro, imagenet.after_step
+    after_micro, after_step = run.guard.after_micro, loop.after_step
 
     def guarded_after_micro(loss: torch.Tensor, boundary: bool, step: int) -> Any:
         before = counter["ours"]
@@ -226,7 +226,7 @@ def _loop(tmp_path: Path, monkeypatch, precision: str, stage: int, steps: int = 
         counter.clear()
 
     monkeypatch.setattr(run.guard, "after_micro", guarded_after_micro)
-    monkeypatch.setattr(imagenet, "after_step", marked_after_step)
+    monkeypatch.setattr(loop, "after_step", marked_after_step)
     monkeypatch.setattr(accelerator, "synchronize", counted_sync)
     count_reads(monkeypatch, counter, strict)
     pos = Position()

@@ -1,7 +1,7 @@
 """LARS and LAMB are exact under real DeepSpeed engines: ZeRO 0/1/2, fp32/bf16 (CPU) and fp16 (GPU).
 
-One launch of ``deepspeed --num_gpus 2 tests/ds_optim_worker.py`` (gloo on the CPU accelerator) runs every CPU mode
-and writes the fp32 master weights after 5 steps; the tests compare them with a plain single-process PyTorch run
+One launch of ``deepspeed --num_gpus 2 tests/workers/ds_optim_worker.py`` (gloo on the CPU accelerator) runs every CPU
+mode and writes the fp32 master weights after 5 steps; the tests compare them with a plain single-process PyTorch run
 of the same optimizer on the same data (mean of the two ranks' gradients), computed here without DeepSpeed. A
 second launch, on 4 ranks, runs fp32 ZeRO 0/1/2 with gradient accumulation (``worker.ACC_MODES``).
 
@@ -56,8 +56,8 @@ def _launch(tmp: Path, modes: tuple[str, ...], num_ranks: int, accelerator: str 
         pytest.skip(f"deepspeed launcher not found next to {sys.executable}")
     out = tmp / "results.pt"
     cmd = [sys.executable, str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(_free_port()),
-           "tests/ds_optim_worker.py", "--out", str(out), "--ckpt-dir", str(tmp / "ckpt"), "--steps", str(STEPS),
-           "--timeout", str(timeout_s), "--modes", *modes]
+           "tests/workers/ds_optim_worker.py", "--out", str(out), "--ckpt-dir", str(tmp / "ckpt"), "--steps",
+           str(STEPS), "--timeout", str(timeout_s), "--modes", *modes]
     env = dict(os.environ)
     env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on a GPU (the worker sets the rest)
     if accelerator:

@@ -1,6 +1,6 @@
 """optimizers.hf.LayerwiseTrainer: the Hugging Face Trainer with our optimizers, groups and DeepSpeed binding.
 
-The launcher test runs tests/hf_trainer_worker.py on 2 CPU ranks (one launch): LAMB through the Trainer with
+The launcher test runs tests/workers/hf_trainer_worker.py on 2 CPU ranks (one launch): LAMB through the Trainer with
 ZeRO off and with ZeRO-2, and, as the rounding control, ZeRO off from initial weights moved by one ulp. Without the
 binding, ZeRO-2's trust ratios would be computed over flat chunks that mix layers (3.4% off overall, 51% for the
 token-type embeddings, as issue 24 measured), or the forgotten-binding guard stops the first step.
@@ -36,7 +36,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     tmp = tmp_path_factory.mktemp("hf_trainer")
     out = tmp / "results.pt"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/hf_trainer_worker.py",
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/workers/hf_trainer_worker.py",
            "--out", str(out), "--work", str(tmp)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

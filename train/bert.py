@@ -59,7 +59,6 @@ from train.text import (  # noqa: E402
     train_tokenizer,
     unigram_entropy,
 )
-from train.tracking import progress_bar  # noqa: E402
 
 # The published BERT shapes (layers, hidden size, attention heads): Devlin et al. 2018 (base, large) and Turc et al.
 # 2019, "Well-Read Students Learn Better" (tiny, mini, small). The feed-forward layer is 4 x hidden.
@@ -265,16 +264,13 @@ def describe(d: dict[str, Any]) -> str:
 
 def train_one_epoch(run: BertRun, sampler: GlobalBatchSampler, pos: Position) -> float:
     """Train from ``pos`` to the epoch's end (or --max-steps); return the lr of the last step."""
-    engine, guard = run.engine, run.guard
-    run.meter.start_epoch()
-    run.bar = progress_bar(run.world.is_main, sampler.steps_per_epoch, sampler.start_step,
-                           f"epoch {pos.epoch + 1}/{run.resolved.epochs}")
-    lr = engine.get_lr()[0]
+    engine = run.engine
+    lr = loop.start_epoch(run, sampler, pos)
     for indices in sampler:
         seed = micro_seed(run.args.seed, pos.epoch, indices[0])
         batch = run.masker(run.corpus.train[indices], seed)
         torch.manual_seed(seed)  # dropout
-        ids = guard.before_micro(batch["input_ids"].to(engine.device), pos.global_step)
+        ids = run.guard.before_micro(batch["input_ids"].to(engine.device), pos.global_step)
         logits, target = engine(ids, batch["attention_mask"].to(engine.device), batch["labels"].to(engine.device))
         loss = torch.nn.functional.cross_entropy(logits.float(), target)
         engine.backward(loss)
@@ -282,15 +278,9 @@ def train_one_epoch(run: BertRun, sampler: GlobalBatchSampler, pos: Position) ->
         lr = engine.get_lr()[0] if boundary else lr  # the lr this step runs at (the schedule moves on in step())
         engine.step()
         run.meter.add(loss, (logits.argmax(-1) == target).sum(), len(target), len(indices))
-        verdict = guard.after_micro(loss, boundary, pos.global_step)
-        if verdict.completed:
-            loop.after_step(run, pos, sampler, verdict, lr, tokens_per_sample=run.seq_len)
-        if verdict.signum:
-            loop.save_and_exit(run, pos, sampler, verdict)
-        if verdict.completed and pos.global_step >= run.max_steps:
+        if loop.end_micro_step(run, pos, sampler, loss, boundary, lr, tokens_per_sample=run.seq_len):
             break
-    if run.bar is not None:
-        run.bar.close()
+    loop.end_epoch(run)
     return lr
 
 

@@ -32,11 +32,19 @@ from train.checkpoints import Position  # noqa: E402
 from train.config import Resolved, load_json  # noqa: E402
 from train.data import DATASETS, GlobalBatchSampler, build_data, eval_shard, to_model_input  # noqa: E402
 from train.engine import engine_dtype  # noqa: E402
-from train.loop import RunParts, after_step, begin, build_run, end_run, save_and_exit, train_epochs  # noqa: E402
+from train.loop import (  # noqa: E402
+    RunParts,
+    begin,
+    build_run,
+    end_epoch,
+    end_micro_step,
+    end_run,
+    start_epoch,
+    train_epochs,
+)
 from train.models import ARCHS, build_model, input_channels  # noqa: E402
 from train.noise_scale import NoiseScaleMonitor  # noqa: E402
 from train.precision import bf16_speedup  # noqa: E402
-from train.tracking import progress_bar  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -160,13 +168,10 @@ def describe(r: Resolved, data_name: str, num_train: int) -> str:
 
 def train_one_epoch(run: ImageRun, sampler: GlobalBatchSampler, pos: Position) -> float:
     """Train from ``pos`` to the epoch's end (or --max-steps); return the lr of the last step."""
-    engine, guard, dtype = run.engine, run.guard, engine_dtype(run.engine)
-    run.meter.start_epoch()
-    run.bar = progress_bar(run.world.is_main, sampler.steps_per_epoch, sampler.start_step,
-                           f"epoch {pos.epoch + 1}/{run.resolved.epochs}")
-    lr = engine.get_lr()[0]
+    engine, dtype = run.engine, engine_dtype(run.engine)
+    lr = start_epoch(run, sampler, pos)
     for x, y in run.data.train_batches(sampler):
-        x = guard.before_micro(to_model_input(x, engine.device, dtype, run.memory_format), pos.global_step)
+        x = run.guard.before_micro(to_model_input(x, engine.device, dtype, run.memory_format), pos.global_step)
         y = y.to(engine.device, non_blocking=True)
         run.noise.maybe_measure(pos.global_step, x, y, run.loss_fn)  # every N steps, before the first forward
         logits = engine(x).float()
@@ -176,15 +181,9 @@ def train_one_epoch(run: ImageRun, sampler: GlobalBatchSampler, pos: Position) -
         lr = engine.get_lr()[0] if boundary else lr  # the lr this step runs at (the schedule moves on in step())
         engine.step()
         run.meter.add(loss, (logits.argmax(1) == y).sum(), y.numel(), y.numel())
-        verdict = guard.after_micro(loss, boundary, pos.global_step)
-        if verdict.completed:
-            after_step(run, pos, sampler, verdict, lr, run.noise.last)
-        if verdict.signum:
-            save_and_exit(run, pos, sampler, verdict)
-        if verdict.completed and pos.global_step >= run.max_steps:
+        if end_micro_step(run, pos, sampler, loss, boundary, lr, extra=run.noise.last):
             break
-    if run.bar is not None:
-        run.bar.close()
+    end_epoch(run)
     return lr
 
 

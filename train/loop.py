@@ -17,7 +17,8 @@ train/bert.py (docs/architecture.md, "Where to add: a workload"). An entry point
 * :func:`end_run`: the summary record and the records closed.
 
 An entry point subclasses :class:`RunParts` with its data and writes ``train_one_epoch`` (forward, loss, backward
-and step in view, calling :func:`after_step` and :func:`save_and_exit` in one line each), ``epoch_record`` (with
+and step in view, between :func:`start_epoch` and :func:`end_epoch`, with :func:`end_micro_step` after each
+``engine.step()``), ``epoch_record`` (with
 its evaluation) and, where it keeps more in a checkpoint, ``client_state``/``load_client_state``.
 """
 
@@ -43,7 +44,7 @@ from train.exits import ExitCode
 from train.faults import StepGuard, Verdict
 from train.precision import device_precisions
 from train.run_folder import claim_run_folder, rewind_metrics
-from train.tracking import RunLog, StepMeter, git_commit, write_run_config
+from train.tracking import RunLog, StepMeter, git_commit, progress_bar, write_run_config
 
 
 @dataclass(kw_only=True)
@@ -239,6 +240,35 @@ def after_step(run: RunParts, pos: Position, sampler: Any, verdict: Verdict, lr:
         raise SystemExit(ExitCode.BAD_STEPS)
     if run.args.save_interval and pos.global_step % run.args.save_interval == 0 and pos.global_step < run.max_steps:
         run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
+
+
+def start_epoch(run: RunParts, sampler: Any, pos: Position) -> float:
+    """Before an epoch's first micro-step: the meter's epoch totals cleared, the progress bar (rank 0); returns the
+    lr the next step runs at."""
+    run.meter.start_epoch()
+    run.bar = progress_bar(run.world.is_main, sampler.steps_per_epoch, sampler.start_step,
+                           f"epoch {pos.epoch + 1}/{run.resolved.epochs}")
+    return run.engine.get_lr()[0]
+
+
+def end_micro_step(run: RunParts, pos: Position, sampler: Any, loss: torch.Tensor, boundary: bool, lr: float,
+                   extra: dict[str, Any] | None = None, tokens_per_sample: int = 0) -> bool:
+    """After ``engine.step()``: the step guard's verdict on the micro-step; a completed optimizer step counted
+    (:func:`after_step`, which takes ``extra`` and ``tokens_per_sample``), an agreed stop signal acted on
+    (:func:`save_and_exit`). True when the run has reached ``max_steps``: the epoch ends there."""
+    verdict = run.guard.after_micro(loss, boundary, pos.global_step)
+    if verdict.completed:
+        after_step(run, pos, sampler, verdict, lr, extra, tokens_per_sample)
+    if verdict.signum:
+        save_and_exit(run, pos, sampler, verdict)
+    return verdict.completed and pos.global_step >= run.max_steps
+
+
+def end_epoch(run: RunParts) -> None:
+    """After an epoch's last micro-step: the progress bar closed."""
+    if run.bar is not None:
+        run.bar.close()
+        run.bar = None
 
 
 def save_and_exit(run: RunParts, pos: Position, sampler: Any, verdict: Verdict) -> None:

@@ -1,8 +1,8 @@
 """Worker for tests/test_diagnostics.py: per-layer trust-ratio records under real DeepSpeed engines.
 
-Launched as ``deepspeed --num_gpus 2 tests/diag_worker.py --out results.pt --runs fp32-z0:lars fp32-z1:lars ...``.
-Each run builds the model of tests/ds_optim_worker.py (a Linear weight straddles the 2 ranks' ZeRO partitions),
-binds the optimizer as train/engine.py does, and trains ``STEPS`` steps on the same per-rank data with
+Launched as ``deepspeed --num_gpus 2 tests/workers/diag_worker.py --out results.pt --runs fp32-z0:lars ...``.
+Each run builds the model of tests/workers/ds_optim_worker.py (a Linear weight straddles the 2 ranks' ZeRO
+partitions), binds the optimizer as train/engine.py does, and trains ``STEPS`` steps on the same per-rank data with
 ``train.diagnostics.TrustRatioMonitor`` at interval 1. Rank 0 saves every run's "layers" records (and the wandb
 scalars the monitor passed along) to ``--out``.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ds_optim_worker as base  # noqa: E402
@@ -52,8 +52,8 @@ class ListLog:
 
 
 def make_model(variant: str) -> torch.nn.Module:
-    """tests/ds_optim_worker.py's model; for ``*_unused`` with a (5, 4) parameter outside the forward pass (first in
-    ``named_parameters()``, so in the adapted group, whose flat partition it shifts by 20 elements)."""
+    """tests/workers/ds_optim_worker.py's model; for ``*_unused`` with a (5, 4) parameter outside the forward pass
+    (first in ``named_parameters()``, so in the adapted group, whose flat partition it shifts by 20 elements)."""
     model = base.make_model()
     if variant.endswith("_unused"):
         weight = torch.randn(5, 4, generator=torch.Generator().manual_seed(7))

@@ -1,8 +1,8 @@
 """Worker for tests/test_optimizers_hf.py: the Hugging Face Trainer with DeepSpeed through optimizers.hf.
 
-Launched as ``deepspeed --num_gpus 2 tests/hf_trainer_worker.py --out results.pt --work DIR`` (gloo on DeepSpeed's
-CPU accelerator). One process per rank runs, one after the other, the same tiny BERT classifier from the same seed
-on the same data for ``STEPS`` optimizer steps of LAMB through ``optimizers.hf.LayerwiseTrainer``:
+Launched as ``deepspeed --num_gpus 2 tests/workers/hf_trainer_worker.py --out results.pt --work DIR`` (gloo on
+DeepSpeed's CPU accelerator). One process per rank runs, one after the other, the same tiny BERT classifier from the
+same seed on the same data for ``STEPS`` optimizer steps of LAMB through ``optimizers.hf.LayerwiseTrainer``:
 
 * ``z0``: ZeRO off, micro batch 4 on each of the 2 ranks (the reference);
 * ``z0_ulp``: ZeRO off from initial weights moved by one ulp each (``torch.nextafter``): how far a rounding-sized
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 STEPS = 4
 SAMPLES = STEPS * 8  # 2 ranks x micro batch 4 per step, one epoch

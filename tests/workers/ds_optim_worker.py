@@ -1,6 +1,6 @@
 """Worker for tests/test_optimizers_deepspeed.py: runs LARS and LAMB under real DeepSpeed engines.
 
-Launched as ``deepspeed --num_gpus N tests/ds_optim_worker.py --out results.pt --ckpt-dir DIR --modes ...``.
+Launched as ``deepspeed --num_gpus N tests/workers/ds_optim_worker.py --out results.pt --ckpt-dir DIR --modes ...``.
 For each mode (precision x ZeRO stage) it trains the same small model from the same seed on the same per-rank
 data for ``--steps`` optimizer steps with a linear lr warmup, once per variant:
 
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import optimizers  # noqa: E402
 
