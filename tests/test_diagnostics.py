@@ -47,8 +47,8 @@ DRIVER = """
 import sys, torch
 sys.path.insert(0, ".")
 import optimizers
-from train import imagenet
-saved, names, original = [], {}, imagenet.build_engine
+from train import imagenet, loop
+saved, names, original = [], {}, loop.build_engine
 def build_engine(*args, **kwargs):
     engine, cfg = original(*args, **kwargs)
     names.update({id(p): n for n, p in engine.module.named_parameters()})
@@ -57,7 +57,7 @@ def step(self, closure=None, _step=optimizers.LARS.step):
     saved.append({names[id(p)]: (p.detach().clone(), p.grad.detach().clone())
                   for g in self.param_groups for p in g["params"] if p.grad is not None})
     return _step(self, closure)
-imagenet.build_engine, optimizers.LARS.step = build_engine, step
+loop.build_engine, optimizers.LARS.step = build_engine, step
 code = imagenet.cli.run(imagenet.main, imagenet.get_args_parser().parse_args(sys.argv[2:]))
 torch.save(saved, sys.argv[1])
 sys.exit(code)
