@@ -249,8 +249,10 @@ def test_sgd_maximize_equals_torch_sgd_maximize(foreach):
     ref_opt = torch.optim.SGD(ref.parameters(), **kw, maximize=True, foreach=False)
     _train(ours, opt, batches)
     _train(ref, ref_opt, batches)
+    # a few fp32 roundings apart: the foreach kernels round otherwise than torch's for-loop (1.3e-7 of a 0.024
+    # weight on one CPU); a maximize taken the wrong way would differ by lr x gradient, about 1e-2
     for a, b in zip(_weights(ours), _weights(ref), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name,foreach", [c for c in CASES if c[0] != "sgd"], ids=[i for i in IDS if "sgd" not in i])

@@ -119,6 +119,8 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
                   flush=True)
         args.precision = precision
     close_group = True  # False where a peer may be hung or mid-collective: destroying the group could wait on it
+    # a process group that was there before main (a program that calls run in-process) is its owner's to destroy
+    owned = not distributed.initialized()
     try:
         main(args)
     except (ConfigError, DataError) as e:
@@ -144,7 +146,7 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
         close_group = False
         raise
     finally:
-        if close_group:  # a finished run, a fault every rank met, or a signal the ranks agreed on (SystemExit)
+        if close_group and owned:  # a finished run, a fault every rank met, or a signal the ranks agreed on
             distributed.shutdown()
     return ExitCode.OK
 

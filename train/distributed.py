@@ -83,6 +83,11 @@ def init(timeout_minutes: float) -> World:
     return world
 
 
+def initialized() -> bool:
+    """Whether this process has a default process group now."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def shutdown() -> bool:
     """Destroy every process group of this rank; return whether there was one to destroy.
 
@@ -93,10 +98,9 @@ def shutdown() -> bool:
     threads only where nothing else holds the group. DeepSpeed does, so an entry point also ends through
     :func:`exit_process`.
     """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         return False
-    dist.destroy_process_group()
+    torch.distributed.destroy_process_group()
     return True
 
 
