@@ -108,12 +108,6 @@ class BertRun(loop.RunParts):
     val_batch: dict[str, torch.Tensor]  # this rank's validation sequences, masked once for the whole run
     seq_len: int
 
-    def train_one_epoch(self, sampler: GlobalBatchSampler, pos: Position) -> float:
-        return train_one_epoch(self, sampler, pos)
-
-    def epoch_record(self, pos: Position, sampler: GlobalBatchSampler, lr: float) -> dict[str, Any]:
-        return epoch_record(self, pos, sampler, lr)
-
 
 def micro_seed(seed: int, epoch: int, first_index: int) -> int:
     """One seed per micro-batch (its first sequence is unique within an epoch): masking and dropout repeat exactly
@@ -194,7 +188,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "train_tokens": corpus.num_tokens[0], "val_tokens": corpus.num_tokens[1], "val_unigram_entropy": entropy,
         "parameters": sum(p.numel() for p in run.engine.module.parameters())}
     pos = loop.begin(run, derived, "bert", lambda: describe(derived))
-    loop.train_epochs(run, pos, len(corpus.train))
+    loop.train_epochs(run, pos, len(corpus.train), train_one_epoch, epoch_record)
     return finish(run, pos)
 
 

@@ -32,9 +32,8 @@ def single_process_env() -> None:
     """Let plain ``python train/<entry>.py`` run as a world of one (the launcher sets these for its ranks)."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
         return
-    port = free_port()
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
 
 
 @dataclass

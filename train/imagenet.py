@@ -101,12 +101,6 @@ class ImageRun(RunParts):
         if client.get("noise_scale"):
             self.noise.estimator.load_state_dict(client["noise_scale"])
 
-    def train_one_epoch(self, sampler: GlobalBatchSampler, pos: Position) -> float:
-        return train_one_epoch(self, sampler, pos)
-
-    def epoch_record(self, pos: Position, sampler: GlobalBatchSampler, lr: float) -> dict[str, Any]:
-        return epoch_record(self, pos, sampler, lr)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up and the loop over epochs
@@ -139,7 +133,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     derived = run.resolved.derived() | {"dataset": args.dataset, "num_train": num_train, "num_val": num_val,
                                         "arch": args.arch, "image_size": image_size}
     pos = begin(run, derived, args.dataset, lambda: describe(run.resolved, args.dataset, num_train))
-    train_epochs(run, pos, num_train)
+    train_epochs(run, pos, num_train, train_one_epoch, epoch_record)
     return finish(run, pos)
 
 

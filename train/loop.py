@@ -4,7 +4,7 @@ train/bert.py (docs/architecture.md, "Where to add: a workload"). An entry point
     world = distributed.init(...)                   # then its data (needed for the training-set size)
     run = loop.build_run(ImageRun, args, cfg, world, num_train=..., probe=..., model=..., data=...)
     pos = loop.begin(run, derived, tag, banner)     # --resume, per-layer trust ratios, config.json and records
-    loop.train_epochs(run, pos, num_train)          # the epoch loop: run.train_one_epoch, run.epoch_record, saves
+    loop.train_epochs(run, pos, num_train, train_one_epoch, epoch_record)  # the epoch loop, saves
     return finish(run, pos)                         # the workload's summary and final weights, then end_run
 
 * :func:`build_run`: the config resolved against this device (precision probe) and data, the run folder claimed,
@@ -18,8 +18,8 @@ train/bert.py (docs/architecture.md, "Where to add: a workload"). An entry point
 
 An entry point subclasses :class:`RunParts` with its data and writes ``train_one_epoch`` (forward, loss, backward
 and step in view, between :func:`start_epoch` and :func:`end_epoch`, with :func:`end_micro_step` after each
-``engine.step()``), ``epoch_record`` (with
-its evaluation) and, where it keeps more in a checkpoint, ``client_state``/``load_client_state``.
+``engine.step()``) and ``epoch_record`` (with its evaluation), which it hands to :func:`train_epochs`, and, where
+it keeps more in a checkpoint, ``client_state``/``load_client_state``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ from train.tracking import RunLog, StepMeter, git_commit, progress_bar, write_ru
 @dataclass(kw_only=True)
 class RunParts:
     """What every training run holds: the engine, its run folder and the parts that wrap each step. An entry point
-    subclasses it with its data and its ``train_one_epoch`` and ``epoch_record``; :func:`build_run` makes one."""
+    subclasses it with its data (its ``train_one_epoch`` and ``epoch_record`` go to :func:`train_epochs`);
+    :func:`build_run` makes one."""
 
     rate_name: ClassVar[str] = "images_per_sec"  # the step meter's throughput name (samples per second)
 
@@ -82,14 +83,6 @@ class RunParts:
 
     def load_client_state(self, client: dict[str, Any]) -> None:
         """``--resume``: take back what :meth:`client_state` saved (the wandb id is :func:`begin`'s)."""
-
-    def train_one_epoch(self, sampler: GlobalBatchSampler, pos: Position) -> float:
-        """Train from ``pos`` to the epoch's end (or max_steps); return the lr of the last step."""
-        raise NotImplementedError
-
-    def epoch_record(self, pos: Position, sampler: GlobalBatchSampler, lr: float) -> dict[str, Any]:
-        """The epoch's record, with its evaluation, logged and printed."""
-        raise NotImplementedError
 
 
 R = TypeVar("R", bound=RunParts)
@@ -128,11 +121,13 @@ def begin(run: RunParts, derived: dict[str, Any], tag: str, banner: Callable[[],
     return pos
 
 
-def train_epochs(run: RunParts, pos: Position, num_train: int) -> None:
-    """The loop over epochs from ``pos``: each epoch trained (``run.train_one_epoch``), recorded
-    (``run.epoch_record``) and saved, until the config's epochs or ``run.max_steps``. Where the config schedules a
-    larger batch for an epoch (Smith et al. 2018, instead of a smaller lr), the engine accumulates more
-    micro-steps and a sampler for the new batch takes over."""
+def train_epochs(run: R, pos: Position, num_train: int, train_one_epoch: Callable[[R, Any, Position], float],
+                 epoch_record: Callable[[R, Position, Any, float], Any]) -> None:
+    """The loop over epochs from ``pos``: each epoch trained (``train_one_epoch(run, sampler, pos)`` returns the lr
+    of its last step), recorded (``epoch_record(run, pos, sampler, lr)``, with the evaluation) and saved, until
+    the config's epochs or ``run.max_steps``. Where the config schedules a larger batch for an epoch (Smith et al.
+    2018, instead of a smaller lr), the engine accumulates more micro-steps and a sampler for the new batch takes
+    over."""
     r, world = run.resolved, run.world
     sampler = GlobalBatchSampler(num_train, r.global_batch, r.micro_batch, world.size, world.rank, run.args.seed)
     for epoch in range(pos.epoch, r.epochs):
@@ -147,8 +142,8 @@ def train_epochs(run: RunParts, pos: Position, num_train: int) -> None:
                       f"{sampler.steps_per_epoch} steps/epoch")
         sampler.set_epoch(epoch, pos.step_in_epoch if epoch == pos.epoch else 0)
         pos.epoch, pos.step_in_epoch = epoch, sampler.start_step
-        lr = run.train_one_epoch(sampler, pos)
-        run.epoch_record(pos, sampler, lr)
+        lr = train_one_epoch(run, sampler, pos)
+        epoch_record(run, pos, sampler, lr)
         run.checkpointer.save(pos, sampler.steps_per_epoch, good=run.guard.streak.length == 0)
 
 
