@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from analysis.grid import ALL_TAGS, EDGE_STEP, GRID_TAGS, best_tag, finished, parse_config_name
+from train import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 STUDY_CONFIGS = REPO / "ds_configs" / "study"
 MLP_CONFIGS = REPO / "ds_configs" / "study-mlp"
 ARCH = "resnet_small_narrow"

@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.grid import at_edge, best_of_grid, finished
-
-REPO = Path(__file__).resolve().parent.parent
+from train import REPO
 
 # --- The study's choices (docs/study-bert/README.md says why each) ------------------------------------------------
 MODEL, SEQ_LEN, VOCAB_SIZE, EPOCHS = "tiny", 32, 4096, 4

@@ -25,9 +25,9 @@ from typing import Any
 
 from analysis.grid import finished
 from analysis.runs import load_run
+from train import REPO
 from train.distributed import free_port
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "ds_configs" / "downpour"
 REPLICAS = (1, 2, 4, 8)
 STRAGGLER_DELAY = 0.02

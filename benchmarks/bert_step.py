@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.train_step import cpu_description, free_port, load  # noqa: E402
+from train import REPO  # noqa: E402
 
 LR = 1e-3
 

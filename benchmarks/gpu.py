@@ -39,9 +39,8 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_report import (  # noqa: E402, F401 (the report's functions, also importable from here)
     ANCHOR,
@@ -54,6 +53,7 @@ from benchmarks.gpu_report import (  # noqa: E402, F401 (the report's functions,
     workers_needed,
     write_report,
 )
+from train import REPO  # noqa: E402
 from train.distributed import exit_process, single_process_env  # noqa: E402
 
 RECIPE = REPO / "ds_configs" / "256.json"  # Goyal et al.'s recipe: fp16, ZeRO-1, our SGD, no clipping

@@ -65,10 +65,10 @@ from pathlib import Path
 import psutil  # a dependency of DeepSpeed
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from train import REPO  # noqa: E402
 from train.distributed import free_port  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")

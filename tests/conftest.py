@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from train import REPO
 from train.distributed import free_port  # noqa: F401  (the tests import it from here)
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "workers"))  # the launcher's worker scripts, which tests also import
 FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")

@@ -71,6 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_run_arguments(p)
+    cli.add_engine_arguments(p)
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="folder of UTF-8 text files, one document each (default: $BERT_CORPUS_DIR, else Debian's "
                         "python3.11-doc sources, which train/setup.sh installs)")

@@ -50,7 +50,8 @@ def positive_float(text: str) -> float:
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, wandb_project: str = "largebatch") -> None:
-    """The flags of a run, the same for every entry point."""
+    """The flags of a run, the same for every entry point (Downpour's included); a DeepSpeed entry point adds
+    :func:`add_engine_arguments`."""
     p.add_argument("--deepspeed_config", required=True, metavar="FILE",
                    help="the JSON file that defines the experiment (ds_configs/*.json)")
     p.add_argument("--epochs", type=int_at_least(1), default=None, help="override the config's training.epochs")
@@ -58,9 +59,6 @@ def add_run_arguments(p: argparse.ArgumentParser, *, wandb_project: str = "large
                    help="stop when the run's optimizer step count (from the run's start) reaches N")
     p.add_argument("--micro-batch", type=int_at_least(1), default=None,
                    help="override train_micro_batch_size_per_gpu (changes accumulation, not the global batch)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: the config's on a GPU; on a CPU bf16 where a timed probe shows it faster than fp32, "
-                        "else fp32 (never fp16: emulated); the choice and why go to config.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default=None, metavar="DIR", help="run folder (default runs/<run name>)")
     p.add_argument("--run-name", default=None, help="default <config name>-seed<seed>, e.g. lars-32k-seed0")
@@ -68,9 +66,6 @@ def add_run_arguments(p: argparse.ArgumentParser, *, wandb_project: str = "large
     p.add_argument("--overwrite", action="store_true", help="allow reusing the folder of another run")
     p.add_argument("--save-interval", type=int_at_least(0), default=0,
                    help="also checkpoint every N optimizer steps (0: only at epoch ends and at the end)")
-    p.add_argument("--keep-checkpoints", type=int_at_least(0), default=DEFAULT_KEEP, metavar="N",
-                   help="keep the newest N checkpoints (besides the one 'latest' names and the last good one); "
-                        "0: keep all")
     p.add_argument("--log-interval", type=int_at_least(1), default=10,
                    help="log loss/lr/throughput every N steps")
     p.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
@@ -78,17 +73,29 @@ def add_run_arguments(p: argparse.ArgumentParser, *, wandb_project: str = "large
     p.add_argument("--wandb-group", default=None, help="group of runs to compare (a study name)")
     p.add_argument("--wandb-timeout", type=positive_float, default=60.0, metavar="SECONDS",
                    help="the longest rank 0 waits for the wandb server at the start (then it logs offline) and at "
-                        "the end; at most half of --dist-timeout")
+                        "the end")
     p.add_argument("--max-skipped-steps", type=int_at_least(0), default=10, metavar="N",
                    help="stop after N optimizer steps in a row skipped for a non-finite loss or gradients; 0: never")
     p.add_argument("--trusted-checkpoint", action="store_true",
                    help="--resume: load checkpoint files with full pickle (weights_only=False); only for trusted files")
     p.add_argument("--inject-nan", type=int_at_least(1), nargs="+", default=(), metavar="STEP",
                    help="testing aid: rank 0's inputs are NaN in these optimizer steps (1-based)")
-    p.add_argument("--dist-timeout", type=positive_float, default=30.0,
-                   help="minutes a collective may wait for a dead rank before the run fails")
-    p.add_argument("--ds-log-level", default="WARNING", help="DeepSpeed's own log level")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that act only where DeepSpeed runs the step (train/imagenet.py, train/bert.py): precision, the
+    collectives' time-out, DeepSpeed's log level and checkpoint retention."""
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: the config's on a GPU; on a CPU bf16 where a timed probe shows it faster than fp32, "
+                        "else fp32 (never fp16: emulated); the choice and why go to config.json")
+    p.add_argument("--keep-checkpoints", type=int_at_least(0), default=DEFAULT_KEEP, metavar="N",
+                   help="keep the newest N checkpoints (besides the one 'latest' names and the last good one); "
+                        "0: keep all")
+    p.add_argument("--dist-timeout", type=positive_float, default=30.0,
+                   help="minutes a collective may wait for a dead rank before the run fails (rank 0 waits for "
+                        "wandb at most half of it)")
+    p.add_argument("--ds-log-level", default="WARNING", help="DeepSpeed's own log level")
 
 
 def run_dir(args: argparse.Namespace) -> Path:
@@ -138,8 +145,9 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
         close_group = False
         if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
             raise
-        print(f"error (rank {rank}): a collective waited --dist-timeout {args.dist_timeout:g} min for another rank "
-              f"and gave up ({str(e).splitlines()[0][:200]}); a rank hung (stuck device, paused or lost machine). "
+        limit = f"--dist-timeout {args.dist_timeout:g} min" if hasattr(args, "dist_timeout") else "its time-out"
+        print(f"error (rank {rank}): a collective waited {limit} for another rank and gave up "
+              f"({str(e).splitlines()[0][:200]}); a rank hung (stuck device, paused or lost machine). "
               f"The job stops; --resume continues from the last checkpoint", file=sys.stderr, flush=True)
         return ExitCode.HUNG_RANK
     except Exception:

@@ -31,12 +31,12 @@ signal, silence) is noted in the records and the others go on while at most ``--
 have failed; one more, or a failed shard, fails the run: exit code 1 and one line per failed role with its error
 (``--resume`` continues from the last checkpoint).
 
-The run flags are train/cli.py's, shared with train/imagenet.py; here ``--max-steps`` counts each replica's steps,
-``--log-interval`` and ``--save-interval`` the replicas' steps summed, ``--micro-batch`` overrides
+The run flags are train/cli.py's ``add_run_arguments``, shared with train/imagenet.py (not the DeepSpeed-only
+``add_engine_arguments``: the model runs in fp32, ``--rpc-timeout`` bounds a call); here ``--max-steps`` counts each
+replica's steps, ``--log-interval`` and ``--save-interval`` the replicas' steps summed, ``--micro-batch`` overrides
 batch_per_replica, ``--inject-nan`` makes replica 0's inputs NaN, and ``--max-skipped-steps`` N fails a replica
 whose gradient was not finite at N pushes in a row (such a push is not sent; a shard drops any non-finite gradient
-it receives, and counts it). Shared flags that would not act here (``--precision`` other than fp32,
-``--dist-timeout``, ``--ds-log-level``, ``--keep-checkpoints``) are refused.
+it receives, and counts it).
 """
 
 from __future__ import annotations
@@ -82,13 +82,6 @@ REQUIRED = ("model", "replicas", "shards", "lr", "epochs")
 KNOWN = set(DEFAULTS) | set(REQUIRED)
 
 
-# Shared run flags (train/cli.py) that would not act here: refused when given. fp32 only; --rpc-timeout, not
-# --dist-timeout; no DeepSpeed; one parameter-server checkpoint file (checkpoints/ps.pt).
-INERT = {"precision": "the model runs in fp32", "dist_timeout": "use --rpc-timeout and --replica-timeout",
-         "ds_log_level": "Downpour does not run DeepSpeed", "keep_checkpoints": "it keeps one parameter-server "
-         "checkpoint, checkpoints/ps.pt"}
-
-
 def replica_name(j: int) -> str:
     return f"replica{j}"
 
@@ -97,7 +90,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_run_arguments(p)  # --max-steps: per replica; --log-interval/--save-interval: replica steps, all summed
-    p.set_defaults(**{f: None for f in INERT})  # given or not: load_setup refuses those that would not act
     p.add_argument("--data-dir", default=None, metavar="DIR", help="Fashion-MNIST: folder of the four IDX files")
     p.add_argument("--replicas", type=cli.int_at_least(0), default=None, help="override downpour.replicas (W)")
     p.add_argument("--shards", type=cli.int_at_least(0), default=None, help="override downpour.shards (S)")
@@ -194,10 +186,6 @@ def _int_at_least(cfg: dict[str, Any], key: str, low: int) -> int:
 def load_setup(args: argparse.Namespace) -> Setup:
     """The config's downpour block with the flags' overrides, checked; raises ConfigError with what and why."""
 
-    for flag, why in INERT.items():
-        if getattr(args, flag) is not None and not (flag == "precision" and args.precision in ("auto", "fp32")):
-            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} has no effect in a Downpour run "
-                              f"({why}); leave it out")
     raw = load_json(args.deepspeed_config)
     if not isinstance(raw.get("downpour"), dict):
         raise ConfigError(f"{args.deepspeed_config}: no \"downpour\" block; expected a Downpour experiment "

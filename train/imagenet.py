@@ -51,6 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_run_arguments(p)
+    cli.add_engine_arguments(p)
     p.add_argument("--dataset", default="imagenet", choices=DATASETS)
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="ImageNet: folder with train/ and val/; Fashion-MNIST: folder of the four IDX files "
