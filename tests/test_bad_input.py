@@ -60,7 +60,7 @@ def test_resume_without_a_checkpoint_says_so_and_keeps_the_folder(tmp_path, fash
     (run / "config.json").write_text("{}")
     (run / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\n')
     proc = run_single(mlp_args(tmp_path, fashion_mnist_dir, "--resume"), check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # bad input, as a bad config
     assert (f"--resume: no checkpoint in {run / 'checkpoints'} (the run stopped before its first save, or the folder "
             f"is not a run); pass --overwrite instead of --resume to start this run afresh") in proc.stderr
     assert (run / "config.json").read_text() == "{}" and (run / "metrics.jsonl").read_text().count("\n") == 1

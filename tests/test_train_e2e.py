@@ -61,7 +61,7 @@ def test_fashion_mnist_two_ranks_learns_writes_outputs_and_resumes(tmp_path, fas
     # shows it as two would: the refusal is rank 0's, and a second rank's exit is not seen here either (the
     # launcher ends the other ranks when rank 0 exits non-zero).
     refused = run_single([*common, "--epochs", "2"], check=False)
-    assert refused.returncode != 0 and "already holds a run" in refused.stdout + refused.stderr
+    assert refused.returncode == 2 and "already holds a run" in refused.stdout + refused.stderr
 
     second = launch([*common, "--epochs", "2", "--resume"])
     assert "resumed from" in second.stdout and "epoch 1, step 30" in second.stdout

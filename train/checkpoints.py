@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from train.config import ConfigError, Resolved
-from train.exits import ExitCode
+from train.exits import ExitCode, refuse
 from train.run_folder import write_atomically
 
 DEFAULT_KEEP = 3  # the newest checkpoints kept (--keep-checkpoints); 'latest' and the last good one stay too
@@ -248,7 +248,7 @@ class Checkpointer:
         tag = resume_tag(self.dir)  # a clear message for a 'latest' that names no checkpoint of this folder
         path, client = self.engine.load_checkpoint(str(self.dir), tag=tag) if tag else (None, None)
         if path is None or client is None:
-            raise SystemExit(f"--resume: no checkpoint in {self.dir} (the run stopped before its first save, or the "
+            refuse(f"--resume: no checkpoint in {self.dir} (the run stopped before its first save, or the "
                              f"folder is not a run); pass --overwrite instead of --resume to start this run afresh")
         pos = Position(client["epoch"], client["step_in_epoch"], client["global_step"], client["samples"])
         scheduler = self.engine.lr_scheduler

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import signal
+import sys
+from typing import NoReturn
 
 
 class ExitCode(enum.IntEnum):
@@ -28,3 +30,10 @@ class ExitCode(enum.IntEnum):
 
 
 INTERRUPTED = ExitCode.for_signal(signal.SIGINT)  # Ctrl-C before the run's own handlers: 130, as Python's
+
+
+def refuse(message: str) -> NoReturn:
+    """Stop with bad input found where :func:`train.cli.run` does not turn an exception into a code (the run folder,
+    ``--resume``'s checkpoint): the message on stderr, then exit code 2, as for a bad config."""
+    print(message if message.startswith("error") else f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(ExitCode.BAD_INPUT)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from train.config import ConfigError
+from train.exits import refuse
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -56,8 +57,7 @@ def claim_run_folder(out_dir: Path, rank: int, *, resume: bool, overwrite: bool,
     answer = [refusal]
     torch.distributed.broadcast_object_list(answer, src=0)  # every rank stops, not only rank 0
     if answer[0]:
-        raise SystemExit(answer[0] if rank == 0 else f"rank 0 cannot use the run folder {out_dir}; its message "
-                                                     f"says why")
+        refuse(answer[0] if rank == 0 else f"rank 0 cannot use the run folder {out_dir}; its message says why")
     check_shared_folder(out_dir, rank)
 
 
