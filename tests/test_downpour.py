@@ -1,4 +1,4 @@
-"""Downpour SGD (train/downpour.py, train/parameter_server.py): real RPC processes on loopback, real data.
+"""Downpour SGD (train/downpour.py, train/ps/): real RPC processes on loopback, real data.
 
 Reference results are computed here independently: torch.optim.Adagrad / torch.optim.SGD on one model, fed the
 batches that train.data.GlobalBatchSampler gives (the data rule train/downpour.py documents: replica j of W takes
@@ -17,10 +17,11 @@ from conftest import REPO, child_env, read_metrics, write_config
 
 from analysis.runs import load_run
 from train import cli, downpour
-from train import parameter_server as ps
 from train.config import ConfigError
 from train.data import GlobalBatchSampler, fashion_mnist
 from train.models import build_model
+from train.ps import shard as ps
+from train.ps.setup import failure_report
 
 SEED = 0
 LR, ACC0 = 0.05, 0.1
@@ -166,7 +167,7 @@ def test_six_shards_of_cut_tensors_apply_torch_adagrad():
         g = ps.flatten([p.grad for p in params])
         for shard, (a, b) in zip(shards, bounds, strict=True):
             shard.push(0, {ps.FLAT: g[a:b].clone()}, {})
-        downpour.load_slices(model, [shard.fetch(0) for shard in shards])
+        ps.load_slices(model, [shard.fetch(0) for shard in shards])
         opt.zero_grad()
         torch.nn.functional.cross_entropy(ref(x[k]), y[k]).backward()
         opt.step()
@@ -176,14 +177,14 @@ def test_six_shards_of_cut_tensors_apply_torch_adagrad():
 
 def test_failure_report_names_every_failed_role_once_the_limit_is_passed():
     one = {"replica 1": "RuntimeError: boom (after step 3)"}
-    assert downpour.failure_report(one, 1, 4, 3) is None  # tolerated: 1 of 4 lost, 3 allowed
-    assert downpour.failure_report(one, 1, 4, 0).splitlines() == [
+    assert failure_report(one, 1, 4, 3) is None  # tolerated: 1 of 4 lost, 3 allowed
+    assert failure_report(one, 1, 4, 0).splitlines() == [
         "error: the Downpour run failed: 1 of 4 replicas failed, --max-dead-replicas allows 0",
         "error: replica 1: RuntimeError: boom (after step 3)"]
     two = {"replica 0": "a", "replica 1": "b"}
-    assert downpour.failure_report(two, 2, 2, 1).splitlines()[1:] == ["error: replica 0: a", "error: replica 1: b"]
+    assert failure_report(two, 2, 2, 1).splitlines()[1:] == ["error: replica 0: a", "error: replica 1: b"]
     shard = {"shard 0": "its process died (signal 9)"}
-    assert downpour.failure_report(shard, 0, 2, 1).splitlines() == [
+    assert failure_report(shard, 0, 2, 1).splitlines() == [
         "error: the Downpour run failed: shard 0 failed", "error: shard 0: its process died (signal 9)"]
 
 
@@ -302,11 +303,11 @@ def test_warmstart_lets_one_replica_train_alone_first_and_a_hung_replica_is_foun
 @pytest.mark.launcher
 def test_a_run_whose_replicas_all_fail_fails_naming_each(tmp_path):
     """Replica 1 raises after its first step; replica 0's inputs are NaN in its steps 1 and 2, and
-    --max-skipped-steps 2 stops it there: the run exits 1 with one line per replica and its error, and writes no
-    summary (before, every exit counted as "dead", the run evaluated the initial model and exited 0)."""
+    --max-skipped-steps 2 stops it there: the run exits 6 (a role failed) with one line per replica and its error,
+    and writes no summary (before, every exit counted as "dead", the run evaluated the initial model and exited 0)."""
     faults = ["--fault", "replica1:raise@1", "--inject-nan", "1", "2", "--max-skipped-steps", "2"]
     proc, out = run_downpour(tmp_path, "crash", downpour_cfg(2, 1), "--train-subset", "640", *faults, check=False)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.returncode == 6, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     lines = lines[:1] + sorted(lines[1:])
     assert lines[0] == "error: the Downpour run failed: 2 of 2 replicas failed, --max-dead-replicas allows 1"

@@ -13,13 +13,13 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_codes_are_the_shells_and_the_readme_lists_each_one():
-    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5, 128]
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5, 6, 128]
     assert ExitCode.for_signal(signal.SIGTERM) == 143 and INTERRUPTED == 130  # 128 + N, as a shell reports it
     assert CheckpointSaveError.exit_code == 5
     table = re.search(r"^Exit codes .*?\n\n(\|.*?)\n\n", README.read_text(), flags=re.M | re.S)
     assert table, "README.md has no exit-code table"
     listed = [row.split("|")[1].strip() for row in table.group(1).splitlines()[2:]]
-    assert listed == ["0", "1", "2", "3", "4", "5", "128 + N"]
+    assert listed == ["0", "1", "2", "3", "4", "5", "6", "128 + N"]
 
 
 def test_no_exit_code_is_a_bare_number_in_train():

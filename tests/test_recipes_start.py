@@ -163,8 +163,9 @@ def test_every_shipped_config_starts(world, name):
 def _downpour_step(name: str) -> None:
     """train/downpour.py's check of the block (load_setup, which also opens the data), then one shard update from
     a gradient as a replica pushes it (the RPC around it is tested in tests/test_downpour.py)."""
-    from train import downpour, parameter_server
+    from train import downpour
     from train.models import build_model
+    from train.ps.shard import ParameterShard
 
     if not os.environ.get("FASHION_MNIST_DIR") and not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Fashion-MNIST is not here (set FASHION_MNIST_DIR)")
@@ -173,7 +174,7 @@ def _downpour_step(name: str) -> None:
     model = build_model(setup.cfg["model"], 10, 1, 28)
     params = dict(model.named_parameters())
     names = setup.param_shards[0]
-    shard = parameter_server.ParameterShard(
+    shard = ParameterShard(
         0, {k: params[k].detach().clone() for k in names if k in params}, {}, optimizer=setup.cfg["optimizer"],
         lr=setup.cfg["lr"], initial_accumulator_value=setup.cfg["initial_accumulator_value"])
     before = {k: v.clone() for k, v in shard.fetch(0).items()}

@@ -21,6 +21,7 @@ class ExitCode(enum.IntEnum):
     BAD_STEPS = 3  # too many bad (non-finite) steps in a row (--max-skipped-steps): the run gave up
     HUNG_RANK = 4  # a collective waited --dist-timeout for another rank: a rank hung or its machine was lost
     SAVE_FAILED = 5  # a checkpoint could not be written (a full disk): every rank stops
+    ROLE_FAILED = 6  # Downpour: a shard failed, or more replicas than --max-dead-replicas: one line per failed role
     SIGNAL_BASE = 128  # 128 + N: stopped by signal N (SIGTERM 143, SIGINT 130) after saving a checkpoint
 
     @classmethod
@@ -30,6 +31,12 @@ class ExitCode(enum.IntEnum):
 
 
 INTERRUPTED = ExitCode.for_signal(signal.SIGINT)  # Ctrl-C before the run's own handlers: 130, as Python's
+
+
+def fail(message: str, code: ExitCode) -> NoReturn:
+    """Stop with ``code`` after printing ``message`` (each line as it is) on stderr."""
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 def refuse(message: str) -> NoReturn:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from train.loop import (  # noqa: E402
 from train.models import ARCHS, build_model, input_channels  # noqa: E402
 from train.noise_scale import NoiseScaleMonitor  # noqa: E402
 from train.precision import bf16_speedup  # noqa: E402
+from train.tracking import error_summary  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -229,12 +229,7 @@ def evaluate(run: ImageRun, indices: list[int]) -> dict[str, float]:
 
 def finish(run: ImageRun, pos: Position) -> dict[str, Any]:
     """Goyal's figure (median top-1 error of the last 5 epochs), the final weights (model.pt), the summary."""
-    result: dict[str, Any] = {"steps": pos.global_step, "samples": pos.samples}
-    if run.history:
-        last = [h["val_top1_error"] for h in run.history[-5:]]
-        result |= {"final_val_top1_error": run.history[-1]["val_top1_error"],
-                   "final_val_top5_error": run.history[-1]["val_top5_error"],
-                   "median5_val_top1_error": statistics.median(last)}
+    result: dict[str, Any] = {"steps": pos.global_step, "samples": pos.samples, **error_summary(run.history)}
     if run.world.is_main:
         state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
                  for k, v in run.engine.module.state_dict().items()}

@@ -28,10 +28,11 @@ from train.config import ConfigError
 from train.exits import refuse
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a partial one."""
+def write_atomically(path: Path, text: str | bytes) -> None:
+    """Write a small file so that readers see the old or the new content, never a partial one (``bytes``: as they
+    are, e.g. a ``torch.save`` into memory)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -49,16 +50,24 @@ def claim_run_folder(out_dir: Path, rank: int, *, resume: bool, overwrite: bool,
     reason); then every rank proves it sees the same folder (:func:`check_shared_folder`). With ``resume``,
     ``resume_check(out_dir)`` may refuse too (train.checkpoints.resume_refusal: a broken 'latest' is refused
     before anything heavy starts)."""
-    refusal = None
-    if rank == 0:
-        refusal = lock_run_folder(out_dir) or claim_output_dir(out_dir, resume=resume, overwrite=overwrite)
-        if refusal is None and resume and resume_check is not None:
-            refusal = resume_check(out_dir)
+    refusal = claim_folder(out_dir, resume=resume, overwrite=overwrite, resume_check=resume_check) if rank == 0 \
+        else None
     answer = [refusal]
     torch.distributed.broadcast_object_list(answer, src=0)  # every rank stops, not only rank 0
     if answer[0]:
         refuse(answer[0] if rank == 0 else f"rank 0 cannot use the run folder {out_dir}; its message says why")
     check_shared_folder(out_dir, rank)
+
+
+def claim_folder(out_dir: Path, *, resume: bool, overwrite: bool,
+                 resume_check: Callable[[Path], str | None] | None = None) -> str | None:
+    """One process's claim of the run folder (rank 0 in :func:`claim_run_folder`; train/downpour.py's coordinator,
+    which has no process group): the lock (:func:`lock_run_folder`), the folder (:func:`claim_output_dir`), then
+    with ``resume`` ``resume_check(out_dir)``. Returns why the folder cannot be used, or None once it is this run's."""
+    refusal = lock_run_folder(out_dir) or claim_output_dir(out_dir, resume=resume, overwrite=overwrite)
+    if refusal is None and resume and resume_check is not None:
+        refusal = resume_check(out_dir)
+    return refusal
 
 
 _LOCKS: dict[Path, int] = {}  # run folder -> the open lock file, held until the process ends

@@ -17,6 +17,7 @@ import math
 import netrc
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -56,14 +57,17 @@ def wandb_logged_in() -> bool:
         return False
 
 
-def write_run_config(out_dir: Path, config: dict[str, Any], *, resumed: bool = False) -> None:
+def write_run_config(out_dir: Path, config: dict[str, Any], *, resumed: bool = False,
+                     checkpoint: str | None = None) -> None:
     """config.json for a run's first start (atomically); on a resume that finds one, keep it and append this
-    start's record to resumes.jsonl: the checkpoint resumed from, its arguments, host, world size and commit."""
+    start's record to resumes.jsonl: the checkpoint resumed from (``checkpoint``, else the tag checkpoints/latest
+    names), its arguments, host, world size and commit."""
     path = out_dir / "config.json"
     if not resumed or not path.exists():
         write_atomically(path, json.dumps(config, indent=2, default=str) + "\n")
         return
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": latest_tag(out_dir / "checkpoints"),
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "checkpoint": checkpoint or latest_tag(out_dir / "checkpoints"),
               "host": socket.gethostname(),
               "world_size": config.get("derived", {}).get("world_size"), "git_commit": config.get("git_commit"),
               "args": config.get("args"), "precision": config.get("derived", {}).get("precision")}
@@ -71,6 +75,16 @@ def write_run_config(out_dir: Path, config: dict[str, Any], *, resumed: bool = F
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def error_summary(history: list[dict[str, Any]]) -> dict[str, float]:
+    """A classifier's figure from its epoch records (Goyal et al.: the median top-1 error of the last 5 epochs), with
+    the last record's top-1 and top-5 errors, for the summary record; empty without epoch records."""
+    if not history:
+        return {}
+    return {"final_val_top1_error": history[-1]["val_top1_error"],
+            "final_val_top5_error": history[-1]["val_top5_error"],
+            "median5_val_top1_error": statistics.median([h["val_top1_error"] for h in history[-5:]])}
 
 
 def _clean(value: Any) -> Any:

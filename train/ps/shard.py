@@ -79,6 +79,17 @@ def unflatten_into(flat: torch.Tensor, params: list[torch.Tensor]) -> None:
             start += p.numel()
 
 
+def load_slices(model: torch.nn.Module, shards: list[dict[str, torch.Tensor]]) -> None:
+    """Every shard's slice (and buffers), as :meth:`ParameterShard.fetch` gives them, into the model (a replica's
+    fetch, the coordinator's model for evaluation)."""
+    unflatten_into(torch.cat([s.pop(FLAT) for s in shards]), list(model.parameters()))
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for s in shards:
+            for name, b in s.items():
+                buffers[name].copy_(b)
+
+
 def adagrad_update(p: torch.Tensor, g: torch.Tensor, state_sum: torch.Tensor, lr: float, eps: float) -> None:
     """One Adagrad step on one tensor, in place (the formula of the module docstring)."""
     state_sum.addcmul_(g, g, value=1.0)
