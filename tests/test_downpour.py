@@ -75,6 +75,49 @@ def replay(data, num_train: int, global_batch: int, steps: int, make_opt) -> dic
     return model.state_dict()
 
 
+def dean_replay(data, num_train: int, steps: int, n_fetch: int, n_push: int = 1, restarts: tuple[int, ...] = (),
+                local_lr: float = LR) -> dict[str, torch.Tensor]:
+    """One replica of Dean et al.'s client against torch.optim.Adagrad as the parameter server, in one process: the
+    reference weights. The replica's copy takes a plain SGD step at ``local_lr`` with each gradient; every n_fetch
+    steps it fetches the server's parameters, which arrive after one more step and replace its copy, less
+    local_lr x the gradient it has not pushed yet; every n_push steps it pushes the gradient accrued since the last
+    push. At a restart (a resume) it starts from the server's parameters, nothing accrued."""
+    torch.manual_seed(SEED)
+    server = build_model("mlp", 10, 1, 28)
+    opt = torch.optim.Adagrad(server.parameters(), lr=LR, initial_accumulator_value=ACC0)
+    local = build_model("mlp", 10, 1, 28)
+    local.load_state_dict(server.state_dict())
+    accrued = [torch.zeros_like(p) for p in server.parameters()]
+    sampler = GlobalBatchSampler(num_train, 32, 32, 1, 0, SEED)
+    done, fetched = 0, None
+    for epoch in range(steps // sampler.steps_per_epoch + 1):
+        sampler.set_epoch(epoch)
+        for x, y in data.train_batches(sampler):
+            if done == steps:
+                break
+            if done in restarts:
+                local.load_state_dict(server.state_dict())
+            elif done % n_fetch == 0:
+                fetched = [p.detach().clone() for p in server.parameters()]  # in flight during this step
+            local.zero_grad()
+            torch.nn.functional.cross_entropy(local(x), y).backward()
+            done += 1
+            with torch.no_grad():
+                for p, a in zip(local.parameters(), accrued, strict=True):
+                    a += p.grad
+                    p -= local_lr * p.grad
+                if fetched is not None:  # arrived: the server's parameters less the steps not pushed yet
+                    for p, f, a in zip(local.parameters(), fetched, accrued, strict=True):
+                        p.copy_(f - local_lr * a)
+                    fetched = None
+            if done % n_push == 0 or done == steps:
+                for p, a in zip(server.parameters(), accrued, strict=True):
+                    p.grad = a.clone()
+                    a.zero_()
+                opt.step()
+    return server.state_dict()
+
+
 def assert_weights_equal(out, ref: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
     got = torch.load(out / "model.pt", weights_only=True)
     assert set(got) == set(ref)
@@ -121,8 +164,7 @@ def test_a_shard_drops_and_counts_a_gradient_that_is_not_finite():
     assert shard.drain_taus() == (1, [0], 2)
 
 
-@pytest.mark.parametrize("flags", [["--dist-timeout", "5.0"], ["--precision", "bf16"], ["--ds-log-level", "INFO"],
-                                   ["--keep-checkpoints", "3"]])
+@pytest.mark.parametrize("flags", [["--dist-timeout", "5.0"], ["--precision", "bf16"], ["--ds-log-level", "INFO"]])
 def test_deepspeed_only_flags_are_not_downpour_flags(tmp_path, capsys, flags):
     # the DeepSpeed entry points take them (cli.add_engine_arguments); Downpour's parser does not know them
     path = str(write_config(tmp_path / "c.json", downpour_cfg(2, 2)))
@@ -224,14 +266,14 @@ def test_bad_input_on_the_command_line_exits_2_before_any_process_starts(tmp_pat
 
 
 @pytest.mark.launcher
-def test_one_replica_is_torch_adagrad_with_zero_staleness_and_resumes_exactly(tmp_path, data):
-    """1 replica, 2 shards, 320 samples = 10 steps of 32, stopped after 4 steps: the weights equal
-    torch.optim.Adagrad on the same 4 batches (every push has tau 0); resumed from the parameter-server checkpoint,
-    they equal torch.optim.Adagrad after all 10."""
+def test_one_replica_is_deans_client_with_zero_staleness_and_resumes_exactly(tmp_path, data):
+    """1 replica, 2 shards, n_fetch = n_push = 1, 320 samples = 10 steps of 32, stopped after 4 steps: the weights
+    equal Dean's client replayed in one process (a local SGD step per gradient, torch.optim.Adagrad as the server;
+    every push has tau 0); resumed from the checkpoint, where the replica starts from the shards' parameters, they
+    equal the replay with that restart after all 10."""
     cfg = downpour_cfg(1, 2)
-    adagrad = lambda p: torch.optim.Adagrad(p, lr=LR, initial_accumulator_value=ACC0)  # noqa: E731
     _, part = run_downpour(tmp_path, "part", cfg, "--train-subset", "320", "--max-steps", "4")
-    assert_weights_equal(part, replay(data, 320, 32, 4, adagrad))
+    assert_weights_equal(part, dean_replay(data, 320, 4, 1))
     s = summary(part)
     assert s["replica_steps"] == [4] and s["samples"] == 4 * 32
     assert s["tau_hist"] == [8]  # 4 pushes x 2 shards, all with staleness 0
@@ -242,10 +284,24 @@ def test_one_replica_is_torch_adagrad_with_zero_staleness_and_resumes_exactly(tm
 
     proc, part = run_downpour(tmp_path, "part", cfg, "--train-subset", "320", "--resume")
     assert "resumed from" in proc.stdout and "replica steps [4]" in proc.stdout
-    assert_weights_equal(part, replay(data, 320, 32, 10, adagrad))  # a fresh Adagrad state would differ
+    assert_weights_equal(part, dean_replay(data, 320, 10, 1, restarts=(4,)))  # a fresh Adagrad state would differ
     recs = read_metrics(part)
     assert [r["kind"] for r in recs].count("summary") == 1 and recs[-1]["replica_steps"] == [10]
     assert recs[-1]["tau_hist"] == [20]
+
+
+@pytest.mark.launcher
+def test_n_fetch_k_is_k_local_steps_then_a_fetch(tmp_path, data):
+    """Dean et al.'s client with n_fetch = 3, n_push = 1, one replica, 7 steps: the replica steps its own copy with
+    each gradient (plain SGD at the shards' lr) and fetches at steps 0, 3, 6, each fetch arriving one step later:
+    the weights equal the replay in one process, and not the replay without local steps (k gradients at one stale
+    point, what the client did before). Per shard, pushes 1-3 find 0, 1, 2 updates since the fetch at step 0,
+    pushes 4-6 the same since the fetch after push 3, push 7 none: tau counts [3, 2, 2] on each of 2 shards."""
+    _, out = run_downpour(tmp_path, "k3", downpour_cfg(1, 2, n_fetch=3), "--train-subset", "320", "--max-steps", "7")
+    assert_weights_equal(out, dean_replay(data, 320, 7, 3))
+    got, stale = torch.load(out / "model.pt", weights_only=True), dean_replay(data, 320, 7, 3, local_lr=0.0)
+    assert max((got[k] - stale[k]).abs().max().item() for k in got) > 1e-4  # the test tells the two apart
+    assert summary(out)["tau_hist"] == [6, 4, 4]
 
 
 @pytest.mark.launcher

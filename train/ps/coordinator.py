@@ -24,6 +24,7 @@ class Coordinator:
         self.cond = threading.Condition()
         self.ready = False
         self.failed = False
+        self.stopping = False  # the coordinator is going: replicas stop (a signal, or the run failed)
         self.start_steps = [0] * setup.W
         self.steps = [0] * setup.W  # steps each replica has reported
         self.done = [False] * setup.W
@@ -98,12 +99,16 @@ def coord_start(j: int) -> int | None:
         return -1 if c.failed else c.start_steps[j]
 
 
-def coord_heartbeat(j: int) -> bool:
-    """Replica -> coordinator: alive. The answer: whether the coordinator still counts it (False once lost)."""
+ALIVE, LOST, STOP = 1, 0, -1  # coord_heartbeat's answers
+
+
+def coord_heartbeat(j: int) -> int:
+    """Replica -> coordinator: alive. The answer: ALIVE; LOST once the coordinator counts it lost; STOP when the run
+    is stopping (a signal: the checkpoint is saved; or the run failed)."""
     c = _coordinator()
     with c.cond:
         c.last_seen[j] = time.monotonic()
-        return not c.dead[j]
+        return LOST if c.dead[j] else STOP if c.stopping else ALIVE
 
 
 def coord_report(j: int, step: int, loss_sum: float, correct: float, samples: float, skipped: int = 0) -> None:

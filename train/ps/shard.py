@@ -16,6 +16,15 @@ Staleness is measured, not assumed: a shard counts the updates it has applied (i
 version each replica last fetched; a push reports ``tau = version - version at that replica's last fetch`` before
 it is applied. With one replica that fetches after every push, tau is always 0.
 
+Each push carries the replica's step count (the last step whose gradient it holds) and the shard keeps, per
+replica, the step of the last push it took (``applied``, also for a push it dropped). Two things rest on it:
+a fetch "after step s" is answered once this replica's pushes up to step s are in (the replica sends its push and
+asks for the parameters without waiting in between, and still reads its own writes), and the coordinator's
+consistent cut (:meth:`ParameterShard.hold`, :meth:`cut`, :meth:`release`): pushes are held, the cut is the
+largest step any shard took from each replica, every shard takes the pushes up to it (in flight: a replica sends
+one push to every shard at once) and none beyond, its state is copied, then the held pushes go on. Every step
+counted in the checkpoint is then in every shard, and no later one.
+
 BatchNorm statistics (buffers) are not gradients: a push carries the replica's current buffers and the shard keeps
 the latest ones (the last replica to push wins); the parameters are the only thing the optimizer updates.
 
@@ -110,24 +119,37 @@ class ParameterShard:
         self.state_sum = {k: torch.full_like(v, float(initial_accumulator_value)) for k, v in self.params.items()}
         self.version = 0  # updates applied
         self.fetched: dict[int, int] = {}  # replica -> version at its last fetch
+        self.applied: dict[int, int] = {}  # replica -> the step of its last push taken (applied or dropped)
+        self.limit: dict[int, int] | None = None  # while a cut is taken: replica -> the last step a push may have
         self.taus: list[int] = []  # staleness of the pushes since the coordinator last drained them
         self.dropped = 0  # pushes not applied because a gradient was not finite (inf/NaN), since the last drain
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
 
-    def fetch(self, replica: int) -> dict[str, torch.Tensor]:
-        """The shard's parameters and buffers (copies, taken under the lock); remembers the version fetched."""
+    def fetch(self, replica: int, after: int = 0, timeout: float = 600.0) -> dict[str, torch.Tensor]:
+        """The shard's parameters and buffers (copies, taken under the lock) once it holds this replica's pushes up
+        to its step ``after``; remembers the version fetched."""
         with self.lock:
+            if not self.lock.wait_for(lambda: self.applied.get(replica, 0) >= after, timeout=timeout):
+                raise RuntimeError(f"shard {self.index}: replica {replica}'s push of step {after} did not arrive "
+                                   f"within {timeout:g} s (it has step {self.applied.get(replica, 0)})")
             self.fetched[replica] = self.version
             return {k: v.clone() for k, v in (self.params | self.buffers).items()}
 
-    def push(self, replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int | None:
-        """Apply one replica's gradient; return its staleness tau (updates applied since that replica fetched).
-        A gradient that is not finite is dropped (None) and counted: one NaN would poison Adagrad's sum forever."""
-        if not all(bool(g.isfinite().all()) for g in grads.values()):
-            with self.lock:
-                self.dropped += 1
-            return None
+    def push(self, replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+             step: int = 0, timeout: float = 600.0) -> int | None:
+        """Apply one replica's gradient, which holds its steps up to ``step``; return its staleness tau (updates
+        applied since that replica fetched). A gradient that is not finite is dropped (None) and counted: one NaN
+        would poison Adagrad's sum forever. While a cut is taken, a push beyond it waits."""
+        finite = all(bool(g.isfinite().all()) for g in grads.values())
         with self.lock:
+            if not self.lock.wait_for(lambda: self.limit is None or step <= self.limit.get(replica, -1),
+                                      timeout=timeout):
+                raise RuntimeError(f"shard {self.index}: a push waited {timeout:g} s for a checkpoint's cut")
+            self.applied[replica] = max(step, self.applied.get(replica, 0))
+            self.lock.notify_all()  # a fetch waiting for this push, a cut waiting for it
+            if not finite:
+                self.dropped += 1
+                return None
             tau = self.version - self.fetched.get(replica, 0)
             for name, g in grads.items():
                 p = self.params[name]
@@ -147,12 +169,38 @@ class ParameterShard:
             taus, self.taus, dropped, self.dropped = self.taus, [], self.dropped, 0
             return self.version, taus, dropped
 
+    def hold(self) -> dict[int, int]:
+        """A cut begins: every push from now on waits; the step of each replica's last push taken."""
+        with self.lock:
+            self.limit = {}
+            return dict(self.applied)
+
+    def cut(self, steps: dict[int, int], timeout: float) -> tuple[dict[str, Any], list[int], int]:
+        """Take each replica's pushes up to ``steps[replica]`` (no later ones), then: (the state, and the staleness
+        and dropped pushes since the last drain, :meth:`drain_taus`), all of them at the cut."""
+        with self.lock:
+            self.limit = dict(steps)
+            self.lock.notify_all()
+            if not self.lock.wait_for(lambda: all(self.applied.get(j, 0) >= s for j, s in steps.items()),
+                                      timeout=timeout):
+                missing = {j: s for j, s in steps.items() if self.applied.get(j, 0) < s}
+                raise RuntimeError(f"shard {self.index}: the pushes of replica steps {missing} did not arrive within "
+                                   f"{timeout:g} s (a replica died while pushing?); no consistent checkpoint")
+            _, taus, dropped = self.drain_taus()
+            return self.state_dict(), taus, dropped
+
+    def release(self) -> None:
+        """The cut is taken: held pushes go on."""
+        with self.lock:
+            self.limit = None
+            self.lock.notify_all()
+
     def state_dict(self) -> dict[str, Any]:
         with self.lock:
             return {"index": self.index, "params": {k: v.clone() for k, v in self.params.items()},
                     "buffers": {k: v.clone() for k, v in self.buffers.items()},
                     "state_sum": {k: v.clone() for k, v in self.state_sum.items()}, "version": self.version,
-                    "optimizer": self.optimizer, "lr": self.lr}
+                    "applied": dict(self.applied), "optimizer": self.optimizer, "lr": self.lr}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with self.lock:
@@ -163,6 +211,7 @@ class ParameterShard:
                 for k, v in state[group].items():
                     getattr(self, group)[k].copy_(v)
             self.version = int(state["version"])
+            self.applied = {int(j): int(s) for j, s in state["applied"].items()}
             self.fetched = {}
 
 
@@ -192,12 +241,25 @@ def rpc_create(index: int, params: dict[str, torch.Tensor], buffers: dict[str, t
     return sum(v.numel() for v in params.values())
 
 
-def rpc_fetch(replica: int) -> dict[str, torch.Tensor]:
-    return _shard().fetch(replica)
+def rpc_fetch(replica: int, after: int) -> dict[str, torch.Tensor]:
+    return _shard().fetch(replica, after)
 
 
-def rpc_push(replica: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int | None:
-    return _shard().push(replica, grads, buffers)
+def rpc_push(replica: int, step: int, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> int | None:
+    return _shard().push(replica, grads, buffers, step)
+
+
+def rpc_hold() -> dict[int, int]:
+    return _shard().hold()
+
+
+def rpc_cut(steps: dict[int, int], timeout: float) -> tuple[dict[str, Any], list[int], int]:
+    return _shard().cut(steps, timeout)
+
+
+def rpc_release() -> bool:
+    _shard().release()
+    return True
 
 
 def rpc_drain_taus() -> tuple[int, list[int], int]:
