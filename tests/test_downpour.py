@@ -8,8 +8,10 @@ slice j of each global batch of W x b samples).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -21,7 +23,8 @@ from train.config import ConfigError
 from train.data import GlobalBatchSampler, fashion_mnist
 from train.models import build_model
 from train.ps import shard as ps
-from train.ps.setup import failure_report
+from train.ps.records import tau_summary
+from train.ps.setup import describe_slices, failure_report
 
 SEED = 0
 LR, ACC0 = 0.05, 0.1
@@ -152,7 +155,7 @@ def test_staleness_counts_updates_since_the_replicas_fetch():
             shard.push(0, {"w": torch.ones(2)}, {})]
     assert taus == [0, 1, 2]  # replica 1 pushes twice on one fetch; replica 0 has missed both of them
     assert shard.params["w"].tolist() == [-3.0, -3.0]
-    assert ps.tau_summary(taus)["tau_hist"] == [1, 1, 1]
+    assert tau_summary(taus)["tau_hist"] == [1, 1, 1]
 
 
 def test_a_shard_drops_and_counts_a_gradient_that_is_not_finite():
@@ -183,7 +186,7 @@ def test_partition_cuts_contiguous_slices_of_equal_size_also_across_tensors():
     assert bounds[0][0] == 0 and bounds[-1][1] == 101_770
     assert all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:], strict=False))  # contiguous, no gaps
     assert {b - a for a, b in bounds} == {16_961, 16_962}  # 101,770 / 6 = 16,961.67
-    pieces = ps.describe_slices(sizes, bounds)
+    pieces = describe_slices(sizes, bounds)
     # 5 x 101,770 // 6 = 84,808: the last slice takes the first layer's weight from there to its end (784 x 128)
     assert pieces[0] == ["1.weight[0:16961]"]
     assert pieces[-1] == ["1.weight[84808:100352]", "1.bias", "3.weight", "3.bias"]
@@ -333,9 +336,10 @@ def test_staleness_grows_with_replicas_and_a_killed_replica_leaves_the_run_finis
     s2, s4 = summary(two), summary(four)
     assert s4["dead_replicas"] == [3] and s4["max_dead_replicas"] == 3  # the default: all but one
     assert s4["replica_errors"]["replica 3"].startswith("its process died (signal 9)")
-    assert read_metrics(four)[-3]["replicas_dead"] == 1  # the last step record counts it too
+    kinds = [r["kind"] for r in read_metrics(four)]
+    assert [r for r in read_metrics(four) if r["kind"] == "step"][-1]["replicas_dead"] == 1  # the last step record
     assert s4["replica_steps"][:3] == [20, 20, 20] and s4["replica_steps"][3] <= 5
-    assert (four / "model.pt").exists() and read_metrics(four)[-2]["kind"] == "epoch"
+    assert (four / "model.pt").exists() and kinds[-3:] == ["epoch", "checkpoint", "summary"]
     assert 0 < s2["tau_mean"] < s4["tau_mean"], (s2["tau_mean"], s4["tau_mean"])
 
 
@@ -371,3 +375,66 @@ def test_a_run_whose_replicas_all_fail_fails_naming_each(tmp_path):
                                "--max-skipped-steps 2) had a gradient that was not finite"), lines
     assert lines[2] == "error: replica 1: RuntimeError: injected fault (--fault replica1:raise@1) (after step 0)"
     assert "summary" not in [r["kind"] for r in read_metrics(out)]
+
+
+def _popen_downpour(tmp_path, name: str, cfg: dict, *flags: str) -> tuple[subprocess.Popen, object]:
+    path = write_config(tmp_path / f"{name}.json", cfg)
+    out = tmp_path / name
+    proc = subprocess.Popen([sys.executable, "train/downpour.py", "--deepspeed_config", str(path), "--output-dir",
+                             str(out), "--no-wandb", "--val-subset", "500", "--log-interval", "5", *flags],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+    return proc, out
+
+
+def _wait_for_record(proc: subprocess.Popen, out, kind: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and any(r["kind"] == kind for r in read_metrics(out)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended ({proc.returncode}) before a {kind} record:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no {kind} record within {timeout} s")
+
+
+@pytest.mark.launcher
+def test_sigterm_saves_a_consistent_cut_and_the_resumed_w4_run_loses_and_doubles_no_step(tmp_path):
+    """W = 4, S = 2, n_push = 1, 30 steps per replica, a checkpoint every 20 replica steps (--keep-checkpoints 2);
+    SIGTERM to the coordinator after its first checkpoint: it saves and exits 143 (128 + 15). In every checkpoint
+    the replicas' steps summed equal each shard's version (updates applied; one per pushed step) and each shard
+    holds the same steps of each replica: every counted step's gradient is in the shards, none beyond. (Before, the
+    steps were read first and the shards one at a time while pushes went on.) Resumed, the run ends with 30 steps
+    per replica, 4 x 30 = 120 updates in each shard and 2 x 120 = 240 staleness measurements: no step lost or
+    doubled across the stop."""
+    cfg, delays = downpour_cfg(4, 2), ["--replica-delay", *(f"{j}=0.05" for j in range(4))]
+    flags = ["--train-subset", str(4 * 32 * 30), "--save-interval", "20", "--keep-checkpoints", "2", *delays]
+    proc, out = _popen_downpour(tmp_path, "term", cfg, *flags)
+    _wait_for_record(proc, out, "checkpoint")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 128 + signal.SIGTERM, stdout
+    assert seconds < 30, f"{seconds:.1f} s from SIGTERM to exit: beyond a scheduler's usual grace of 30 s"
+    assert "SIGTERM: saving a checkpoint and stopping" in stdout
+    saves = [r for r in read_metrics(out) if r["kind"] == "checkpoint"]
+    assert len(saves) >= 2 and sum(saves[-1]["replica_steps"]) < 4 * 30  # the stop's save, mid-run
+    for r in saves:
+        assert r["shard_versions"] == [sum(r["replica_steps"])] * 2 and r["tag"] == f"step{sum(r['replica_steps'])}"
+    tag = (out / "checkpoints" / "latest").read_text()
+    assert tag == saves[-1]["tag"]
+    saved = torch.load(out / "checkpoints" / tag / "ps.pt", weights_only=True)
+    for shard in saved["shards"]:
+        assert [shard["applied"].get(j, 0) for j in range(4)] == saved["replica_steps"] == saves[-1]["replica_steps"]
+    assert len(saved["taus"]) == 2 * sum(saved["replica_steps"])  # one measurement per push and shard, to the cut
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step")) == sorted(
+        r["tag"] for r in saves[-2:])  # --keep-checkpoints 2
+
+    proc, out = run_downpour(tmp_path, "term", cfg, *flags, "--resume")
+    s = summary(out)
+    assert s["replica_steps"] == [30] * 4 and s["dead_replicas"] == []
+    assert s["tau_count"] == 2 * 4 * 30
+    last = [r for r in read_metrics(out) if r["kind"] == "checkpoint"][-1]
+    assert last["replica_steps"] == [30] * 4 and last["shard_versions"] == [120, 120]
+

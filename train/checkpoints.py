@@ -41,6 +41,7 @@ from train.run_folder import write_atomically
 
 DEFAULT_KEEP = 3  # the newest checkpoints kept (--keep-checkpoints); 'latest' and the last good one stay too
 TAG = re.compile(r"step(\d+)")  # the tags this project writes
+MODEL_FILE = "mp_rank_00_model_states.pt"  # the file DeepSpeed writes in every checkpoint folder
 
 
 class CheckpointError(RuntimeError):
@@ -106,16 +107,33 @@ def latest_tag(ckpt_dir: Path) -> str | None:
         return None
 
 
-def checkpoint_tags(ckpt_dir: Path) -> list[str]:
-    """The checkpoints in ``ckpt_dir`` (folders holding a model file), oldest step first, other names last."""
-    found = [d.name for d in ckpt_dir.iterdir() if (d / "mp_rank_00_model_states.pt").is_file()] \
+def checkpoint_tags(ckpt_dir: Path, model_file: str = MODEL_FILE) -> list[str]:
+    """The checkpoints in ``ckpt_dir`` (folders holding ``model_file``), oldest step first, other names last."""
+    found = [d.name for d in ckpt_dir.iterdir() if (d / model_file).is_file()] \
         if ckpt_dir.is_dir() else []
     return sorted(found, key=lambda t: (0, int(m.group(1)), "") if (m := TAG.fullmatch(t)) else (1, 0, t))
 
 
-def resume_tag(ckpt_dir: Path) -> str | None:
-    """The tag 'latest' names, checked: a plain name of a checkpoint folder inside ``ckpt_dir``; None without
-    'latest'. DeepSpeed joins whatever 'latest' holds to the folder and fails with a bare AssertionError."""
+def prune_tags(ckpt_dir: Path, keep: int, good_tag: str | None = None, model_file: str = MODEL_FILE) -> list[str]:
+    """:meth:`Checkpointer.prune`'s rule for any checkpoint folder (train/ps/run.py's too): the checkpoints beyond the
+    newest ``keep`` up to the one 'latest' names are deleted, never that one nor ``good_tag``; tags after 'latest'
+    stay; ``keep`` 0 keeps all. Return the tags removed."""
+    latest = latest_tag(ckpt_dir)
+    match = TAG.fullmatch(latest or "")
+    if not keep or match is None:
+        return []
+    ours = [t for t in checkpoint_tags(ckpt_dir, model_file) if (m := TAG.fullmatch(t)) and int(m.group(1)) <= int(
+        match.group(1))]
+    removed = [t for t in ours[:-keep] if t not in (latest, good_tag)]
+    for tag in removed:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    return removed
+
+
+def resume_tag(ckpt_dir: Path, model_file: str = MODEL_FILE) -> str | None:
+    """The tag 'latest' names, checked: a plain name of a checkpoint folder inside ``ckpt_dir`` (one that holds
+    ``model_file``); None without 'latest'. DeepSpeed joins whatever 'latest' holds to the folder and fails with a
+    bare AssertionError."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
@@ -123,11 +141,11 @@ def resume_tag(ckpt_dir: Path) -> str | None:
         why = "a path, not the name of a checkpoint folder in it (tags are plain names such as step10)"
     elif not (ckpt_dir / tag).is_dir():
         why = "which is not a folder there"
-    elif not (ckpt_dir / tag / "mp_rank_00_model_states.pt").is_file():
-        why = "a folder without a model file (mp_rank_00_model_states.pt): not a checkpoint of this run"
+    elif not (ckpt_dir / tag / model_file).is_file():
+        why = f"a folder without a model file ({model_file}): not a checkpoint of this run"
     else:
         return tag
-    tags = checkpoint_tags(ckpt_dir)
+    tags = checkpoint_tags(ckpt_dir, model_file)
     raise CheckpointError(
         f"--resume: {ckpt_dir / 'latest'} names {tag!r}, {why}; the checkpoints there: "
         f"{', '.join(tags) if tags else 'none'}. Write one of them into {ckpt_dir / 'latest'}, or start afresh with "
@@ -232,16 +250,7 @@ class Checkpointer:
         """Delete the checkpoints beyond the newest :attr:`keep` up to the one 'latest' names (rank 0, after a save);
         never the one 'latest' names nor the last good one; tags after 'latest' (a run rewound by hand) stay.
         Return the tags removed."""
-        latest = latest_tag(self.dir)
-        match = TAG.fullmatch(latest or "")
-        if not self.keep or match is None:
-            return []
-        ours = [t for t in checkpoint_tags(self.dir) if (m := TAG.fullmatch(t)) and int(m.group(1)) <= int(
-            match.group(1))]
-        removed = [t for t in ours[:-self.keep] if t not in (latest, self.good_tag)]
-        for tag in removed:
-            shutil.rmtree(self.dir / tag, ignore_errors=True)
-        return removed
+        return prune_tags(self.dir, self.keep, self.good_tag)
 
     def resume(self) -> tuple[Position, dict[str, Any]]:
         """Load the checkpoint 'latest' names; return its position and everything else it holds."""

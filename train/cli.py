@@ -66,6 +66,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, wandb_project: str = "large
     p.add_argument("--overwrite", action="store_true", help="allow reusing the folder of another run")
     p.add_argument("--save-interval", type=int_at_least(0), default=0,
                    help="also checkpoint every N optimizer steps (0: only at epoch ends and at the end)")
+    p.add_argument("--keep-checkpoints", type=int_at_least(0), default=DEFAULT_KEEP, metavar="N",
+                   help="keep the newest N checkpoints (besides the one 'latest' names and the last good one); "
+                        "0: keep all")
     p.add_argument("--log-interval", type=int_at_least(1), default=10,
                    help="log loss/lr/throughput every N steps")
     p.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
@@ -85,13 +88,10 @@ def add_run_arguments(p: argparse.ArgumentParser, *, wandb_project: str = "large
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that act only where DeepSpeed runs the step (train/imagenet.py, train/bert.py): precision, the
-    collectives' time-out, DeepSpeed's log level and checkpoint retention."""
+    collectives' time-out and DeepSpeed's log level."""
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto: the config's on a GPU; on a CPU bf16 where a timed probe shows it faster than fp32, "
                         "else fp32 (never fp16: emulated); the choice and why go to config.json")
-    p.add_argument("--keep-checkpoints", type=int_at_least(0), default=DEFAULT_KEEP, metavar="N",
-                   help="keep the newest N checkpoints (besides the one 'latest' names and the last good one); "
-                        "0: keep all")
     p.add_argument("--dist-timeout", type=positive_float, default=30.0,
                    help="minutes a collective may wait for a dead rank before the run fails (rank 0 waits for "
                         "wandb at most half of it)")

@@ -9,12 +9,12 @@ evaluates, checkpoints), ranks 1..S the parameter-server shards (train/ps/shard.
 Adagrad state each, updates applied as they arrive under a lock per shard), ranks S+1..S+W the model
 replicas. Replica j trains on its own slice of each step's samples (train.data.GlobalBatchSampler with W "ranks":
 replica j takes slice j of every global batch of W x b samples, so the replicas' data are disjoint) and, with no
-barrier between replicas:
+barrier between replicas, Dean et al.'s client (the paper's Algorithm 1.1, train/ps/replica.py's ``Client``):
 
-    every n_fetch steps: fetch the parameters from every shard (rpc_async to all, then wait)
-    forward, backward on its b samples; the gradient accumulates
-    every n_push steps:  push the accumulated (summed) gradient to every shard (rpc_async, not waited for until
-                         the next fetch), zero it
+    every n_fetch steps: start fetching the parameters from every shard (rpc_async to all, not waited for: it has
+                         the next step to arrive, then replaces the local copy, less the steps not pushed yet)
+    forward, backward on its b samples; the gradient accrues and takes a local step (plain SGD at the shards' lr)
+    every n_push steps:  start pushing the accrued gradient to every shard (rpc_async), zero it
 
 Plain ``python train/downpour.py`` starts the 1 + S + W processes itself (torch.multiprocessing, spawn) on this
 machine; under torchrun (or any launcher that sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) each process takes
@@ -26,11 +26,12 @@ optimizer ("adagrad" or "sgd"), lr, initial_accumulator_value, warmstart_steps (
 one replica alone for its first steps before the others start), epochs (passes over the training set by all
 replicas together). The run writes what train/imagenet.py writes (config.json, kept from the first start with a
 line in resumes.jsonl per ``--resume``; metrics.jsonl with step, epoch and summary records; model.pt; wandb) plus
-the staleness tau of every push (its distribution per record) and the parameter server's checkpoint
-(checkpoints/ps.pt, written atomically; ``--resume`` continues from it). A replica that fails (an exception, a
-signal, silence) is noted in the records and the others go on while at most ``--max-dead-replicas`` (default W - 1)
-have failed; one more, or a failed shard, fails the run: exit code 6 and one line per failed role with its error
-(``--resume`` continues from the last checkpoint).
+the staleness tau of every push (its distribution per record) and the parameter server's checkpoints, each a
+consistent cut of the shards (checkpoints/step<N>/ps.pt and checkpoints/latest, atomic and fsynced, the newest
+``--keep-checkpoints`` kept; SIGTERM or SIGINT saves one and exits 128 + N; ``--resume`` continues from 'latest').
+A replica that fails (an exception, a signal, silence) is noted in the records and the others go on while at most
+``--max-dead-replicas`` (default W - 1) have failed; one more, or a failed shard, fails the run: exit code 6 and
+one line per failed role with its error (``--resume`` continues from the last checkpoint).
 
 This file is the command line and the launch (a role per rank, :func:`child`, :func:`main`); the roles are the
 package train/ps/: ``setup`` (the experiment, checked before any process starts), ``calls`` (RPC with its
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import warnings
@@ -120,7 +122,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def child(rank: int, world_size: int, setup: Setup, parent: int | None = None) -> None:
-    """A shard or a replica process (the coordinator is rank 0, the caller)."""
+    """A shard or a replica process (the coordinator is rank 0, the caller). It ignores SIGTERM and SIGINT, which a
+    scheduler or Ctrl-C sends to every process: the coordinator saves a checkpoint and stops the others."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     role, index = role_of(rank, setup)
     if role == "shard":
         ps.serve(rank, world_size, index, calls.rpc_options(setup), coordinator_timeout=2 * setup.args.rpc_timeout +

@@ -8,6 +8,7 @@ fates, the staleness of every push), and the final model (model.pt).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class State:
     samples_epoch: int = 0
     wall_before: float = 0.0  # wall time of the runs this one resumes
     dropped: int = 0  # pushes the shards dropped (not finite)
+    last_saved: str = ""  # the tag of the last checkpoint written (never write one twice)
     taus_interval: list[int] = field(default_factory=list)
     taus_epoch: list[int] = field(default_factory=list)
     taus_all: list[int] = field(default_factory=list)
@@ -87,7 +89,7 @@ def step_record(c: Coordinator, setup: Setup, state: State, log: Any) -> None:
            "images_per_sec": (samples - state.samples_log) / max(now - state.t_log, 1e-9),
            "global_batch": setup.round_batch, "wall_time": state.wall(), "replicas_alive": alive,
            "replicas_dead": dead,
-           **ps.tau_summary(state.taus_interval)}
+           **tau_summary(state.taus_interval)}
     state.t_log, state.samples_log, state.taus_interval = now, samples, []
     log.log(rec)
 
@@ -107,8 +109,8 @@ def epoch_record(c: Coordinator, setup: Setup, state: State, log: Any, model: to
     rec = {"kind": "epoch", "epoch": samples / (setup.steps_per_epoch * setup.round_batch), "step": total,
            "samples": samples, "train_loss": loss, "train_error": err, **val, "epoch_time": epoch_time,
            "images_per_sec": seen / max(epoch_time, 1e-9), "lr": setup.cfg["lr"], "wall_time": state.wall(),
-           **{k: v for k, v in ps.tau_summary(state.taus_epoch).items() if k != "tau_hist"},
-           "tau_hist": ps.tau_summary(state.taus_epoch).get("tau_hist")}
+           **{k: v for k, v in tau_summary(state.taus_epoch).items() if k != "tau_hist"},
+           "tau_hist": tau_summary(state.taus_epoch).get("tau_hist")}
     state.taus_epoch, state.t_epoch, state.samples_epoch = [], time.perf_counter(), samples
     state.history.append(rec)
     log.log(rec)
@@ -162,10 +164,22 @@ def finish(c: Coordinator, setup: Setup, state: State, log: Any, model: torch.nn
               "replica_steps": list(c.steps), "dead_replicas": [j for j in range(setup.W) if c.dead[j]],
               "replica_errors": dict(c.errors), "max_dead_replicas": setup.max_dead,
               "skipped_pushes": list(c.skipped), "dropped_pushes": state.dropped,
-              **{k: v for k, v in ps.tau_summary(state.taus_all).items() if k != "tau_hist"},
-              "tau_hist": ps.tau_summary(state.taus_all).get("tau_hist")}
+              **{k: v for k, v in tau_summary(state.taus_all).items() if k != "tau_hist"},
+              "tau_hist": tau_summary(state.taus_all).get("tau_hist")}
     log.log({"kind": "summary", **result})
     log.summary({k: v for k, v in result.items() if not isinstance(v, list)})
     log.close()
     print(f"done: {json.dumps(result)}; run folder {out_dir}", flush=True)
     return result
+
+
+def tau_summary(taus: list[int]) -> dict[str, Any]:
+    """The staleness distribution of some pushes: mean, median, 90th percentile, max, and counts of 0, 1, 2, ..."""
+    if not taus:
+        return {"tau_count": 0}
+    s = sorted(taus)
+    hist = [0] * (s[-1] + 1)
+    for t in s:
+        hist[t] += 1
+    return {"tau_count": len(s), "tau_mean": sum(s) / len(s), "tau_median": s[(len(s) - 1) // 2],
+            "tau_p90": s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)], "tau_max": s[-1], "tau_hist": hist}

@@ -1,12 +1,17 @@
 """Rank 0's life in a Downpour run: the run folder claimed (train/run_folder.py), the shards given the initial model
 (or the checkpointed state), the replicas released, then watched (deaths noted, step and epoch records written,
-checkpoints saved) until every replica is done or dead, and the run finished. The parameter server's checkpoint,
-checkpoints/ps.pt, is written atomically and flushed (train/run_folder.py's :func:`write_atomically`).
+checkpoints saved) until every replica is done or dead, and the run finished; SIGTERM (or SIGINT) saves a
+checkpoint and exits 128 + N. A checkpoint is a consistent cut of the shards (train/ps/shard.py: every replica step
+it counts is in every shard, no later one), written as checkpoints/step<N>/ps.pt (N: the replicas' steps summed)
+and named by checkpoints/latest, both atomically and fsynced (train/run_folder.py's :func:`write_atomically`); the
+newest ``--keep-checkpoints`` are kept by the synchronous runs' rule (train/checkpoints.py's :func:`prune_tags`).
 """
 
 from __future__ import annotations
 
 import io
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +19,7 @@ from typing import Any
 import torch
 from torch.distributed import rpc
 
-from train.checkpoints import CheckpointError
+from train.checkpoints import CheckpointError, prune_tags, resume_tag
 from train.config import ConfigError
 from train.exits import ExitCode, fail, refuse
 from train.models import build_model
@@ -37,33 +42,41 @@ def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: s
     rpc.init_rpc(COORDINATOR, rank=0, world_size=world_size, rpc_backend_options=calls.rpc_options(setup))
     pinger = ShardPinger(c)
     pinger.start()
+    stop = catch_stop_signals()
     try:
         if refusal:
             refuse(refusal)
         torch.manual_seed(args.seed)
         model = build_model(setup.cfg["model"], 10, 1, 28)
         state = State(next_log=args.log_interval, next_save=args.save_interval or 0)
-        checkpoint = out_dir / "checkpoints" / "ps.pt"
-        saved = load_checkpoint(checkpoint, setup) if args.resume and checkpoint.exists() else None
+        tag = resume_tag(out_dir / "checkpoints", MODEL_FILE) if args.resume else None
+        checkpoint = out_dir / "checkpoints" / str(tag) / MODEL_FILE
+        saved = load_checkpoint(checkpoint, setup) if tag else None
         start_shards(model, setup, saved)
         wandb_id = None
         if saved:
             c.start_steps, c.steps = list(saved["replica_steps"]), list(saved["replica_steps"])
             state.epochs_logged, wandb_id = saved["epochs_logged"], saved.get("wandb_id")
             state.wall_before, state.taus_all = saved["wall_time"], list(saved["taus"])
+            state.dropped, state.last_saved = saved["dropped"], str(tag)
             state.samples_log = state.samples_epoch = c.samples
             state.history = [r for r in rewind_metrics(out_dir / "metrics.jsonl", sum(c.steps))
                              if r["kind"] == "epoch"]
             state.next_log = (sum(c.steps) // args.log_interval + 1) * args.log_interval
             print(f"resumed from {checkpoint}: replica steps {c.steps}, {c.samples:,} samples", flush=True)
         print(describe(setup), flush=True)
-        log = records.start_log(setup, out_dir, run_name, wandb_id, checkpoint.name if saved else None)
+        log = records.start_log(setup, out_dir, run_name, wandb_id, tag)
         with c.cond:
             c.ready = True
             c.last_seen = [time.monotonic()] * setup.W  # every replica's heartbeat started before init_rpc returned
             c.cond.notify_all()
         try:
-            watch(c, setup, state, log, model, procs, out_dir)
+            if watch(c, setup, state, log, model, procs, out_dir, stop):
+                name = signal.Signals(stop.signum).name
+                print(f"{name}: saving a checkpoint and stopping; --resume continues", flush=True)
+                save_checkpoint(c, setup, state, log, out_dir)
+                log.close()
+                raise SystemExit(ExitCode.for_signal(stop.signum))
             records.last_record(c, setup, state, log, model)
             save_checkpoint(c, setup, state, log, out_dir)
             return records.finish(c, setup, state, log, model, out_dir)
@@ -77,6 +90,7 @@ def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: s
         pinger.halt.set()
         with c.cond:
             c.failed = not c.ready  # replicas still waiting to start are told to go
+            c.stopping = True  # and the others, through their heartbeat
             c.cond.notify_all()
         for i in range(setup.S):
             try:
@@ -110,33 +124,80 @@ def load_checkpoint(path: Path, setup: Setup) -> dict[str, Any]:
     return saved
 
 
-def save_checkpoint(c: Coordinator, setup: Setup, state: State, log: Any, out_dir: Path) -> None:
-    """The parameter server's state (every shard's parameters, accumulators, version) and the replicas' steps.
+MODEL_FILE = "ps.pt"  # a Downpour checkpoint folder's one file
 
-    Taken while the replicas run: a push in flight may be in a shard's state before its replica's report reached
-    the coordinator, so a resumed replica may redo a step or two (asynchronous SGD takes that in its stride)."""
-    with c.cond:
-        steps = list(c.steps)
-    shards = [calls.call(ps.shard_name(i), ps.rpc_state) for i in range(setup.S)]
-    path = out_dir / "checkpoints" / "ps.pt"
-    path.parent.mkdir(exist_ok=True)
+
+class StopSignal:
+    """SIGTERM or SIGINT (a preempted job) noted for the watch loop, which saves and exits 128 + N."""
+
+    def __init__(self) -> None:
+        self.signum, self.event = 0, threading.Event()
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self.event.set()
+
+
+def catch_stop_signals() -> StopSignal:
+    stop = StopSignal()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    return stop
+
+
+def consistent_cut(setup: Setup) -> tuple[list[dict[str, Any]], dict[int, int], list[int], int]:
+    """Every shard's state at one cut (train/ps/shard.py): pushes held, the cut set at the last step any shard took
+    from each replica, every shard brought to it; then the held pushes go on. (states, the cut, the staleness of
+    the pushes taken since the last drain, the pushes dropped since.)"""
+    names = [ps.shard_name(i) for i in range(setup.S)]
+    try:
+        held = [calls.call(n, ps.rpc_hold) for n in names]
+        cut = {j: max(h.get(j, 0) for h in held) for j in set().union(*held)}
+        futures = [calls.call_async(n, ps.rpc_cut, cut, calls.timeout() / 2) for n in names]
+        answers = [calls.wait(f, n, "a checkpoint's cut") for n, f in zip(names, futures, strict=True)]
+    finally:
+        for n in names:
+            calls.call(n, ps.rpc_release)
+    return [a[0] for a in answers], cut, [t for a in answers for t in a[1]], sum(a[2] for a in answers)
+
+
+def save_checkpoint(c: Coordinator, setup: Setup, state: State, log: Any, out_dir: Path) -> None:
+    """The parameter server's state at a consistent cut (every shard's parameters, accumulators, version, the steps
+    it holds of each replica) and the replicas' steps at that cut; the staleness and dropped pushes up to it."""
+    shards, cut, taus, dropped = consistent_cut(setup)
+    for group in (state.taus_interval, state.taus_epoch, state.taus_all):
+        group.extend(taus)
+    state.dropped += dropped
+    steps = [cut.get(j, 0) for j in range(setup.W)]
+    tag = f"step{sum(steps)}"
+    folder = out_dir / "checkpoints"
+    if state.last_saved == tag:
+        return
+    (folder / tag).mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({"shards": shards, "replica_steps": steps, "epochs_logged": state.epochs_logged,
-                "wall_time": state.wall(), "taus": state.taus_all, "wandb_id": log.wandb_id}, buffer)
-    write_atomically(path, buffer.getvalue())  # ps.pt.tmp, flushed, renamed: a crash leaves the last whole one
+                "wall_time": state.wall(), "taus": state.taus_all, "dropped": state.dropped,
+                "wandb_id": log.wandb_id}, buffer)
+    write_atomically(folder / tag / MODEL_FILE, buffer.getvalue())  # a crash leaves the last whole one
+    write_atomically(folder / "latest", tag)
+    state.last_saved = tag
+    removed = prune_tags(folder, setup.args.keep_checkpoints, model_file=MODEL_FILE)
+    log.log({"kind": "checkpoint", "step": sum(steps), "tag": tag, "replica_steps": steps,
+             "shard_versions": [s["version"] for s in shards], "removed": removed}, to_wandb=False)
 
 
 def watch(c: Coordinator, setup: Setup, state: State, log: Any, model: torch.nn.Module, procs: dict[int, Any],
-          out_dir: Path) -> None:
-    """Until every replica is done or dead: note deaths, write step and epoch records, save checkpoints."""
+          out_dir: Path, stop: StopSignal) -> bool:
+    """Until every replica is done or dead (False) or a stop signal came (True): note deaths, write step and epoch
+    records, save checkpoints."""
     args, epoch_samples = setup.args, setup.steps_per_epoch * setup.round_batch
     while True:
         with c.cond:
             c.cond.wait(timeout=0.2)
             check_alive(c, setup, procs)
             total, samples, all_done = sum(c.steps), c.samples, all(map(c.finished, range(setup.W)))
-        if all_done:
-            return
+        if all_done or stop.event.is_set():
+            return not all_done
         if samples >= (state.epochs_logged + 1) * epoch_samples / args.evals_per_epoch:
             records.epoch_record(c, setup, state, log, model)
             save_checkpoint(c, setup, state, log, out_dir)

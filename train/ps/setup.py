@@ -136,12 +136,26 @@ def load_setup(args: argparse.Namespace) -> Setup:
     num_train = min(info.num_train, args.train_subset or info.num_train)
     num_val = min(info.num_val, args.val_subset or info.num_val)
     bounds = ps.partition(sum(sizes.values()), cfg["shards"])
-    setup = Setup(cfg, args, num_train, num_val, ps.describe_slices(sizes, bounds), delays, faults, max_dead,
+    setup = Setup(cfg, args, num_train, num_val, describe_slices(sizes, bounds), delays, faults, max_dead,
                   bounds, ps.assign_buffers(buffers, cfg["shards"]))
     if setup.steps_per_epoch < 1:
         raise ConfigError(f"{num_train} training samples make no step of {setup.W} replicas x "
                           f"{setup.b} samples; use more samples or fewer replicas")
     return setup
+
+
+def describe_slices(param_sizes: dict[str, int], bounds: list[tuple[int, int]]) -> list[list[str]]:
+    """What each slice holds, as ``name[a:b]`` pieces of the flattened tensors (for config.json)."""
+    pieces: list[list[str]] = []
+    for a, b in bounds:
+        pieces.append([])
+        start = 0
+        for name, n in param_sizes.items():
+            lo, hi = max(a, start), min(b, start + n)
+            if lo < hi:
+                pieces[-1].append(name if (lo, hi) == (start, start + n) else f"{name}[{lo - start}:{hi - start}]")
+            start += n
+    return pieces
 
 
 def role_of(rank: int, setup: Setup) -> tuple[str, int]:

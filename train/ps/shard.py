@@ -33,9 +33,9 @@ This module imports only torch: a shard process never loads the data or torchvis
 
 from __future__ import annotations
 
-import math
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -61,25 +61,11 @@ def assign_buffers(buffer_names: list[str], shards: int) -> list[list[str]]:
     return [buffer_names[i::shards] for i in range(shards)]
 
 
-def describe_slices(param_sizes: dict[str, int], bounds: list[tuple[int, int]]) -> list[list[str]]:
-    """What each slice holds, as ``name[a:b]`` pieces of the flattened tensors (for config.json)."""
-    pieces: list[list[str]] = []
-    for a, b in bounds:
-        pieces.append([])
-        start = 0
-        for name, n in param_sizes.items():
-            lo, hi = max(a, start), min(b, start + n)
-            if lo < hi:
-                pieces[-1].append(name if (lo, hi) == (start, start + n) else f"{name}[{lo - start}:{hi - start}]")
-            start += n
-    return pieces
-
-
-def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
-def unflatten_into(flat: torch.Tensor, params: list[torch.Tensor]) -> None:
+def unflatten_into(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
     """Copy a flat vector back into the tensors it was made from (the inverse of :func:`flatten`)."""
     start = 0
     with torch.no_grad():
@@ -307,15 +293,3 @@ def serve(rank: int, world_size: int, index: int, rpc_options: Any, *, coordinat
             os._exit(1)  # a graceful RPC shutdown would wait for the coordinator
     time.sleep(0.2)  # let the answer to rpc_stop leave before the agent goes
     rpc.shutdown(graceful=False)
-
-
-def tau_summary(taus: list[int]) -> dict[str, Any]:
-    """The staleness distribution of some pushes: mean, median, 90th percentile, max, and counts of 0, 1, 2, ..."""
-    if not taus:
-        return {"tau_count": 0}
-    s = sorted(taus)
-    hist = [0] * (s[-1] + 1)
-    for t in s:
-        hist[t] += 1
-    return {"tau_count": len(s), "tau_mean": sum(s) / len(s), "tau_median": s[(len(s) - 1) // 2],
-            "tau_p90": s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)], "tau_max": s[-1], "tau_hist": hist}
