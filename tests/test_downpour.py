@@ -8,10 +8,12 @@ slice j of each global batch of W x b samples).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -438,3 +440,47 @@ def test_sigterm_saves_a_consistent_cut_and_the_resumed_w4_run_loses_and_doubles
     last = [r for r in read_metrics(out) if r["kind"] == "checkpoint"][-1]
     assert last["replica_steps"] == [30] * 4 and last["shard_versions"] == [120, 120]
 
+
+def _spawned_children(pid: int) -> list[int]:
+    """The processes ``pid`` started with multiprocessing's spawn (the shards and replicas), from /proc."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid and \
+                    b"spawn_main" in (d / "cmdline").read_bytes():
+                found.append(int(d.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.launcher
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_no_shard_or_replica_outlives_a_sigkilled_coordinator(tmp_path):
+    """SIGKILL to the coordinator (no handler runs, nothing is stopped): the shards see their parent gone (they
+    check every 0.5 s) and leave; the replicas' heartbeats and calls fail within --rpc-timeout and they leave. All
+    2 + 2 processes are gone well within 60 s (before, a shard waited on an event with no time-out for ever)."""
+    proc, out = _popen_downpour(tmp_path, "orphans", downpour_cfg(2, 2), "--train-subset", str(2 * 32 * 200),
+                                "--replica-delay", "0=0.05", "1=0.05", "--rpc-timeout", "10", "--heartbeat", "0.5")
+    _wait_for_record(proc, out, "step")
+    children = _spawned_children(proc.pid)
+    assert len(children) == 4, children
+    t0 = time.monotonic()
+    proc.kill()
+    proc.wait(timeout=30)  # not its output: the children hold the pipe until they end
+    while any(map(_running, children)) and time.monotonic() - t0 < 60:
+        time.sleep(0.1)
+    left = [pid for pid in children if _running(pid)]
+    for pid in left:  # never leave them behind, whatever the verdict
+        os.kill(pid, signal.SIGKILL)
+    seconds = time.monotonic() - t0
+    proc.communicate(timeout=30)
+    assert not left, f"{len(left)} of 4 processes still running 60 s after the coordinator was SIGKILLed"
+    print(f"all 4 gone {seconds:.1f} s after the coordinator's SIGKILL")
