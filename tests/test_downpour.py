@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, child_env, read_metrics, write_config
+from conftest import REPO, child_env, free_port, read_metrics, write_config
 
 from analysis.runs import load_run
 from train import cli, downpour
@@ -256,6 +256,30 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, override, message):
     assert str(e.value).startswith(message)
 
 
+def test_roles_under_a_launcher_are_checked(tmp_path, monkeypatch):
+    path = write_config(tmp_path / "c.json", downpour_cfg(2, 2))
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "4")
+
+    def role(*roles: str) -> tuple[str, int]:
+        args = downpour.get_args_parser().parse_args(["--deepspeed_config", str(path), "--roles", *roles])
+        return downpour.launched_role(args, downpour.load_setup(args, data=False))
+
+    assert role("replica1", "shard1") == ("shard", 1)  # LOCAL_RANK 1's entry
+    assert downpour.launched_role(downpour.get_args_parser().parse_args(["--deepspeed_config", str(path)]),
+                                  downpour.load_setup(downpour.get_args_parser().parse_args(
+                                      ["--deepspeed_config", str(path)]), data=False)) == ("replica", 1)  # by RANK
+    with pytest.raises(ConfigError, match=r"--roles 'shard2': expected coordinator, shard<i> with i in 0\.\.1 or "):
+        role("coordinator", "shard2")
+    with pytest.raises(ConfigError, match="expected 2 different roles, one per process this launcher starts"):
+        role("replica0", "replica0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=4 but the experiment needs 1 coordinator \+ 2 shards \+ 2 "):
+        role("replica1", "shard1")
+
+
 def test_bad_input_on_the_command_line_exits_2_before_any_process_starts(tmp_path, capsys):
     """In this process (cli.run is what the entry point calls): the exit code, the message, no run folder."""
     path, out = write_config(tmp_path / "bad.json", downpour_cfg(2, 2)), tmp_path / "bad"
@@ -484,3 +508,31 @@ def test_no_shard_or_replica_outlives_a_sigkilled_coordinator(tmp_path):
     proc.communicate(timeout=30)
     assert not left, f"{len(left)} of 4 processes still running 60 s after the coordinator was SIGKILLed"
     print(f"all 4 gone {seconds:.1f} s after the coordinator's SIGKILL")
+
+
+@pytest.mark.launcher
+def test_two_torchrun_nodes_with_a_role_map_and_a_shard_that_has_no_data(tmp_path, fashion_mnist_dir):
+    """Two torchrun launchers on this machine as two nodes (static rendezvous on a loopback port), the roles split
+    1 + 3 by --roles, not by rank: node 0 (torchrun's rank 0) runs only shard0, with a --data-dir that does not
+    exist (a shard never reads the data set); node 1 runs the coordinator and both replicas. Both launchers exit 0
+    and the run ends with 10 steps per replica and 2 x 10 staleness measurements."""
+    path, out, port = write_config(tmp_path / "mn.json", downpour_cfg(2, 1)), tmp_path / "mn", free_port()
+    common = ["--deepspeed_config", str(path), "--output-dir", str(out), "--no-wandb", "--val-subset", "500",
+              "--train-subset", "640"]
+    nodes = [(0, 1, ["--data-dir", str(tmp_path / "no-data-here"), "--roles", "shard0"]),
+             (1, 3, ["--data-dir", str(fashion_mnist_dir), "--roles", "coordinator", "replica0", "replica1"])]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    procs = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc-per-node", str(n), "--node-rank", str(rank),
+                               "--master-addr", "127.0.0.1", "--master-port", str(port), "train/downpour.py",
+                               *common, *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=child_env(OMP_NUM_THREADS="1"))
+             for rank, n, flags in nodes]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    s = summary(out)
+    assert s["replica_steps"] == [10, 10] and s["tau_count"] == 20 and s["dead_replicas"] == []

@@ -1,8 +1,9 @@
 """Downpour SGD (Dean et al. 2012, "Large Scale Distributed Deep Networks", sec. 4.1) on torch.distributed.rpc.
 
     python train/downpour.py --deepspeed_config ds_configs/downpour/fmnist-w2-s2.json          # one machine
-    torchrun --nnodes 2 --nproc-per-node 3 --node-rank R --master-addr HOST --master-port 29500 \\
-        train/downpour.py --deepspeed_config ds_configs/downpour/fmnist-w4-s1.json               # a cluster
+    torchrun --nnodes 3 --nproc-per-node 3 --node-rank 0 --master-addr HOST --master-port 29500 \\
+        train/downpour.py --deepspeed_config ds_configs/downpour/fmnist-w4-s2.json --roles coordinator shard0 shard1
+    (and on two more hosts --node-rank 1 / 2, --nproc-per-node 2, --roles replica0 replica1 / replica2 replica3)
 
 One process per role, all in one RPC world of 1 + S + W workers: rank 0 the coordinator (starts the shards, logs,
 evaluates, checkpoints), ranks 1..S the parameter-server shards (train/ps/shard.py: a slice of the model and its
@@ -17,8 +18,10 @@ barrier between replicas, Dean et al.'s client (the paper's Algorithm 1.1, train
     every n_push steps:  start pushing the accrued gradient to every shard (rpc_async), zero it
 
 Plain ``python train/downpour.py`` starts the 1 + S + W processes itself (torch.multiprocessing, spawn) on this
-machine; under torchrun (or any launcher that sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) each process takes
-the role of its rank and WORLD_SIZE must be 1 + S + W.
+machine; under torchrun (or any launcher that sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) each
+process takes the role ``--roles`` names at its LOCAL_RANK (any split of the roles over hosts), or without it the
+role of its rank; WORLD_SIZE must be 1 + S + W. A shard never reads the data set. The README gives the per-host
+commands and the interface variables (TP_SOCKET_IFNAME, GLOO_SOCKET_IFNAME).
 
 The experiment is one JSON file with a ``downpour`` block (ds_configs/downpour/, written by
 ds_configs/generate.py): model, dataset, replicas W, shards S, batch_per_replica b, n_fetch, n_push, the shards'
@@ -74,7 +77,7 @@ from train.ps import calls, coordinator  # noqa: E402
 from train.ps import shard as ps  # noqa: E402
 from train.ps.replica import run_replica  # noqa: E402
 from train.ps.run import coordinate  # noqa: E402
-from train.ps.setup import Setup, load_setup, role_of  # noqa: E402
+from train.ps.setup import Setup, load_setup, parse_role, rank_of, role_of  # noqa: E402
 from train.run_folder import claim_folder  # noqa: E402
 
 
@@ -115,6 +118,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-timeout", type=cli.positive_float, default=60.0, metavar="SECONDS",
                    help="the longest any RPC (fetch, push, report, ping) waits for its answer; a shard that does not "
                         "answer within it fails the run")
+    p.add_argument("--roles", nargs="+", default=None, metavar="ROLE",
+                   help="under a launcher (torchrun): the roles of the processes it starts on this node, in "
+                        "LOCAL_RANK order: coordinator, shard<i>, replica<j>; each of the 1 + S + W on one node "
+                        "(default: by RANK, 0 the coordinator, 1..S the shards, then the replicas)")
     p.add_argument("--eval-batch", type=cli.int_at_least(1), default=1000, help="validation batch")
     p.add_argument("--evals-per-epoch", type=cli.int_at_least(1), default=1,
                    help="evaluate (an epoch record, fractional epoch) K times per pass over the training set")
@@ -134,18 +141,33 @@ def child(rank: int, world_size: int, setup: Setup, parent: int | None = None) -
         run_replica(rank, world_size, index, setup)
 
 
+def launched_role(args: argparse.Namespace, setup: Setup) -> tuple[str, int]:
+    """Under a launcher: this process's role, ``--roles`` at LOCAL_RANK (one role per process of this node), or
+    without ``--roles`` the rank's (:func:`role_of`)."""
+    size = int(os.environ.get("WORLD_SIZE", "0"))
+    if size != 1 + setup.S + setup.W:
+        raise ConfigError(f"WORLD_SIZE={size} but the experiment needs 1 coordinator + {setup.S} shards + "
+                          f"{setup.W} replicas = {1 + setup.S + setup.W} processes")
+    if not args.roles:
+        return role_of(int(os.environ["RANK"]), setup)
+    local, local_size = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if len(args.roles) != local_size or len(set(args.roles)) != len(args.roles):
+        raise ConfigError(f"--roles {' '.join(args.roles)}: expected {local_size} different roles, one per process "
+                          f"this launcher starts (LOCAL_WORLD_SIZE={local_size}, --nproc-per-node)")
+    return parse_role(args.roles[local], setup)
+
+
 def main(args: argparse.Namespace) -> dict[str, Any] | None:
-    setup = load_setup(args)
+    setup = load_setup(args, data=False)
+    role, index = launched_role(args, setup) if "RANK" in os.environ else ("coordinator", 0)
+    if role != "shard":  # the coordinator and the replicas read the data set; a shard never does
+        setup = load_setup(args)
     world_size = 1 + setup.S + setup.W
     run_name = args.run_name or f"{Path(args.deepspeed_config).stem}-seed{args.seed}"
     out_dir = cli.run_dir(args)
-    if "RANK" in os.environ:  # a launcher started every process: take the role of this rank
-        rank, size = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "0"))
-        if size != world_size:
-            raise ConfigError(f"WORLD_SIZE={size} but the experiment needs 1 coordinator + {setup.S} shards + "
-                              f"{setup.W} replicas = {world_size} processes")
-        if rank:
-            child(rank, world_size, setup)
+    if "RANK" in os.environ:  # a launcher started every process: the role --roles gives it, or its rank's
+        if role != "coordinator":
+            child(rank_of(role, index, setup), world_size, setup)
             return None
         return coordinate(setup, world_size, {}, run_name, out_dir)
     refusal = claim_folder(out_dir, resume=args.resume, overwrite=args.overwrite)

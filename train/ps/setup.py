@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,8 +80,9 @@ def _int_at_least(cfg: dict[str, Any], key: str, low: int) -> int:
     return v
 
 
-def load_setup(args: argparse.Namespace) -> Setup:
-    """The config's downpour block with the flags' overrides, checked; raises ConfigError with what and why."""
+def load_setup(args: argparse.Namespace, data: bool = True) -> Setup:
+    """The config's downpour block with the flags' overrides, checked; raises ConfigError with what and why.
+    ``data`` False (a shard): the data set is not read, and the sample counts are 0."""
 
     raw = load_json(args.deepspeed_config)
     if not isinstance(raw.get("downpour"), dict):
@@ -132,13 +134,15 @@ def load_setup(args: argparse.Namespace) -> Setup:
     if max_dead >= cfg["replicas"]:
         raise ConfigError(f"--max-dead-replicas {max_dead} with {cfg['replicas']} replicas: a run needs one replica "
                           f"alive; use at most {cfg['replicas'] - 1}")
-    info = load_data(args).info  # a missing or corrupt data set fails here, before any process starts
-    num_train = min(info.num_train, args.train_subset or info.num_train)
-    num_val = min(info.num_val, args.val_subset or info.num_val)
+    num_train = num_val = 0
+    if data:
+        info = load_data(args).info  # a missing or corrupt data set fails here, before any process starts
+        num_train = min(info.num_train, args.train_subset or info.num_train)
+        num_val = min(info.num_val, args.val_subset or info.num_val)
     bounds = ps.partition(sum(sizes.values()), cfg["shards"])
     setup = Setup(cfg, args, num_train, num_val, describe_slices(sizes, bounds), delays, faults, max_dead,
                   bounds, ps.assign_buffers(buffers, cfg["shards"]))
-    if setup.steps_per_epoch < 1:
+    if data and setup.steps_per_epoch < 1:
         raise ConfigError(f"{num_train} training samples make no step of {setup.W} replicas x "
                           f"{setup.b} samples; use more samples or fewer replicas")
     return setup
@@ -165,6 +169,22 @@ def role_of(rank: int, setup: Setup) -> tuple[str, int]:
     if rank <= setup.S:
         return "shard", rank - 1
     return "replica", rank - 1 - setup.S
+
+
+def rank_of(role: str, index: int, setup: Setup) -> int:
+    """The RPC rank of a role (the inverse of :func:`role_of`)."""
+    return 0 if role == COORDINATOR else 1 + index if role == "shard" else 1 + setup.S + index
+
+
+def parse_role(name: str, setup: Setup) -> tuple[str, int]:
+    """``--roles`` entry -> (role, index): coordinator, shard<i> (i < S) or replica<j> (j < W)."""
+    m = re.fullmatch(r"(shard|replica)(\d+)", name)
+    if name == COORDINATOR:
+        return COORDINATOR, 0
+    if m and int(m.group(2)) < (setup.S if m.group(1) == "shard" else setup.W):
+        return m.group(1), int(m.group(2))
+    raise ConfigError(f"--roles {name!r}: expected coordinator, shard<i> with i in 0..{setup.S - 1} or replica<j> "
+                      f"with j in 0..{setup.W - 1}, e.g. --roles coordinator shard0 replica1")
 
 
 FAULT_KINDS = ("raise", "kill", "hang")
