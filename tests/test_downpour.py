@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -536,3 +537,33 @@ def test_two_torchrun_nodes_with_a_role_map_and_a_shard_that_has_no_data(tmp_pat
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     s = summary(out)
     assert s["replica_steps"] == [10, 10] and s["tau_count"] == 20 and s["dead_replicas"] == []
+
+
+@pytest.mark.launcher
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_a_hung_shard_fails_the_run_within_the_rpc_timeout(tmp_path):
+    """W = 2, S = 1; the shard is stopped (SIGSTOP: alive, no exit code to see, as a hung host under torchrun looks)
+    mid-run. The coordinator's next call to it (its ping, or a drain of the staleness records) gets no answer
+    within --rpc-timeout 3 s: the run fails with exit 6, its first line naming the shard and the time-out, well
+    within 60 s."""
+    proc, out = _popen_downpour(tmp_path, "hung", downpour_cfg(2, 1), "--train-subset", str(2 * 32 * 200),
+                                "--replica-delay", "0=0.05", "1=0.05", "--rpc-timeout", "3", "--heartbeat", "0.5")
+    _wait_for_record(proc, out, "step")
+    children = sorted(_spawned_children(proc.pid))
+    assert len(children) == 3, children
+    shard = children[0]  # the processes start in rank order, rank 1 (the shard) first
+    t0 = time.monotonic()
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if _running(shard):
+            os.kill(shard, signal.SIGKILL)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 6, stdout
+    first = next(ln for ln in stdout.splitlines() if ln.startswith("error: "))
+    # the first call to reach the stopped shard names it: the ping, or the coordinator's own call (as measured)
+    assert re.match(r"error: the Downpour run failed: (shard 0 failed|ps0 did not answer \w+ within --rpc-timeout 3 s)",
+                    first), first
+    assert seconds < 60, f"{seconds:.1f} s from the hang to the exit"
+    print(f"exit 6 {seconds:.1f} s after the shard was stopped")

@@ -164,7 +164,9 @@ def consistent_cut(setup: Setup) -> tuple[list[dict[str, Any]], dict[int, int], 
 def save_checkpoint(c: Coordinator, setup: Setup, state: State, log: Any, out_dir: Path) -> None:
     """The parameter server's state at a consistent cut (every shard's parameters, accumulators, version, the steps
     it holds of each replica) and the replicas' steps at that cut; the staleness and dropped pushes up to it."""
+    t0 = time.perf_counter()
     shards, cut, taus, dropped = consistent_cut(setup)
+    held = time.perf_counter() - t0  # the pushes waited at most this long
     for group in (state.taus_interval, state.taus_epoch, state.taus_all):
         group.extend(taus)
     state.dropped += dropped
@@ -183,7 +185,8 @@ def save_checkpoint(c: Coordinator, setup: Setup, state: State, log: Any, out_di
     state.last_saved = tag
     removed = prune_tags(folder, setup.args.keep_checkpoints, model_file=MODEL_FILE)
     log.log({"kind": "checkpoint", "step": sum(steps), "tag": tag, "replica_steps": steps,
-             "shard_versions": [s["version"] for s in shards], "removed": removed}, to_wandb=False)
+             "shard_versions": [s["version"] for s in shards], "removed": removed, "cut_seconds": held,
+             "seconds": time.perf_counter() - t0}, to_wandb=False)
 
 
 def watch(c: Coordinator, setup: Setup, state: State, log: Any, model: torch.nn.Module, procs: dict[int, Any],
