@@ -25,6 +25,7 @@ class Coordinator:
         self.ready = False
         self.failed = False
         self.stopping = False  # the coordinator is going: replicas stop (a signal, or the run failed)
+        self.told_to_stop: set[int] = set()  # replicas whose heartbeat was answered STOP
         self.start_steps = [0] * setup.W
         self.steps = [0] * setup.W  # steps each replica has reported
         self.done = [False] * setup.W
@@ -108,6 +109,9 @@ def coord_heartbeat(j: int) -> int:
     c = _coordinator()
     with c.cond:
         c.last_seen[j] = time.monotonic()
+        if c.stopping and not c.dead[j]:
+            c.told_to_stop.add(j)
+            c.cond.notify_all()
         return LOST if c.dead[j] else STOP if c.stopping else ALIVE
 
 

@@ -76,6 +76,10 @@ def coordinate(setup: Setup, world_size: int, procs: dict[int, Any], run_name: s
                 print(f"{name}: saving a checkpoint and stopping; --resume continues", flush=True)
                 save_checkpoint(c, setup, state, log, out_dir)
                 log.close()
+                with c.cond:  # the replicas learn it from their next heartbeat and leave quietly
+                    c.stopping = True
+                    c.cond.wait_for(lambda: all(c.finished(j) or j in c.told_to_stop for j in range(setup.W)),
+                                    timeout=2 * args.heartbeat + 1)
                 raise SystemExit(ExitCode.for_signal(stop.signum))
             records.last_record(c, setup, state, log, model)
             save_checkpoint(c, setup, state, log, out_dir)
