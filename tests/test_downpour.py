@@ -321,17 +321,21 @@ def test_one_replica_is_deans_client_with_zero_staleness_and_resumes_exactly(tmp
 
 
 @pytest.mark.launcher
-def test_n_fetch_k_is_k_local_steps_then_a_fetch(tmp_path, data):
-    """Dean et al.'s client with n_fetch = 3, n_push = 1, one replica, 7 steps: the replica steps its own copy with
-    each gradient (plain SGD at the shards' lr) and fetches at steps 0, 3, 6, each fetch arriving one step later:
-    the weights equal the replay in one process, and not the replay without local steps (k gradients at one stale
-    point, what the client did before). Per shard, pushes 1-3 find 0, 1, 2 updates since the fetch at step 0,
-    pushes 4-6 the same since the fetch after push 3, push 7 none: tau counts [3, 2, 2] on each of 2 shards."""
-    _, out = run_downpour(tmp_path, "k3", downpour_cfg(1, 2, n_fetch=3), "--train-subset", "320", "--max-steps", "7")
-    assert_weights_equal(out, dean_replay(data, 320, 7, 3))
-    got, stale = torch.load(out / "model.pt", weights_only=True), dean_replay(data, 320, 7, 3, local_lr=0.0)
+@pytest.mark.parametrize("n_push,tau_hist", [(1, [6, 4, 4]), (2, [6, 2])])
+def test_n_fetch_k_is_k_local_steps_then_a_fetch(tmp_path, data, n_push, tau_hist):
+    """Dean et al.'s client with n_fetch = 3, one replica, 7 steps: the replica steps its own copy with each gradient
+    (plain SGD at the shards' lr) and fetches at steps 0, 3, 6, each fetch arriving one step later: the weights
+    equal the replay in one process, and not the replay without local steps (k gradients at one stale point, what
+    the client did before). n_push = 1: per shard, pushes 1-3 find 0, 1, 2 updates since the fetch at step 0,
+    pushes 4-6 the same since the fetch after push 3, push 7 none: tau counts [3, 2, 2] on each of 2 shards.
+    n_push = 2 (pushes after steps 2, 4, 6, 7; the fetch at step 3 lands on a copy with step 3 not pushed yet):
+    taus 0, 0, 1, 0, counts [3, 1] per shard."""
+    cfg = downpour_cfg(1, 2, n_fetch=3, n_push=n_push)
+    _, out = run_downpour(tmp_path, "k3", cfg, "--train-subset", "320", "--max-steps", "7")
+    assert_weights_equal(out, dean_replay(data, 320, 7, 3, n_push))
+    got, stale = torch.load(out / "model.pt", weights_only=True), dean_replay(data, 320, 7, 3, n_push, local_lr=0.0)
     assert max((got[k] - stale[k]).abs().max().item() for k in got) > 1e-4  # the test tells the two apart
-    assert summary(out)["tau_hist"] == [6, 4, 4]
+    assert summary(out)["tau_hist"] == tau_hist
 
 
 @pytest.mark.launcher
