@@ -117,7 +117,8 @@ def start_shards(model: torch.nn.Module, setup: Setup, saved: dict[str, Any] | N
 
 
 def load_checkpoint(path: Path, setup: Setup) -> dict[str, Any]:
-    """``--resume``: checkpoints/ps.pt read back (tensors and plain values only, unless --trusted-checkpoint)."""
+    """``--resume``: the checkpoint that checkpoints/latest names (step<N>/ps.pt) read back (tensors and plain
+    values only, unless --trusted-checkpoint)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=not setup.args.trusted_checkpoint)
     except (RuntimeError, EOFError, OSError) as e:
