@@ -1,18 +1,21 @@
 """Elastic resume (issue 23): a ZeRO checkpoint continued on another rank count or ZeRO stage equals the
 uninterrupted run, for SGD, LARS and LAMB, through the real launcher on CPU.
 
-Four launches of tests/workers/elastic_worker.py (4, then 2, then 3, then 4 ranks) carry nine chains, each saving at
-the end of its part and resuming (train/reshard.py) at the start of the next: SGD, LARS and LAMB in ZeRO-1 and in
-ZeRO-2 throughout, and in ZeRO-1 -> ZeRO-2 -> ZeRO-0 -> ZeRO-1. The global batch is 12 micro-batches of 2, so the
-accumulation steps are 3, 6, 4 and 3. The first launch also runs each optimizer uninterrupted on 4 ranks (the
-reference) and the second on 2 ranks (the rounding control: the same run summed in another order). A negative
-control resumes LAMB with the weights only (optimizer state left fresh): it must fail the same comparison.
+Four launches of tests/workers/elastic_worker.py (4, then 2, then 3, then 4 ranks) carry eleven chains, each saving
+at the end of its part and resuming (train/reshard.py) at the start of the next: SGD, LARS and LAMB in fp32 in ZeRO-1
+and in ZeRO-2 throughout, and in ZeRO-1 -> ZeRO-2 -> ZeRO-0 -> ZeRO-1; LAMB in bf16 and DeepSpeed's own AdamW (built
+from the config) through the same stages. The
+global batch is 12 micro-batches of 2, so the accumulation steps are 3, 6, 4 and 3. The first launch also runs each
+optimizer and precision uninterrupted on 4 ranks in ZeRO-1 (the reference), the second on 2 ranks in ZeRO-2 (the
+rounding control: the same run summed in another order). Two negative controls (LAMB resumed without its optimizer
+state; bf16 LAMB resumed with masters from the bf16 module) must fail the same comparison.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,20 +25,25 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import DEEPSPEED, REPO, child_env, free_port
+from conftest import DEEPSPEED, REPO, child_env, free_port, launch, read_metrics, run_single, write_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 
 import ds_optim_worker  # noqa: E402
 import elastic_worker as worker  # noqa: E402
 
+from train.checkpoints import load_file  # noqa: E402
 from train.data import GlobalBatchSampler  # noqa: E402
 
 OPTS = ("sgd", "lars", "lamb")
 CHAINS = {"z1": (1, 1, 1, 1), "z2": (2, 2, 2, 2), "z1-z2-z0-z1": (1, 2, 0, 1)}
 WORLDS = (4, 2, 3, 4)
 STOPS = (2, 4, 5, worker.TOTAL_STEPS)  # each part's last step
-ROUNDING_FACTOR = 10  # how far past the rounding control a chain may be; measured below 2 (see the report)
+# How far past the rounding control a chain may be. fp32: measured at most 2.2x (LARS ZeRO-2 against the ZeRO-1
+# reference). bf16: measured 0.73x; the masters taken from the bf16 module at each resume (the negative control)
+# measured 12x, so bf16's factor is 3.
+ROUNDING_FACTOR = 10
+FACTOR = {"fp32": ROUNDING_FACTOR, "bf16": 3}
 
 
 def _launch(tmp: Path, ranks: int, plan: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -57,19 +65,28 @@ def _launch(tmp: Path, ranks: int, plan: list[dict[str, Any]], name: str) -> dic
     return {"results": result["results"], "stdout": stdout}
 
 
+# name -> (optimizer, precision, ZeRO stage of each part, how each part after the first resumes)
+RUNS = {**{f"{opt}-{chain}": (opt, "fp32", stages, "reshard") for opt in OPTS for chain, stages in CHAINS.items()},
+        "lamb-bf16-z1-z2-z0-z1": ("lamb", "bf16", (1, 2, 0, 1), "reshard"),
+        "adamw-z1-z2-z0-z1": ("adamw", "fp32", (1, 2, 0, 1), "reshard"),  # DeepSpeed's AdamW from the config
+        "lamb-weights-only": ("lamb", "fp32", (1, 1, 1, 1), "weights"),  # negative controls
+        "lamb-bf16-no-masters": ("lamb", "bf16", (1, 2, 0, 1), "reshard-no-masters")}
+# uninterrupted runs: the reference (4 ranks, ZeRO-1, part 0) and the rounding control (2 ranks, ZeRO-2, part 1)
+UNINTERRUPTED = {(opt, precision) for opt, precision, _, _ in RUNS.values()}
+
+
 @pytest.fixture(scope="module")
 def chains(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("elastic")
     parts: list[dict[str, Any]] = []
     for part, (ranks, stop) in enumerate(zip(WORLDS, STOPS, strict=True)):
-        plan = [{"name": f"{opt}-{chain}", "opt": opt, "stage": stages[part], "root": str(tmp / f"{opt}-{chain}"),
-                 "stop": stop, "resume": "reshard" if part else None}
-                for opt in OPTS for chain, stages in CHAINS.items()]
-        plan.append({"name": "lamb-weights-only", "opt": "lamb", "stage": 1, "root": str(tmp / "lamb-weights-only"),
-                     "stop": stop, "resume": "weights" if part else None})
-        if part in (0, 1):  # uninterrupted runs: the reference on 4 ranks, the rounding control on 2
-            plan += [{"name": f"{opt}-full-z{stage}", "opt": opt, "stage": stage, "root": str(tmp / "unused"),
-                      "stop": worker.TOTAL_STEPS, "save": False} for opt in OPTS for stage in (1, 2)]
+        plan = [{"name": name, "opt": opt, "precision": precision, "stage": stages[part], "root": str(tmp / name),
+                 "stop": stop, "resume": resume if part else None}
+                for name, (opt, precision, stages, resume) in RUNS.items()]
+        if part in (0, 1):
+            plan += [{"name": f"{opt}-{precision}-{('ref', 'control')[part]}", "opt": opt, "precision": precision,
+                      "stage": part + 1, "root": str(tmp / "unused"), "stop": worker.TOTAL_STEPS, "save": False}
+                     for opt, precision in sorted(UNINTERRUPTED)]
         parts.append(_launch(tmp, ranks, plan, f"part{part}"))
     return {"parts": parts, "tmp": tmp}
 
@@ -90,59 +107,71 @@ def state_error(got: dict[str, dict[str, torch.Tensor]], want: dict[str, dict[st
     return max(float((got[n][k] - want[n][k]).norm() / want[n][k].norm()) for n in want for k in want[n])
 
 
-def errors(chains: dict[str, Any], initial: dict[str, torch.Tensor], opt: str, name: str, stage: int) -> tuple:
-    """(weight error, state error) of run ``name`` after the last part and of the 2-rank control, against the
-    uninterrupted 4-rank run of ``opt`` in ZeRO-``stage``."""
+def errors(chains: dict[str, Any], initial: dict[str, torch.Tensor], name: str) -> tuple[float, ...]:
+    """(weight error, state error) of run ``name`` after the last part, and of the rounding control (2 ranks,
+    ZeRO-2, uninterrupted), against the reference (4 ranks, ZeRO-1, uninterrupted) of its optimizer and precision."""
+    opt, precision, _, _ = RUNS[name]
     parts = chains["parts"]
-    ref, control = parts[0]["results"][f"{opt}-full-z{stage}"], parts[1]["results"][f"{opt}-full-z{stage}"]
+    ref = parts[0]["results"][f"{opt}-{precision}-ref"]
+    control = parts[1]["results"][f"{opt}-{precision}-control"]
     got = parts[-1]["results"][name]
     return (weight_error(got["weights"], ref["weights"], initial), state_error(got["states"], ref["states"]),
             weight_error(control["weights"], ref["weights"], initial), state_error(control["states"], ref["states"]))
 
 
-@pytest.mark.parametrize("chain", list(CHAINS))
-@pytest.mark.parametrize("opt", OPTS)
-def test_resumed_on_2_then_3_then_4_ranks_equals_the_uninterrupted_run(chains, initial, opt, chain):
-    """Weights and every optimizer state (momentum; LAMB's moments and step count) after 4 -> 2 -> 3 -> 4 ranks
-    (and the chain's stages) within ROUNDING_FACTOR x the rounding control: the uninterrupted run on 2 ranks."""
-    name = f"{opt}-{chain}"
-    stage = CHAINS[chain][-1]
-    w, s, w_control, s_control = errors(chains, initial, opt, name, stage)
+RESHARDED = [name for name, run in RUNS.items() if run[3] == "reshard"]
+
+
+@pytest.mark.parametrize("name", RESHARDED)
+def test_resumed_on_2_then_3_then_4_ranks_equals_the_uninterrupted_run(chains, initial, name):
+    """Weights and every optimizer state (momentum; LAMB's and AdamW's moments and step counts) after 4 -> 2 -> 3
+    -> 4 ranks (and the chain's stages) within FACTOR x the rounding control: the uninterrupted run on 2 ranks in
+    ZeRO-2 against the reference on 4 in ZeRO-1 (the same steps summed in another order)."""
+    w, s, w_control, s_control = errors(chains, initial, name)
     print(f"{name}: weights {w:.2e} (control {w_control:.2e}), states {s:.2e} (control {s_control:.2e})")
-    assert 0 < w_control < 1e-5 and 0 < s_control < 1e-5, "the rounding control is not at fp32 rounding"
-    assert w < ROUNDING_FACTOR * w_control, f"{name}: weights {w:.2e} vs control {w_control:.2e}"
-    assert s < ROUNDING_FACTOR * s_control, f"{name}: states {s:.2e} vs control {s_control:.2e}"
+    bound = 1e-5 if RUNS[name][1] == "fp32" else 1e-1
+    assert 0 < w_control < bound and 0 < s_control < bound, "the rounding control is not at rounding size"
+    factor = FACTOR[RUNS[name][1]]
+    assert w < factor * w_control, f"{name}: weights {w:.2e} vs control {w_control:.2e}"
+    assert s < factor * s_control, f"{name}: states {s:.2e} vs control {s_control:.2e}"
     parts = chains["parts"]
+    opt, precision, _, _ = RUNS[name]
     last = parts[-1]["results"][name]
-    assert last["scalars"] == parts[0]["results"][f"{opt}-full-z{stage}"]["scalars"]  # step counts, lr_prev
+    assert last["scalars"] == parts[0]["results"][f"{opt}-{precision}-ref"]["scalars"]  # step counts, lr_prev
     assert [p["results"][name]["start"] for p in parts] == [0, *STOPS[:-1]]
     assert last["global_steps"] == worker.TOTAL_STEPS and last["skipped"] == 0
     for part in parts[1:]:
         assert "re-sharded checkpoint step" in part["stdout"]
 
 
-@pytest.mark.parametrize("opt", OPTS)
-def test_every_step_loss_recorded_once_and_equal_to_the_uninterrupted_runs(chains, opt):
-    """Each part trains only the steps after its checkpoint; the losses of the chain, step by step, equal the
-    uninterrupted run's to fp32 rounding (the same samples in each global batch whatever the rank count)."""
-    for chain in CHAINS:
-        steps: list[int] = []
-        losses: dict[int, float] = {}
-        for part in chains["parts"]:
-            got = part["results"][f"{opt}-{chain}"]["losses"]
-            steps += list(got)
-            losses.update(got)
-        assert steps == list(range(1, worker.TOTAL_STEPS + 1))
-        ref = chains["parts"][0]["results"][f"{opt}-full-z{CHAINS[chain][-1]}"]["losses"]
-        assert all(abs(losses[k] - ref[k]) <= 1e-5 * abs(ref[k]) for k in ref), (losses, ref)
+@pytest.mark.parametrize("name", RESHARDED)
+def test_every_step_loss_recorded_once_and_equal_to_the_uninterrupted_runs(chains, name):
+    """Each part trains only the steps after its checkpoint; the chain's losses, step by step, equal the
+    uninterrupted run's to rounding (the same samples in each global batch whatever the rank count)."""
+    opt, precision, _, _ = RUNS[name]
+    steps: list[int] = []
+    losses: dict[int, float] = {}
+    for part in chains["parts"]:
+        got = part["results"][name]["losses"]
+        steps += list(got)
+        losses.update(got)
+    assert steps == list(range(1, worker.TOTAL_STEPS + 1))
+    ref = chains["parts"][0]["results"][f"{opt}-{precision}-ref"]["losses"]
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    assert all(abs(losses[k] - ref[k]) <= tol * abs(ref[k]) for k in ref), (losses, ref)
 
 
-def test_negative_control_weights_without_optimizer_state_fail_the_comparison(chains, initial):
-    """LAMB resumed with the module weights and counters only (what DeepSpeed's load gives without the optimizer
-    state) is far outside what the re-sharded chains meet: the comparison can fail."""
-    w, s, w_control, s_control = errors(chains, initial, "lamb", "lamb-weights-only", 1)
-    assert w > 1000 * ROUNDING_FACTOR * w_control, f"only {w:.2e} off without the optimizer state"
-    assert s > 1000 * ROUNDING_FACTOR * s_control
+@pytest.mark.parametrize("name,what", [("lamb-weights-only", "optimizer state"),
+                                       ("lamb-bf16-no-masters", "fp32 master weights")])
+def test_negative_controls_fail_the_comparison(chains, initial, name, what):
+    """LAMB resumed without its optimizer state (what DeepSpeed's load gives without it), and bf16 LAMB re-sharded
+    with the masters taken from the bf16 module (DeepSpeed's ``_restore_from_bit16_weights``) fail the comparison
+    the re-sharded chains pass (measured: 1.7e6 and 12 x the control)."""
+    w, s, w_control, s_control = errors(chains, initial, name)
+    print(f"{name} (without the {what}): weights {w:.2e} (control {w_control:.2e}), states {s:.2e} "
+          f"(control {s_control:.2e})")
+    factor = FACTOR[RUNS[name][1]]
+    assert w > factor * w_control or s > factor * s_control, f"only {w:.2e} (states {s:.2e}) off without the {what}"
 
 
 def test_sampler_global_order_does_not_depend_on_the_world_size():
@@ -196,11 +225,10 @@ def test_entry_point_resumes_a_2_rank_zero1_lamb_run_on_1_rank_in_zero2(tmp_path
     """train/imagenet.py (MLP, Fashion-MNIST, fp32, LAMB, global batch 32 = 8 micro x 2 accumulation x 2 ranks):
     the uninterrupted 6-step run on 2 ranks in ZeRO-1 is the reference; a copy of its folder rewound to the step-3
     checkpoint and resumed on 1 rank in ZeRO-2 (4 accumulation steps, printed) ends within ROUNDING_FACTOR x the
-    rounding control (the same 6 steps on 1 rank from the start) of the reference; every step is logged once."""
-    import shutil
-
-    from conftest import launch, read_metrics, run_single, write_config
-
+    rounding control (the same 6 steps on 1 rank from the start) of the reference; every step is logged once.
+    The offline converter, on the reference's folder, refuses 3 ranks naming 2 or 4, and for 1 rank prints both
+    layouts and writes the per-parameter state: the masters equal model.pt, the moments' sums of squares equal
+    those of the saved partitions."""
     def config(stage: int) -> Path:
         return write_config(tmp_path / f"z{stage}.json", {
             "train_batch_size": 32, "train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": stage},
@@ -214,6 +242,31 @@ def test_entry_point_resumes_a_2_rank_zero1_lamb_run_on_1_rank_in_zero2(tmp_path
 
     ref, resumed, control = tmp_path / "ref", tmp_path / "resumed", tmp_path / "control"
     launch([*args(1, ref), "--save-interval", "3", "--keep-checkpoints", "0"], ranks=2)
+    # The offline converter on the saved folder: a world size that cannot reach the batch, then 1 rank in ZeRO-2.
+    t0 = time.perf_counter()
+    conv = subprocess.run([sys.executable, "-m", "train.reshard", str(ref), "--to-world", "3"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=child_env())
+    assert conv.returncode == 2 and time.perf_counter() - t0 < 30, conv.stderr[-2000:]
+    assert ("error: --to-world 3 cannot reach the global batch 32 with micro batch 8 per rank; world sizes that can: "
+            "2 or 4 (all: 1, 2, 4)") in conv.stderr
+    conv = subprocess.run([sys.executable, "-m", "train.reshard", str(ref), "--to-world", "1", "--to-stage", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=child_env())
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    for line in ("saved layout: 2 rank(s), ZeRO-1, fp32", "per element: fp32, exp_avg, exp_avg_sq; per group: step=6",
+                 "target layout: 1 rank(s), ZeRO-2, fp32: global batch 32 = 8 micro x 4 accumulation x 1 ranks "
+                 "(was x 2 accumulation x 2)", "  1.weight: ", "wrote "):
+        assert line in conv.stdout, conv.stdout
+    step6 = ref / "checkpoints" / "step6"
+    written = torch.load(step6 / "per_parameter_state.pt", weights_only=False)["tensors"]
+    final = torch.load(ref / "model.pt", weights_only=True)  # written by the entry point, not by the converter
+    assert written.keys() == {n for n in final if n.endswith(("weight", "bias"))}
+    assert all(torch.equal(written[n]["fp32"], final[n].reshape(-1).float()) for n in written)
+    for key in ("exp_avg", "exp_avg_sq"):  # nothing lost or counted twice: the partitions' sums of squares
+        parts = [load_file(step6 / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer_state_dict"][
+            "base_optimizer_state"]["state"] for r in (0, 1)]
+        want = sum(float(state[key].double().pow(2).sum()) for part in parts for state in part.values())
+        got = sum(float(t[key].double().pow(2).sum()) for t in written.values())
+        assert want > 0 and abs(got - want) <= 1e-12 * want, (key, got, want)
     shutil.copytree(ref, resumed)
     (resumed / "model.pt").unlink()
     (resumed / "checkpoints" / "latest").write_text("step3")

@@ -116,6 +116,7 @@ class ParameterState:
             lines.append(f"group {i}: {len(names)} parameters, {numel:,} elements; per element: "
                          f"{', '.join([MASTER] * any(MASTER in self.tensors.get(n, {}) for n in names) + keys)}; "
                          f"per group: {scalars}")
+            lines += [f"  {n}: {self._numel(n):,} elements" for n in names]
         return lines
 
     def _numel(self, name: str) -> int:
@@ -156,7 +157,7 @@ def _read_zero(tag_dir: Path, model: dict[str, Any], layout: Layout) -> Paramete
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
     scalars: list[dict[str, Any]] = [{} for _ in groups]
     for rank in range(layout.world_size):
-        path = tag_dir / OPTIM_FILE.format(rank)
+        path = tag_dir / (("bf16_" if layout.precision == "bf16" else "") + OPTIM_FILE.format(rank))
         if not path.is_file():
             raise ReshardError(f"--resume: {path} is missing: a ZeRO-{layout.zero_stage} checkpoint of "
                                f"{layout.world_size} ranks has one optimizer file per rank")
@@ -260,7 +261,10 @@ def apply(engine: Any, saved: ParameterState) -> None:
             state: dict[str, Any] = {k: torch.zeros_like(flat) for k in saved.state_keys(group)}
             for pc in pieces:
                 name = name_of[pc.layer]
-                for k, t in saved.tensors[name].items():
+                tensors = saved.tensors[name]
+                if MASTER not in tensors:  # fp32 without ZeRO: the module's weights, which DeepSpeed has loaded
+                    tensors = {MASTER: params[pc.layer][1].detach().reshape(-1).float(), **tensors}
+                for k, t in tensors.items():
                     src = t.narrow(0, pc.param_start, pc.numel).to(flat.device, flat.dtype)
                     dst = flat.narrow(0, pc.start, pc.numel) if k == MASTER else state[k].narrow(0, pc.start, pc.numel)
                     if k == MASTER and exact and not torch.equal(dst, src):  # DeepSpeed loaded the same fp32 weights

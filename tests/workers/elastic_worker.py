@@ -2,14 +2,17 @@
 
 Launched as ``deepspeed --num_gpus N tests/workers/elastic_worker.py --plan plan.json --out results.pt``. The plan
 lists runs; each builds a tiny model (ds_optim_worker's accumulation model: tanh, no batch norm, three param groups,
-a layer split across ranks) with SGD, LARS or LAMB under ZeRO stage S on the N ranks of this launch, resumes from
-``root/checkpoints`` (written by an earlier launch, maybe on another rank count or stage) unless it starts at step
-0, trains to ``stop`` and saves through train/checkpoints.py's Checkpointer. The global batch is always
+a layer split across ranks) with SGD, LARS or LAMB (or ``adamw``: DeepSpeed's AdamW built from the config) under
+ZeRO stage S on the N ranks of this launch, resumes from ``root/checkpoints`` (written by an earlier launch, maybe
+on another rank count or stage) unless it starts at step 0, trains to ``stop`` and saves through
+train/checkpoints.py's Checkpointer. The global batch is always
 ``GLOBAL_MICROS`` micro-batches of ``MICRO_BATCH``: rank r takes micro-batches ``r * accum .. r * accum + accum - 1``
 of each step, as train/data.py's GlobalBatchSampler hands them out, so every world size sees the same samples.
 
 ``resume``: ``"reshard"`` (train/reshard.py), ``"deepspeed"`` (DeepSpeed's own load: only where the layout is the
-run's) or ``"weights"`` (a negative control: the module and counters only, the optimizer state left fresh).
+run's), or a negative control: ``"weights"`` (the module and counters only, the optimizer state left fresh) or
+``"reshard-no-masters"`` (re-sharded, but the fp32 masters taken from the bf16 module, as DeepSpeed's
+``_restore_from_bit16_weights`` does). ``precision``: ``"fp32"`` (default) or ``"bf16"``.
 
 Rank 0 writes, per run: the full fp32 master weights and every optimizer state per parameter, gathered from
 DeepSpeed's own bookkeeping (ZeRO's recorded offsets, not this project's layouts), the per-group scalar state, and
@@ -32,13 +35,21 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ds_optim_worker import ACC_VARIANTS, build_acc_optimizer, full_fp32_weights, lr_at, make_acc_model  # noqa: E402
+from ds_optim_worker import (  # noqa: E402
+    ACC_VARIANTS,
+    acc_param_groups,
+    build_acc_optimizer,
+    full_fp32_weights,
+    lr_at,
+    make_acc_model,
+)
 
 import optimizers  # noqa: E402
 
 MICRO_BATCH = 2
 GLOBAL_MICROS = 12  # micro-batches per step: 4 ranks x 3, 2 x 6, 3 x 4, 1 x 12
 TOTAL_STEPS = 6
+ADAMW_LR = 0.01  # "adamw": DeepSpeed's own optimizer from the config ({"type": "AdamW", "torch_adam": true})
 
 
 def micro_batch(step: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,9 +128,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     model = make_acc_model()
     precision = spec.get("precision", "fp32")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_acc_optimizer(spec["opt"], model),
-                                      config=ds_config(spec["stage"], world, precision))
-    optimizers.bind_deepspeed(engine)
+    config = ds_config(spec["stage"], world, precision)
+    if spec["opt"] == "adamw":  # DeepSpeed builds its own optimizer from the config (torch's AdamW here)
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": ADAMW_LR, "weight_decay": 0.01, "torch_adam": True}}
+        groups = [{k: v for k, v in g.items() if k != "adapt"} for g in acc_param_groups(model, 0.01)]
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    else:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=build_acc_optimizer(spec["opt"], model),
+                                          config=config)
+        optimizers.bind_deepspeed(engine)
     root = Path(spec["root"])
     checkpointer = Checkpointer(engine, root, rank, lambda: {}, keep=0)
     start = 0
@@ -127,10 +144,16 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         say = print if rank == 0 else (lambda *_: None)
         if spec["resume"] == "reshard":
             pos, _ = reshard.resume_resharded(checkpointer, engine, say)
+        elif spec["resume"] == "reshard-no-masters":  # a negative control: the masters from the bf16 module
+            saved = reshard.read_checkpoint(checkpointer.dir / (checkpointer.dir / "latest").read_text())
+            for tensors in saved.tensors.values():
+                tensors.pop(reshard.MASTER, None)
+            pos, _ = checkpointer.resume(optimizer_states=False)
+            reshard.apply(engine, saved)
         else:
             pos, _ = checkpointer.resume(optimizer_states=spec["resume"] == "deepspeed")
         start = pos.global_step
-    base = ACC_VARIANTS[spec["opt"]][1]["lr"]
+    base = ADAMW_LR if spec["opt"] == "adamw" else ACC_VARIANTS[spec["opt"]][1]["lr"]
     losses = {}
     for step in range(start, spec["stop"]):
         for group in engine.optimizer.param_groups:
