@@ -39,7 +39,8 @@ from torch import Tensor
 
 from ._layerwise import FlatLayout, LayerwiseOptimizer, RecordsLayers, Segment
 
-__all__ = ["DeepSpeedBinding", "bind_deepspeed", "bind_layouts", "inner_optimizer", "whole_layer_ids"]
+__all__ = ["DeepSpeedBinding", "Piece", "bind_deepspeed", "bind_layouts", "inner_optimizer", "param_group_layers",
+           "stepped_pieces", "whole_layer_ids"]
 
 
 @dataclass(frozen=True)
@@ -301,3 +302,70 @@ def whole_layer_ids(engine: Any) -> dict[int, int]:
             for lp, hp in zip(lp_group, hp_group, strict=True):
                 ids[id(hp)] = ids[id(lp)]
     return ids
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements ``[start, start + numel)`` of a tensor the inner optimizer steps are elements
+    ``[param_start, param_start + numel)`` of the flattened model parameter ``layer`` (its index in
+    ``engine.module.parameters()``)."""
+
+    layer: int
+    start: int
+    param_start: int
+    numel: int
+
+
+def stepped_pieces(engine: Any) -> list[tuple[int, Tensor, list[Piece]]]:
+    """Every tensor the inner optimizer steps on this rank, with its param group's index and the pieces of model
+    parameters it holds (elements outside every piece are padding): what re-sharding a checkpoint onto this engine
+    writes into (train/reshard.py). Known: no wrapper (fp32, ZeRO off: the parameters themselves),
+    FP16_UnfusedOptimizer (one fp32 copy per parameter), DeepSpeedZeroOptimizer (ZeRO-1/2 without offload: one flat
+    fp32 partition per group, a parameter possibly split across ranks); any other wrapper raises."""
+    wrapper = engine.optimizer
+    params = list(engine.module.parameters())
+    layer_of = {id(p): i for i, p in enumerate(params)}
+    kind = type(wrapper).__name__
+    out: list[tuple[int, Tensor, list[Piece]]] = []
+    if isinstance(wrapper, torch.optim.Optimizer) and not hasattr(wrapper, "optimizer"):
+        for i, group in enumerate(wrapper.param_groups):
+            out += [(i, p, [Piece(layer_of[id(p)], 0, 0, p.numel())]) for p in group["params"]]
+        return out
+    if kind == "FP16_UnfusedOptimizer":
+        for i, (lp_group, hp_group) in enumerate(zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True)):
+            out += [(i, hp, [Piece(layer_of[id(lp)], 0, 0, hp.numel())]) for lp, hp in zip(lp_group, hp_group,
+                                                                                           strict=True)]
+        return out
+    if kind == "DeepSpeedZeroOptimizer" and not getattr(wrapper, "cpu_offload", False):
+        for i, hp in enumerate(wrapper.single_partition_of_fp32_groups):
+            flat = wrapper.bit16_groups_flat[i]
+            part = wrapper.parallel_partitioned_bit16_groups[i][dist.get_rank(group=wrapper.real_dp_process_group[i])]
+            start = _offset_in(flat, part)
+            pieces = []
+            for p, offset, meta in zip(wrapper.round_robin_bit16_groups[i], wrapper.round_robin_bit16_offsets[i],
+                                       wrapper.round_robin_bit16_meta[i], strict=True):
+                lo, hi = max(offset, start), min(offset + meta.numel(), start + hp.numel())
+                if lo < hi:
+                    pieces.append(Piece(layer_of[id(p)], lo - start, lo - offset, hi - lo))
+            out.append((i, hp, pieces))
+        return out
+    raise NotImplementedError(
+        f"stepped_pieces: DeepSpeed optimizer wrapper {kind}"
+        f"{' with offload' if kind == 'DeepSpeedZeroOptimizer' else ''} is not understood; "
+        f"known: no wrapper (fp32, ZeRO off), FP16_UnfusedOptimizer (fp16/bf16, ZeRO off), "
+        f"DeepSpeedZeroOptimizer (ZeRO-1/2 without offload)")
+
+
+def param_group_layers(engine: Any) -> list[list[int]]:
+    """The model parameters of each param group (their indices in ``engine.module.parameters()``), in the order the
+    optimizer holds them (DeepSpeed's ZeRO keeps the client optimizer's groups and order)."""
+    wrapper = engine.optimizer
+    layer_of = {id(p): i for i, p in enumerate(engine.module.parameters())}
+    kind = type(wrapper).__name__
+    if kind == "FP16_UnfusedOptimizer":
+        groups = wrapper.fp16_groups
+    elif kind == "DeepSpeedZeroOptimizer":
+        groups = wrapper.bit16_groups
+    else:
+        groups = [g["params"] for g in wrapper.param_groups]
+    return [[layer_of[id(p)] for p in g] for g in groups]

@@ -82,8 +82,8 @@ def test_resume_keeps_precision_and_first_config_and_records_each_resume(tmp_pat
 
     proc = run_single([*args, "--max-steps", "3", "--resume", "--precision", "bf16"], check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert (f"error: --resume: the checkpoints in {run} were written with another layout (precision fp32 -> bf16); "
-            f"resume with --precision fp32, the config and rank count of the run") in proc.stderr
+    assert (f"error: --resume: the checkpoints in {run} were written in another precision (precision fp32 -> bf16): "
+            f"fp16 and bf16 carry different master and loss-scaler state; resume with --precision fp32") in proc.stderr
     assert (run / "config.json").read_bytes() == first
 
     auto = [a if a != "fp32" else "auto" for a in args]

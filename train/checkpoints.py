@@ -15,9 +15,10 @@ run of skipped steps) for a run that gives up. After each save only the newest `
 the one ``latest`` names and the last good one (:meth:`Checkpointer.prune`).
 
 Resuming: :func:`resume_tag` refuses a ``latest`` that names no checkpoint of the folder (checked before anything
-heavy starts, :func:`resume_refusal`); :func:`check_resume_layout` refuses to resume ZeRO partitions into another
-stage or world size, or into another precision. The run folder's own rules (one job per folder, the shared-folder
-proof, metrics rewind, atomic small files) are in train/run_folder.py.
+heavy starts, :func:`resume_refusal`); :func:`check_resume_layout` refuses to resume into another precision
+and says when ZeRO partitions must be re-sharded for another world size or stage (train/reshard.py). The run
+folder's own rules (one job per folder, the shared-folder proof, metrics rewind, atomic small files) are in
+train/run_folder.py.
 """
 
 from __future__ import annotations
@@ -252,10 +253,14 @@ class Checkpointer:
         Return the tags removed."""
         return prune_tags(self.dir, self.keep, self.good_tag)
 
-    def resume(self) -> tuple[Position, dict[str, Any]]:
-        """Load the checkpoint 'latest' names; return its position and everything else it holds."""
+    def resume(self, *, optimizer_states: bool = True) -> tuple[Position, dict[str, Any]]:
+        """Load the checkpoint 'latest' names; return its position and everything else it holds.
+
+        ``optimizer_states=False``: the module, schedule, step counters and client state only (DeepSpeed reads them
+        on any world size); train/reshard.py then writes the optimizer state into this world's partitions."""
         tag = resume_tag(self.dir)  # a clear message for a 'latest' that names no checkpoint of this folder
-        path, client = self.engine.load_checkpoint(str(self.dir), tag=tag) if tag else (None, None)
+        path, client = self.engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=optimizer_states) \
+            if tag else (None, None)
         if path is None or client is None:
             refuse(f"--resume: no checkpoint in {self.dir} (the run stopped before its first save, or the "
                              f"folder is not a run); pass --overwrite instead of --resume to start this run afresh")
@@ -276,26 +281,34 @@ class Checkpointer:
         return str(self.dir / self.good_tag)
 
 
-def check_resume_layout(saved_config: Path, resolved: Resolved) -> None:
-    """Refuse to resume a ZeRO checkpoint into another stage or world size (its partitions would not fit), or any
-    checkpoint into another precision: its optimizer files differ (fp32 ZeRO partitions or BF16_Optimizer's fp32
-    master copies), and a bf16 or fp16 model rounds the fp32 weights it resumes. ``--precision auto`` may resolve
-    differently on another machine (train/precision.py measures); the message names the flag that resumes as
-    written."""
+def check_resume_layout(saved_config: Path, resolved: Resolved) -> tuple[int, int] | None:
+    """Refuse to resume any checkpoint into another precision: its optimizer files differ (fp32 ZeRO partitions or
+    BF16_Optimizer's fp32 master copies), and a bf16 or fp16 model rounds the fp32 weights it resumes. ``--precision
+    auto`` may resolve differently on another machine (train/precision.py measures); the message names the flag that
+    resumes as written. Another world size or ZeRO stage is allowed (train/reshard.py re-shards the optimizer state)
+    except in fp16, whose loss scaler is not carried yet: return the saved (world size, ZeRO stage) when the
+    partitions must be re-sharded, None when DeepSpeed's own load fits."""
     try:
         before = json.loads(saved_config.read_text())["derived"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return  # no record of the layout; DeepSpeed's own checks apply
+        return None  # no record of the layout; DeepSpeed's own checks apply
     now = {"zero_stage": resolved.zero_stage, "world_size": resolved.world_size, "precision": resolved.precision}
     changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) is not None and before.get(k) != v}
     if "world_size" in changed and max(before.get("zero_stage", 0), resolved.zero_stage) == 0:
         del changed["world_size"]  # without ZeRO every rank holds the whole state
-    if changed:
-        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        flag = f"--precision {changed['precision'][0]}, " if "precision" in changed else ""
+    what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+    if "precision" in changed:
+        raise ConfigError(f"--resume: the checkpoints in {saved_config.parent} were written in another precision "
+                          f"({what}): fp16 and bf16 carry different master and loss-scaler state; resume with "
+                          f"--precision {changed['precision'][0]}, or start afresh with --overwrite")
+    if changed and resolved.precision == "fp16":
         raise ConfigError(f"--resume: the checkpoints in {saved_config.parent} were written with another layout "
-                          f"({what}); resume with {flag}the config and rank count of the run, or start afresh with "
+                          f"({what}); re-sharding fp16 checkpoints is not supported yet (the dynamic loss scaler is "
+                          f"not carried): resume with the config and rank count of the run, or start afresh with "
                           f"--overwrite")
+    if not changed:
+        return None
+    return int(before.get("world_size", resolved.world_size)), int(before.get("zero_stage", resolved.zero_stage))
 
 
 def resume_refusal(ckpt_dir: Path) -> str | None:

@@ -111,14 +111,39 @@ def batch_arithmetic(
     per_step = micro_batch * world_size
     accum, rem = divmod(train_batch, per_step)
     if rem or accum == 0:
+        ok = reachable_world_sizes(train_batch, micro_batch)
+        worlds = (f"world sizes that can reach it with this micro batch: {nearest(ok, world_size)} (all: "
+                  f"{', '.join(map(str, ok[:12]))}{', ...' if len(ok) > 12 else ''}); " if ok else "")
         raise ConfigError(
             f"train_batch_size {train_batch} does not divide by train_micro_batch_size_per_gpu {micro_batch} x "
-            f"world size {world_size} = {per_step}; choose a global batch that is a multiple of {per_step}, "
-            f"or a micro batch that divides {train_batch // world_size if train_batch % world_size == 0 else '?'}")
+            f"world size {world_size} = {per_step}; {worlds}or choose a global batch that is a multiple of "
+            f"{per_step}, or a micro batch that divides "
+            f"{train_batch // world_size if train_batch % world_size == 0 else '?'}")
     if grad_accum is not None and grad_accum != accum:
         raise ConfigError(f"gradient_accumulation_steps {grad_accum} disagrees with train_batch_size {train_batch} / "
                           f"(micro batch {micro_batch} x world size {world_size}) = {accum}; remove one of them")
     return train_batch, micro_batch, accum
+
+
+def reachable_world_sizes(global_batch: int, micro_batch: int) -> list[int]:
+    """The world sizes that reach ``global_batch`` with ``micro_batch`` per rank and whole accumulation steps (an
+    elastic resume keeps the global batch: train/reshard.py)."""
+    most = global_batch // micro_batch if global_batch % micro_batch == 0 else 0
+    return [w for w in range(1, most + 1) if most % w == 0]
+
+
+def nearest(sizes: list[int], world_size: int) -> str:
+    """The nearest of ``sizes`` below and above ``world_size``: '2 or 4'."""
+    below, above = [w for w in sizes if w < world_size], [w for w in sizes if w > world_size]
+    return " or ".join(str(w) for w in below[-1:] + above[:1])
+
+
+def check_world_size(cfg: dict[str, Any], micro_batch: int | None, world_size: int) -> None:
+    """Refuse, before anything heavy, a world size whose ranks cannot reach the config's global batch (the batch
+    arithmetic of :func:`resolve`; ``micro_batch``: the --micro-batch flag, which replaces the config's accumulation
+    steps)."""
+    batch_arithmetic(cfg.get("train_batch_size"), micro_batch or cfg.get("train_micro_batch_size_per_gpu"),
+                     None if micro_batch else cfg.get("gradient_accumulation_steps"), world_size)
 
 
 def epochs_to_steps(params: dict[str, Any], steps_per_epoch: int | list[int], total_steps: int) -> dict[str, Any]:

@@ -36,6 +36,12 @@ def single_process_env() -> None:
                       MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
 
 
+def launched_world_size() -> int:
+    """The number of ranks the launcher started (deepspeed/torchrun: WORLD_SIZE, mpirun: OMPI_COMM_WORLD_SIZE), read
+    before the process group exists; 1 for plain ``python``."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+
+
 @dataclass
 class World:
     """This rank's place in the job."""

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from train import cli, diagnostics, distributed  # noqa: E402
 from train.checkpoints import Position  # noqa: E402
-from train.config import Resolved, load_json  # noqa: E402
+from train.config import Resolved, check_world_size, load_json  # noqa: E402
 from train.data import DATASETS, GlobalBatchSampler, build_data, eval_shard, to_model_input  # noqa: E402
 from train.engine import engine_dtype  # noqa: E402
 from train.loop import (  # noqa: E402
@@ -111,6 +111,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("DeepSpeed").setLevel(args.ds_log_level.upper())
     cfg = load_json(args.deepspeed_config)  # bad JSON fails here, before anything heavy
     diagnostics.check_optimizer(cfg, args.trust_ratio_interval)  # an optimizer that cannot record: refused now
+    check_world_size(cfg, args.micro_batch, distributed.launched_world_size())  # e.g. a resume on fewer ranks
     world = distributed.init(args.dist_timeout)
     image_size = args.image_size or (28 if args.dataset == "fashion-mnist" else 224)
     channels = input_channels(args.arch, 1 if args.dataset == "fashion-mnist" else 3)

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from train import cli, distributed
+from train import cli, distributed, reshard
 from train.checkpoints import Checkpointer, Position, check_resume_layout, resume_refusal
 from train.config import Resolved, batch_arithmetic, resolve
 from train.data import GlobalBatchSampler
@@ -176,10 +176,17 @@ def run_folder(args: argparse.Namespace, world: distributed.World) -> tuple[str,
 
 
 def resume_run(run: RunParts) -> tuple[Position, dict[str, Any]]:
-    """``--resume``: load the latest checkpoint; rank 0 rewinds metrics.jsonl to it and keeps its epoch records."""
-    out_dir = run.out_dir
-    check_resume_layout(out_dir / "config.json", run.resolved)
-    pos, client = run.checkpointer.resume()
+    """``--resume``: load the latest checkpoint (re-sharded by train/reshard.py when the world size or ZeRO stage
+    changed); rank 0 rewinds metrics.jsonl to it and keeps its epoch records."""
+    out_dir, r = run.out_dir, run.resolved
+    saved = check_resume_layout(out_dir / "config.json", r)
+    if saved is None:
+        pos, client = run.checkpointer.resume()
+    else:  # another world size or ZeRO stage: the same global batch, the accumulation re-derived
+        run.world.say(f"elastic resume: {saved[0]} rank(s), ZeRO-{saved[1]} -> {r.world_size} rank(s), ZeRO-"
+                      f"{r.zero_stage}; global batch {r.global_batch:,} = {r.micro_batch} micro x {r.grad_accum} "
+                      f"accumulation x {r.world_size} ranks")
+        pos, client = reshard.resume_resharded(run.checkpointer, run.engine, run.world.say)
     if run.world.is_main:  # metrics.jsonl keeps what led to the checkpoint and drops what a crash made us redo
         run.history = [r for r in rewind_metrics(out_dir / "metrics.jsonl", pos.global_step) if r["kind"] == "epoch"]
     tag = run.checkpointer.good_tag
