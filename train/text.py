@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,9 @@ def split_documents(docs: list[Document], val_percent: int) -> tuple[list[Docume
     return [d for d in docs if d.name not in names], val
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
-    """A WordPiece tokenizer trained on ``texts``, as a transformers BertTokenizerFast."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """A WordPiece tokenizer trained on ``texts`` (a list, or an iterator that streams them), as a transformers
+    BertTokenizerFast."""
     # Local here and below: transformers takes seconds to import; bad input is reported before anything needs it.
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast  # type: ignore[attr-defined]  # transformers' lazy module has it
