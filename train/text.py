@@ -1,5 +1,9 @@
 """Text for masked-language-model pre-training: a folder of text files -> tokenizer -> packed sequences -> masks.
 
+train/bert.py reads its corpus through train/corpus.py (five formats, a memory-mapped cache built once by rank 0),
+which takes the split rule, the tokenizer and the packing from here; the in-memory path below (``read_documents``,
+``split_documents``, ``build_corpus``) is its reference in the tests and serves the laptop study.
+
 * Corpus: every regular file below ``--data-dir`` is one document (UTF-8 text). The default is the demo corpus
   the set-up installs: Debian's ``python3.11-doc`` (the reStructuredText sources of the Python 3.11
   documentation, 497 files, about 11 MB of English prose). ``BERT_CORPUS_DIR`` names another default.
