@@ -25,6 +25,7 @@ the second config's hyperparameters. ``--init-from <run>/model`` (the exported f
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import math
 import os
@@ -161,6 +162,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     world = distributed.init(args.dist_timeout)
     run_name, out_dir = loop.run_folder(args, world)
     corpus = prepare_corpus(args, world, out_dir, seq_len)
+    release_free_memory()  # rank 0's tokenising left free pages in the heap
     from transformers import BertForMaskedLM
 
     def probe(micro: int) -> float:  # bf16's speed-up on this model at the run's micro batch (CPU, auto precision)
@@ -331,6 +333,8 @@ def evaluate(run: BertRun) -> dict[str, float]:
         count = torch.tensor(len(target), device=logits.device)
         sums += torch.stack([torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"),
                              (logits.argmax(-1) == target).sum(), count]).double()
+        del logits, target, batch
+        release_free_memory()
     torch.distributed.all_reduce(sums)
     loss, correct, n = sums.tolist()
     engine.train()
@@ -349,6 +353,19 @@ def finish(run: BertRun, pos: Position) -> dict[str, Any]:
     if run.world.is_main:
         run.engine.module.bert.save_pretrained(str(run.out_dir / "model"), state_dict=state)
     return loop.end_run(run, pos, result)
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing). Tensors of varying
+    size (the logits at a batch's masked positions, [masked tokens, vocabulary]) fragment glibc's heap: measured on
+    BERT-tiny, 90 held-out batches of 64 x 128 took a process from 506 to 756 MB of anonymous memory, so a held-out
+    set 10x larger meant a larger rank; trimmed after each batch, 453 to 456 MB. Called after each evaluation batch
+    and once the corpus is open, not in training: trimming after every step cost 35% more CPU time per step (30
+    steps of BERT-tiny at 32 x 128, where the heap grew from about 465 to 780 MB without it)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_rss_mib(device: torch.device) -> list[float]:
