@@ -106,8 +106,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     trained = empty()
     trained.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                                                  show_progress=False))
-    # The trainer finds the same vocabulary every time but numbers it in hash-map order (tokenizers 0.23): number it
-    # canonically (special tokens, then the rest sorted), so every run and rank gets the same ids.
+    # The trainer numbers its vocabulary in hash-map order (tokenizers 0.23): number it canonically (special tokens,
+    # then the rest sorted), so the same vocabulary always gets the same ids. Within one process it finds the same
+    # vocabulary every time; across processes it need not (seen on the demo corpus at 8,192: two processes, two
+    # vocabularies; ties broken in hash order, presumably), which is why train/corpus.py trains it once, on rank 0.
     rest = sorted(set(trained.get_vocab()) - set(SPECIAL_TOKENS))
     tok = empty({t: i for i, t in enumerate([*SPECIAL_TOKENS, *rest])})
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
