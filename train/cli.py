@@ -141,6 +141,10 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
     except CheckpointError as e:  # each rank reads its own files
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return ExitCode.BAD_INPUT
+    except TimeoutError as e:  # a rank that waited for another outside a collective (train/corpus.py's wait)
+        close_group = False
+        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return ExitCode.HUNG_RANK
     except RuntimeError as e:  # gloo and NCCL (DistBackendError) time-outs
         close_group = False
         if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():

@@ -1,5 +1,9 @@
 """Text for masked-language-model pre-training: a folder of text files -> tokenizer -> packed sequences -> masks.
 
+train/bert.py reads its corpus through train/corpus.py (five formats, a memory-mapped cache built once by rank 0),
+which takes the split rule, the tokenizer and the packing from here; the in-memory path below (``read_documents``,
+``split_documents``, ``build_corpus``) is its reference in the tests and serves the laptop study.
+
 * Corpus: every regular file below ``--data-dir`` is one document (UTF-8 text). The default is the demo corpus
   the set-up installs: Debian's ``python3.11-doc`` (the reStructuredText sources of the Python 3.11
   documentation, 497 files, about 11 MB of English prose). ``BERT_CORPUS_DIR`` names another default.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +89,9 @@ def split_documents(docs: list[Document], val_percent: int) -> tuple[list[Docume
     return [d for d in docs if d.name not in names], val
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
-    """A WordPiece tokenizer trained on ``texts``, as a transformers BertTokenizerFast."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """A WordPiece tokenizer trained on ``texts`` (a list, or an iterator that streams them), as a transformers
+    BertTokenizerFast."""
     # Local here and below: transformers takes seconds to import; bad input is reported before anything needs it.
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast  # type: ignore[attr-defined]  # transformers' lazy module has it
@@ -100,8 +106,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     trained = empty()
     trained.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                                                  show_progress=False))
-    # The trainer finds the same vocabulary every time but numbers it in hash-map order (tokenizers 0.23): number it
-    # canonically (special tokens, then the rest sorted), so every run and rank gets the same ids.
+    # The trainer numbers its vocabulary in hash-map order (tokenizers 0.23): number it canonically (special tokens,
+    # then the rest sorted), so the same vocabulary always gets the same ids. Within one process it finds the same
+    # vocabulary every time; across processes it need not (seen on the demo corpus at 8,192: two processes, two
+    # vocabularies; ties broken in hash order, presumably), which is why train/corpus.py trains it once, on rank 0.
     rest = sorted(set(trained.get_vocab()) - set(SPECIAL_TOKENS))
     tok = empty({t: i for i, t in enumerate([*SPECIAL_TOKENS, *rest])})
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
