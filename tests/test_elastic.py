@@ -221,11 +221,12 @@ def test_a_world_size_that_cannot_reach_the_batch_is_refused_at_once(tmp_path, f
     assert seconds < 5, f"refused {seconds:.1f} s after the imports"
 
 
-def test_entry_point_resumes_a_2_rank_zero1_lamb_run_on_1_rank_in_zero2(tmp_path, fashion_mnist_dir):
+def test_entry_point_resumes_a_2_rank_zero1_lamb_run_on_1_rank_in_zero2_and_back(tmp_path, fashion_mnist_dir):
     """train/imagenet.py (MLP, Fashion-MNIST, fp32, LAMB, global batch 32 = 8 micro x 2 accumulation x 2 ranks):
     the uninterrupted 6-step run on 2 ranks in ZeRO-1 is the reference; a copy of its folder rewound to the step-3
-    checkpoint and resumed on 1 rank in ZeRO-2 (4 accumulation steps, printed) ends within ROUNDING_FACTOR x the
-    rounding control (the same 6 steps on 1 rank from the start) of the reference; every step is logged once.
+    checkpoint, resumed on 1 rank in ZeRO-2 (4 accumulation steps, printed) to step 5, then on 2 ranks in ZeRO-1
+    again to step 6, ends within ROUNDING_FACTOR x the rounding control (the same 6 steps on 1 rank from the start)
+    of the reference; every step is logged once.
     The offline converter, on the reference's folder, refuses 3 ranks naming 2 or 4, and for 1 rank prints both
     layouts and writes the per-parameter state: the masters equal model.pt, the moments' sums of squares equal
     those of the saved partitions."""
@@ -270,10 +271,14 @@ def test_entry_point_resumes_a_2_rank_zero1_lamb_run_on_1_rank_in_zero2(tmp_path
     shutil.copytree(ref, resumed)
     (resumed / "model.pt").unlink()
     (resumed / "checkpoints" / "latest").write_text("step3")
-    out = run_single([*args(2, resumed), "--resume"])
+    out = run_single([*args(2, resumed), "--resume", "--max-steps", "5", "--save-interval", "1"])
     assert ("elastic resume: 2 rank(s), ZeRO-1 -> 1 rank(s), ZeRO-2; global batch 32 = 8 micro x 4 accumulation x "
             "1 ranks") in out.stdout
     assert "re-sharded checkpoint step3: 2 rank(s), ZeRO-1, fp32 -> 1 rank(s), ZeRO-2, fp32" in out.stdout
+    # Back to the first layout (the node came back): the checkpoint of step 5 is in the 1-rank ZeRO-2 layout, while
+    # config.json still records the first start's 2 ranks in ZeRO-1; the layout is read from the checkpoint.
+    out = launch([*args(1, resumed), "--resume"], ranks=2)
+    assert "re-sharded checkpoint step5: 1 rank(s), ZeRO-2, fp32 -> 2 rank(s), ZeRO-1, fp32" in out.stdout
     assert [r["step"] for r in read_metrics(resumed) if r["kind"] == "step"] == list(range(1, 7))
     run_single(args(2, control))
     start = torch.load(ref / "checkpoints" / "step3" / "mp_rank_00_model_states.pt", weights_only=False)["module"]

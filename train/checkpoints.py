@@ -65,11 +65,12 @@ def safe_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_file(path: str | Path, map_location: Any = None) -> Any:
-    """``torch.load(weights_only=True)`` with DeepSpeed's plain classes allowed; refuse anything else clearly."""
+def load_file(path: str | Path, map_location: Any = None, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` with DeepSpeed's plain classes allowed; refuse anything else clearly.
+    ``mmap``: map the tensors' storage instead of reading it (what is small, e.g. the config, is read at once)."""
     try:
         with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError) as e:  # truncated or corrupt: torch's zip reader, pickle, the OS
         raise CheckpointError(f"cannot read checkpoint file {path}: {str(e).splitlines()[0]}; the file is truncated "
                               f"or corrupt. Write an earlier tag into checkpoints/latest to resume from it, or start "
@@ -281,17 +282,55 @@ class Checkpointer:
         return str(self.dir / self.good_tag)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a run's optimizer state is laid out: ranks, ZeRO stage, precision."""
+
+    world_size: int
+    zero_stage: int
+    precision: str
+
+    def __str__(self) -> str:
+        return f"{self.world_size} rank(s), ZeRO-{self.zero_stage}, {self.precision}"
+
+
+def config_layout(ds_config: dict[str, Any], world_size: int) -> Layout:
+    """The layout of a DeepSpeed config (as saved in every model file) on ``world_size`` ranks."""
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+    precision = "bf16" if (ds_config.get("bf16") or {}).get("enabled") else \
+        "fp16" if (ds_config.get("fp16") or {}).get("enabled") else "fp32"
+    return Layout(world_size, stage, precision)
+
+
+def saved_layout(ckpt_dir: Path) -> Layout | None:
+    """The layout of the checkpoint 'latest' names, as DeepSpeed recorded it in its model file (``ds_config``,
+    ``dp_world_size``; read memory-mapped: the weights are not read); None without a checkpoint. A resumed run's
+    checkpoints have its own layout, not that of the first start in config.json."""
+    tag = resume_tag(ckpt_dir)
+    if tag is None or not (ckpt_dir / tag / MODEL_FILE).is_file():
+        return None
+    model = load_file(ckpt_dir / tag / MODEL_FILE, map_location="cpu", mmap=True)
+    return config_layout(model.get("ds_config") or {}, int(model.get("dp_world_size", 1)))
+
+
 def check_resume_layout(saved_config: Path, resolved: Resolved) -> tuple[int, int] | None:
     """Refuse to resume any checkpoint into another precision: its optimizer files differ (fp32 ZeRO partitions or
     BF16_Optimizer's fp32 master copies), and a bf16 or fp16 model rounds the fp32 weights it resumes. ``--precision
     auto`` may resolve differently on another machine (train/precision.py measures); the message names the flag that
     resumes as written. Another world size or ZeRO stage is allowed (train/reshard.py re-shards the optimizer state)
     except in fp16, whose loss scaler is not carried yet: return the saved (world size, ZeRO stage) when the
-    partitions must be re-sharded, None when DeepSpeed's own load fits."""
-    try:
-        before = json.loads(saved_config.read_text())["derived"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None  # no record of the layout; DeepSpeed's own checks apply
+    partitions must be re-sharded, None when DeepSpeed's own load fits. The saved layout is the one the checkpoint
+    'latest' names was written in (:func:`saved_layout`; after an elastic resume it differs from config.json's first
+    start), config.json's where the checkpoint cannot say."""
+    layout = saved_layout(saved_config.parent / "checkpoints")
+    if layout is not None:
+        before: dict[str, Any] = asdict(layout)
+    else:
+        try:
+            before = json.loads(saved_config.read_text())["derived"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return None  # no record of the layout; DeepSpeed's own checks apply
     now = {"zero_stage": resolved.zero_stage, "world_size": resolved.world_size, "precision": resolved.precision}
     changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) is not None and before.get(k) != v}
     if "world_size" in changed and max(before.get("zero_stage", 0), resolved.zero_stage) == 0:

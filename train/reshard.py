@@ -35,37 +35,15 @@ from typing import Any
 
 import torch
 
-from train.checkpoints import CheckpointError, load_file, resume_tag
+from train.checkpoints import MODEL_FILE, CheckpointError, Layout, config_layout, load_file, resume_tag
 from train.config import nearest, reachable_world_sizes
 
-MODEL_FILE = "mp_rank_00_model_states.pt"
 OPTIM_FILE = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
 MASTER = "fp32"  # the key of the master weights beside the optimizer's state keys
 
 
 class ReshardError(CheckpointError):
     """A checkpoint that cannot be carried into the new layout; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a run's optimizer state is laid out: ranks, ZeRO stage, precision."""
-
-    world_size: int
-    zero_stage: int
-    precision: str
-
-    def __str__(self) -> str:
-        return f"{self.world_size} rank(s), ZeRO-{self.zero_stage}, {self.precision}"
-
-
-def config_layout(ds_config: dict[str, Any], world_size: int) -> Layout:
-    """The layout of a DeepSpeed config (as saved in every model file) on ``world_size`` ranks."""
-    zero = ds_config.get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
-    precision = "bf16" if (ds_config.get("bf16") or {}).get("enabled") else \
-        "fp16" if (ds_config.get("fp16") or {}).get("enabled") else "fp32"
-    return Layout(world_size, stage, precision)
 
 
 def engine_layout(engine: Any) -> Layout:
