@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # transformers takes seconds to import: at run time only wher
 
 from train import cli, diagnostics, distributed, loop  # noqa: E402
 from train.checkpoints import Position, checkpoint_tags, resume_tag  # noqa: E402
-from train.config import ConfigError, load_json  # noqa: E402
+from train.config import ConfigError, check_world_size, load_json  # noqa: E402
 from train.corpus import FORMATS, Prepared, prepare  # noqa: E402
 from train.data import GlobalBatchSampler, eval_shard  # noqa: E402
 from train.precision import bf16_speedup  # noqa: E402
@@ -159,6 +159,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if seq_len > MAX_POSITIONS:
         raise ConfigError(f"--seq-len {seq_len} is above BERT's maximum of {MAX_POSITIONS} positions; expected "
                           f"2 .. {MAX_POSITIONS}")
+    check_world_size(cfg, args.micro_batch, distributed.launched_world_size())  # e.g. a resume on fewer ranks
     world = distributed.init(args.dist_timeout)
     run_name, out_dir = loop.run_folder(args, world)
     corpus = prepare_corpus(args, world, out_dir, seq_len)

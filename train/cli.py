@@ -4,7 +4,8 @@ The JSON config owns the experiment; these flags own the run (where it writes, h
 saves, what it does on faults). An entry point adds its own flags (data, model) and calls :func:`run` with its
 ``main``; every rank then ends with a one-line message and an exit code instead of a traceback for a fault the
 user can act on: 2 bad input, 3 too many skipped steps, 4 a collective time-out (a rank hung), 5 a checkpoint that
-could not be written (a full disk), 128 + N a signal.
+could not be written (a full disk), 6 a failed Downpour role, 128 + N a signal; 1 is an unexpected exception (its
+traceback is printed). train/exits.py's ``ExitCode`` lists them with their sentences.
 """
 
 from __future__ import annotations

@@ -199,9 +199,15 @@ def _documents_of(p: Path, rel: str, fmt: str) -> Iterator[tuple[str, str]]:
 # The cache
 
 
+# Part of every cache key: raise it when what the cache holds changes (tokenising, packing, the files' layout), so a
+# cache written by another version of this code is built again, not reused.
+CACHE_VERSION = 1
+
+
 def corpus_key(path: Path, fmt: str, val_percent: int, max_docs: int | None) -> str:
-    """A hash of what the documents are read from: format, each file's relative path, size and mtime, the split."""
-    h = hashlib.sha256(json.dumps([fmt, val_percent, max_docs]).encode())
+    """A hash of what the documents are read from: the cache version, the format, the corpus's absolute path, each
+    file's relative path, size and mtime, the split. Two copies of a corpus in other folders get their own caches."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, fmt, str(path.resolve()), val_percent, max_docs]).encode())
     for p in input_files(path, fmt) if fmt != "arrow" else sorted(q for q in path.iterdir() if q.is_file()):
         st = p.stat()
         h.update(f"{_rel(p, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -258,7 +264,8 @@ def write_docs(folder: Path, path: Path, fmt: str, val_percent: int, max_docs: i
         raise DataError(f"--data-dir {path}: the corpus has {docs} document; a held-out split needs at least 2")
     meta = {"docs": docs, "val_percent": val_percent, "split": "hash" if 0 < held_out < docs else "last"}
     _replace(tmp, folder / "docs.arrow")
-    (folder / "docs.json").write_text(json.dumps(meta))
+    (folder / "docs.json.tmp").write_text(json.dumps(meta))  # the folder's completion mark: written whole or not
+    _replace(folder / "docs.json.tmp", folder / "docs.json")
     return meta
 
 

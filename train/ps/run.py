@@ -150,19 +150,27 @@ def catch_stop_signals() -> StopSignal:
     return stop
 
 
-def consistent_cut(setup: Setup) -> tuple[list[dict[str, Any]], dict[int, int], list[int], int]:
+def consistent_cut(setup: Setup, dead: list[bool]) -> tuple[list[dict[str, Any]], dict[int, int], list[int], int]:
     """Every shard's state at one cut (train/ps/shard.py): pushes held, the cut set at the last step any shard took
-    from each replica, every shard brought to it; then the held pushes go on. (states, the cut, the staleness of
-    the pushes taken since the last drain, the pushes dropped since.)"""
+    from each replica, every shard brought to it; then the held pushes go on. A replica counted lost (``dead``) may
+    have died between its sends to two shards: its cut is the last step every shard took, so the cut does not wait
+    for a push that will never come (a shard that took that replica's last push keeps it). (states, the cut, the
+    staleness of the pushes taken since the last drain, the pushes dropped since.)"""
     names = [ps.shard_name(i) for i in range(setup.S)]
     try:
         held = [calls.call(n, ps.rpc_hold) for n in names]
-        cut = {j: max(h.get(j, 0) for h in held) for j in set().union(*held)}
+        cut = {j: (min if dead[j] else max)(h.get(j, 0) for h in held) for j in set().union(*held)}
         futures = [calls.call_async(n, ps.rpc_cut, cut, calls.timeout() / 2) for n in names]
         answers = [calls.wait(f, n, "a checkpoint's cut") for n, f in zip(names, futures, strict=True)]
     finally:
-        for n in names:
-            calls.call(n, ps.rpc_release)
+        failed = None
+        for n in names:  # every shard that answers is released, also after one that does not
+            try:
+                calls.call(n, ps.rpc_release)
+            except calls.RpcFailed as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
     return [a[0] for a in answers], cut, [t for a in answers for t in a[1]], sum(a[2] for a in answers)
 
 
@@ -170,7 +178,9 @@ def save_checkpoint(c: Coordinator, setup: Setup, state: State, log: Any, out_di
     """The parameter server's state at a consistent cut (every shard's parameters, accumulators, version, the steps
     it holds of each replica) and the replicas' steps at that cut; the staleness and dropped pushes up to it."""
     t0 = time.perf_counter()
-    shards, cut, taus, dropped = consistent_cut(setup)
+    with c.cond:
+        dead = list(c.dead)
+    shards, cut, taus, dropped = consistent_cut(setup, dead)
     held = time.perf_counter() - t0  # the pushes waited at most this long
     for group in (state.taus_interval, state.taus_epoch, state.taus_all):
         group.extend(taus)
