@@ -227,8 +227,11 @@ def failure_report(errors: dict[str, str], dead: int, replicas: int, max_dead: i
     shards = [k for k in errors if k.startswith("shard")]
     if not shards and dead <= max_dead and dead < replicas:
         return None
+    unreached = sorted({m for v in errors.values() for m in re.findall(r"\b(ps\d+) did not answer", v)})
     why = (f"{', '.join(shards)} failed" if shards else
-           f"{dead} of {replicas} replicas failed, --max-dead-replicas allows {max_dead}")
+           f"{dead} of {replicas} replicas failed, --max-dead-replicas allows {max_dead}" + (
+               f" (they could not reach {', '.join(unreached)} within --rpc-timeout: a hung or lost shard)"
+               if unreached else ""))
     return "\n".join([f"error: the Downpour run failed: {why}", *(f"error: {k}: {v}" for k, v in errors.items())])
 
 
