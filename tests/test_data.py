@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from train import REPO
 from train.data import DataError, GlobalBatchSampler, ImageFolderData, load_fashion_mnist, read_idx
 
 
@@ -98,3 +101,28 @@ def test_corrupt_and_truncated_jpegs_are_skipped_and_counted(tmp_path):
     assert sum(len(y) for _, y in got) == 6
     assert data.skipped == 2
     assert all(x.shape[1:] == (3, 32, 32) for x, _ in got)
+
+
+def test_the_named_torchvision_archs_are_torchvisions_resnet_family():
+    """train/models.py names torchvision's ResNet family instead of importing torchvision to list it; the list must
+    be the pinned torchvision's own."""
+    import torchvision
+
+    from train.models import TORCHVISION_ARCHS
+
+    want = sorted(n for n in torchvision.models.list_models(module=torchvision.models)
+                  if n.startswith(("resnet", "resnext", "wide_resnet")))
+    assert list(TORCHVISION_ARCHS) == want
+
+
+def test_downpour_processes_do_not_import_torchvision():
+    """Importing torchvision imports torch._dynamo (about 1.3 CPU-seconds a process); Downpour's shards and replicas
+    (the MLP on Fashion-MNIST) need neither, and a run starts 1 + S + W of them."""
+    code = ("import sys; import train.downpour, train.ps.replica, train.ps.run, train.ps.shard; "
+            "import os; from train.data import FASHION_MNIST_DEFAULT_DIR, fashion_mnist; from train.models import "
+            "build_model; build_model('mlp', 10, 1, 28); "
+            "fashion_mnist(os.environ.get('FASHION_MNIST_DIR', FASHION_MNIST_DEFAULT_DIR), 1, 0, flip=False); "
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.datasets as tvd
 
 from train.jpeg import TrainTransform, ValTransform, collate_uint8, normalize_uint8, sample_seed
 
@@ -334,6 +333,8 @@ class ImageFolderData:
         classes = check_imagefolder_root(data_dir)
         root = Path(data_dir)
         try:
+            import torchvision.datasets as tvd  # here, not at import: torchvision imports torch._dynamo (1.3 CPU-s)
+
             train_samples = tvd.ImageFolder(str(root / "train"), loader=_no_load).samples
             val_samples = tvd.ImageFolder(str(root / "val"), loader=_no_load).samples
         except FileNotFoundError as e:  # ImageFolder's message for an empty class folder

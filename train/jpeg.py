@@ -103,13 +103,21 @@ def draft_scale(region_h: int, region_w: int, out_h: int, out_w: int) -> int:
     return 1
 
 
-try:
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_jpeg as _decode_jpeg
+_DECODER: list[Any] = []  # torchvision.io's decode_jpeg and its RGB mode once looked up; [None, None] without them
 
-    _RGB = ImageReadMode.RGB
-except ImportError:  # a torchvision without its image decoders
-    _decode_jpeg = None
+
+def _torchvision_decoder() -> tuple[Any, Any]:
+    """torchvision.io's ``decode_jpeg`` and ``ImageReadMode.RGB``, imported at the first image rather than with this
+    module: importing torchvision imports torch._dynamo (about 1.3 CPU-seconds), which a process that reads no
+    JPEG (Fashion-MNIST runs, Downpour's shards and replicas) never needs."""
+    if not _DECODER:
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            _DECODER.extend([decode_jpeg, ImageReadMode.RGB])
+        except ImportError:  # a torchvision without its image decoders
+            _DECODER.extend([None, None])
+    return _DECODER[0], _DECODER[1]
 
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # start-of-frame markers
@@ -150,11 +158,12 @@ def decode(path: str, plan: Callable[[int, int], int]) -> torch.Tensor | None:
     try:
         with open(path, "rb") as f:
             data = bytearray(f.read())
-        size = jpeg_size(data) if _decode_jpeg is not None else None
+        decode, rgb_mode = _torchvision_decoder()
+        size = jpeg_size(data) if decode is not None else None
         if size is not None:
             want = plan(*size)
             if want == 1:
-                return _decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=_RGB)
+                return decode(torch.frombuffer(data, dtype=torch.uint8), mode=rgb_mode)
         with Image.open(io.BytesIO(data)) as img:
             if size is None:
                 full_w, full_h = img.size

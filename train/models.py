@@ -8,13 +8,13 @@ starts with gamma = 0 (Goyal et al. sec. 5.1), so the final ``model.pt`` loads s
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
-TORCHVISION_ARCHS = tuple(sorted(
-    name for name in torchvision.models.list_models(module=torchvision.models)
-    if name.startswith(("resnet", "resnext", "wide_resnet"))))
+# torchvision's ResNet family (torchvision.models.list_models, pinned torchvision 0.29; tests/test_data.py checks the
+# list against it). Named here rather than asked for at import: importing torchvision imports torch._dynamo, about
+# 1.3 CPU-seconds, which a process that builds only the small models (Downpour's shards and replicas) never needs.
+TORCHVISION_ARCHS = ("resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "resnext101_32x8d",
+                     "resnext101_64x4d", "resnext50_32x4d", "wide_resnet101_2", "wide_resnet50_2")
 # resnet_small_narrow: the same network at half the width (16, 32, 64 channels, about 0.08M parameters), 2x the
 # images/s of resnet_small on one CPU thread; the tuned study (docs/study/) runs 80 of them on 2 cores.
 SMALL_RESNETS = {"resnet_small": (32, 64, 128), "resnet_small_narrow": (16, 32, 64)}
@@ -30,6 +30,8 @@ class SmallResNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128),
                  zero_init_residual: bool = True):
+        from torchvision.models.resnet import BasicBlock  # here, not at import (see TORCHVISION_ARCHS)
+
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, stride=2, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
@@ -64,6 +66,8 @@ def build_model(arch: str, num_classes: int, in_channels: int, image_size: int,
         return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, 128), nn.ReLU(),
                              nn.Linear(128, num_classes))
     if arch in TORCHVISION_ARCHS:
+        import torchvision
+
         return torchvision.models.get_model(arch, num_classes=num_classes, zero_init_residual=zero_init_residual)
     raise ValueError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
 
