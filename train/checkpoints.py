@@ -322,8 +322,12 @@ def check_resume_layout(saved_config: Path, resolved: Resolved) -> tuple[int, in
     except in fp16, whose loss scaler is not carried yet: return the saved (world size, ZeRO stage) when the
     partitions must be re-sharded, None when DeepSpeed's own load fits. The saved layout is the one the checkpoint
     'latest' names was written in (:func:`saved_layout`; after an elastic resume it differs from config.json's first
-    start), config.json's where the checkpoint cannot say."""
-    layout = saved_layout(saved_config.parent / "checkpoints")
+    start), config.json's where the checkpoint cannot say (none, or a file the safe loader refuses: the load that
+    follows names the file and what to do, and ``--trusted-checkpoint`` still loads it)."""
+    try:
+        layout = saved_layout(saved_config.parent / "checkpoints")
+    except CheckpointError:
+        layout = None
     if layout is not None:
         before: dict[str, Any] = asdict(layout)
     else:
