@@ -395,19 +395,6 @@ def bert_demo_config() -> dict[str, Any]:
             "bert": {"model": "tiny", "seq_len": 128, "vocab_size": 4096}}
 
 
-# The synchronous baseline of the Downpour study (docs/study-downpour/): train/imagenet.py on the same MLP and data,
-# the same samples per update round (W x 32), Goyal's linear scaling 0.1 x B / 256 with Nesterov momentum 0.9,
-# no warmup (B <= 256), fp32, 2 epochs as the Downpour rows.
-DOWNPOUR_SYNC_BATCHES = [32, 64, 128, 256]
-
-
-def downpour_sync_config(batch: int) -> dict[str, Any]:
-    return {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch // 2, "zero_optimization": {"stage": 0},
-            "gradient_clipping": 0.0, "optimizer": {"type": "SGD", "params": {
-                "lr": goyal_lr(batch), "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}},
-            "training": {"epochs": 2, "recipe": "downpour-sync", "exclude_norm_and_bias": False}}
-
-
 def all_configs() -> dict[Path, dict[str, Any]]:
     out = {HERE / f"{name}.json": config(name, batch, recipe, epochs) for name, batch, recipe, epochs in RECIPES}
     for name, row in bert_recipes().items():
@@ -422,8 +409,6 @@ def all_configs() -> dict[Path, dict[str, Any]]:
                 out[HERE / "study-mlp" / f"{method}-{batch}.json"] = cfg
     for name, replicas, shards, optimizer, epochs in DOWNPOUR:
         out[HERE / "downpour" / f"{name}.json"] = downpour_config(replicas, shards, optimizer, epochs)
-    for batch in DOWNPOUR_SYNC_BATCHES:
-        out[HERE / "downpour" / f"sync-{batch}.json"] = downpour_sync_config(batch)
     return out
 
 

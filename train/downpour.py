@@ -97,6 +97,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="use only the first N training samples")
     p.add_argument("--val-subset", type=cli.int_at_least(1), default=None,
                    help="use only the first N validation samples")
+    p.add_argument("--holdout", type=cli.int_at_least(1), default=None, metavar="N",
+                   help="tuning: train on all but the last N training samples and validate on those N (not the "
+                        "test set)")
     p.add_argument("--replica-delay", nargs="+", default=(), metavar="J=SECONDS",
                    help="a straggler: replica J sleeps SECONDS before each step")
     p.add_argument("--barrier", action="store_true",

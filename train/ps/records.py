@@ -131,7 +131,8 @@ def load_from_shards(model: torch.nn.Module, setup: Setup) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, setup: Setup) -> dict[str, float]:
-    """Top-1/top-5 error (%) and loss over the validation samples (the first --val-subset of the test set)."""
+    """Top-1/top-5 error (%) and loss over the validation samples (the first --val-subset of the test set, or of
+    the held-out training samples with --holdout)."""
     data = load_data(setup.args)
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from train.config import ConfigError, load_json
-from train.data import FASHION_MNIST_DEFAULT_DIR, fashion_mnist
+from train.data import FASHION_MNIST_DEFAULT_DIR, fashion_mnist, hold_out
 from train.models import ARCHS, build_model
 from train.ps import shard as ps
 
@@ -136,7 +136,8 @@ def load_setup(args: argparse.Namespace, data: bool = True) -> Setup:
                           f"alive; use at most {cfg['replicas'] - 1}")
     num_train = num_val = 0
     if data:
-        info = load_data(args).info  # a missing or corrupt data set fails here, before any process starts
+        info = load_data(args).info  # a missing or corrupt data set, or --holdout too large, fails here, before
+        # any process starts
         num_train = min(info.num_train, args.train_subset or info.num_train)
         num_val = min(info.num_val, args.val_subset or info.num_val)
     bounds = ps.partition(sum(sizes.values()), cfg["shards"])
@@ -239,10 +240,13 @@ _DATA: Any = None
 
 
 def load_data(args: argparse.Namespace) -> Any:
-    """Fashion-MNIST, read once per process (no flips: Dean et al. trained on the data as they were)."""
+    """Fashion-MNIST, read once per process (no flips: Dean et al. trained on the data as they were); with
+    ``--holdout N`` the last N training samples are the validation set instead of the test set."""
     global _DATA
     if _DATA is None:
         _DATA = fashion_mnist(args.data_dir or FASHION_MNIST_DEFAULT_DIR, 1, args.seed, flip=False)
+        if args.holdout:
+            _DATA = hold_out(_DATA, args.holdout)
     return _DATA
 
 
@@ -270,4 +274,5 @@ def derived(setup: Setup) -> dict[str, Any]:
             "total_steps": setup.total_steps, "replicas": setup.W, "shards": setup.S, "n_fetch": cfg["n_fetch"],
             "n_push": cfg["n_push"], "batch_per_replica": setup.b, "warmstart_steps": cfg["warmstart_steps"],
             "world_size": 1 + setup.S + setup.W, "replica_delays": setup.delays, "barrier": setup.args.barrier,
+            "val_split": f"the last {setup.args.holdout} training samples (held out)" if setup.args.holdout else "test",
             "warmup_steps": 0}
