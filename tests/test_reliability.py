@@ -57,7 +57,11 @@ def wait_for_step(run, step: int, proc: subprocess.Popen, timeout: float = 240) 
 
 def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     for p in psutil.Process(launcher.pid).children(recursive=True):
-        if f"--local_rank={rank}" in " ".join(p.cmdline()):
+        try:
+            cmdline = p.cmdline()
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):  # a child exiting meanwhile (e.g. a loader worker)
+            continue
+        if f"--local_rank={rank}" in " ".join(cmdline):
             return p
     raise AssertionError(f"rank {rank} not found")
 
