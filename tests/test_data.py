@@ -6,6 +6,7 @@ import gzip
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -126,3 +127,41 @@ def test_downpour_processes_do_not_import_torchvision():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+STOP_SIGNAL_CHILD = r"""
+import signal, sys
+from train.data import ImageFolderData
+flag = []
+signal.signal(signal.SIGTERM, lambda *_: flag.append(1))  # as train.faults.StepAgreement: note it, stop later
+data = ImageFolderData(sys.argv[1], 16, 1, 0)
+print("ready", flush=True)
+n = sum(len(y) for _ in range(int(sys.argv[2])) for _, y in data.val_batches(list(range(4)), 2))
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # Python's exit restores the default action of a Python handler
+print("batches", n, "flagged", bool(flag), flush=True)
+"""
+
+
+def test_loader_workers_started_while_sigterm_rains_neither_die_nor_kill_the_rank(tmp_path):
+    """The deepspeed launcher's SIGTERM reaches every process of a rank's tree, loader workers too, at any moment.
+    Every new iterator forks workers (persistent_workers=False), and torch's worker sets a SIGTERM handler that
+    dies before our worker_init_fn ignores the signal: a signal in that window killed the worker and the rank
+    ('DataLoader worker ... exited unexpectedly') before it saved. A rank iterating 40 fresh loaders while SIGTERM
+    goes to it and all its children every millisecond must see every batch and only note the signal."""
+    import psutil
+
+    root = make_imagefolder(tmp_path / "d", per_class=2)
+    epochs = 40
+    proc = subprocess.Popen([sys.executable, "-c", STOP_SIGNAL_CHILD, str(root), str(epochs)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            for p in [parent, *parent.children(recursive=True)]:
+                p.send_signal(15)
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.001)
+    out = proc.stdout.read()
+    assert proc.returncode == 0 and f"batches {4 * epochs} flagged True" in out, out[-3000:]

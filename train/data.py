@@ -325,11 +325,34 @@ def default_workers(local_ranks: int = 1) -> int:
     return max(1, min(16, (os.cpu_count() or 2) // max(1, local_ranks) - 1))
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGINT to their rank, which checkpoints before it stops them: a worker dying on
-    the signal first would crash the rank ("DataLoader worker exited unexpectedly") before it could save."""
+    the signal first would crash the rank ("DataLoader worker exited unexpectedly") before it could save. The
+    worker starts with the signals blocked (:class:`_StopSafeLoader`); ignoring them discards one already pending."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class _StopSafeLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers start with SIGTERM/SIGINT blocked, until :func:`_ignore_stop_signals` ignores them.
+
+    torch's worker installs a SIGTERM handler that exits (torch/csrc/DataLoader.cpp) before it runs worker_init_fn,
+    and a launcher signals every process of a rank's tree: a signal in that window killed a worker forked at the
+    start of an epoch, and with it the rank, before the rank could save. The rank blocks the signals only while it
+    forks; one arriving meanwhile reaches its handler when they are unblocked."""
+
+    def __iter__(self) -> Any:
+        if not self.num_workers:
+            return super().__iter__()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class ImageFolderData:
@@ -366,7 +389,7 @@ class ImageFolderData:
 
     def _loader(self, dataset: JpegFolder, batches: Any, epoch: int) -> Any:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.utils.data.DataLoader(
+        return _StopSafeLoader(
             dataset, batch_sampler=_Keyed(batches, epoch), num_workers=self.workers, collate_fn=_Collate(self.uint8),
             pin_memory=torch.cuda.is_available(), generator=g, persistent_workers=False,
             prefetch_factor=self.prefetch_factor if self.workers else None, worker_init_fn=_ignore_stop_signals)
