@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import DEEPSPEED, REPO, child_env, free_port, launch, read_metrics, run_single, write_config
+from conftest import REPO, child_env, launch, node_launch, read_metrics, run_single, write_config
 from test_data import make_imagefolder
 from test_train_e2e import sgd_config
 
@@ -36,8 +36,9 @@ def bit_identical(a: dict, b: dict) -> bool:
 
 
 def start(args: list[str], ranks: int = 2) -> subprocess.Popen:
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train/imagenet.py", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    """The ranks under DeepSpeed's per-node launcher (conftest.node_launch): the returned process is the launcher."""
+    return subprocess.Popen(node_launch("train/imagenet.py", args, ranks), cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
@@ -87,9 +88,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
             "--workers", "1", "--output-dir", str(run), "--no-wandb", "--log-interval", "1"]
     proc = start(args)
     wait_for_step(run, 3, proc)
-    launcher = next(p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in " ".join(
-        p.cmdline()))
-    launcher.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # the launcher (start)
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0
     assert "SIGTERM: saving a checkpoint at step" in out and "exited unexpectedly" not in out, out[-3000:]
@@ -302,8 +301,7 @@ def test_a_full_disk_during_a_save_stops_with_one_line_and_the_previous_checkpoi
     def small_disk() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train/imagenet.py", *args,
-           "--max-steps", "4", "--resume", "--dist-timeout", "1"]
+    cmd = node_launch("train/imagenet.py", [*args, "--max-steps", "4", "--resume", "--dist-timeout", "1"])
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300,
                           preexec_fn=small_disk)
@@ -389,9 +387,7 @@ def test_sigterm_in_a_long_accumulation_is_acted_on_within_the_grace_period(tmp_
     proc = start([*common, "--output-dir", str(run)])
     wait_for_step(run, 1, proc)
     time.sleep(1.0)  # well inside step 2 (a step of 500 micro-steps takes several seconds)
-    launcher = next(p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in " ".join(
-        p.cmdline()))
-    launcher.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # the launcher (start)
     t_term = time.time()
     out, _ = proc.communicate(timeout=60)
     exit_after = time.time() - t_term
