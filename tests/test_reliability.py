@@ -385,8 +385,8 @@ def test_sigterm_in_a_long_accumulation_is_acted_on_within_the_grace_period(tmp_
               "--precision", "fp32", "--no-wandb", "--log-interval", "1", "--max-steps", "2"]
     run = tmp_path / "run"
     proc = start([*common, "--output-dir", str(run)])
-    wait_for_step(run, 1, proc)
-    time.sleep(1.0)  # well inside step 2 (a step of 500 micro-steps takes several seconds)
+    rec = wait_for_step(run, 1, proc)
+    time.sleep(min(1.0, 0.2 * rec["global_batch"] / rec["images_per_sec"]))  # inside step 2 (several seconds here)
     proc.send_signal(signal.SIGTERM)  # the launcher (start)
     t_term = time.time()
     out, _ = proc.communicate(timeout=60)
