@@ -64,8 +64,10 @@ def launch(args: list[str], *, ranks: int = 2, timeout: float = 600, check: bool
 
 
 def run_single(args: list[str], *, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run train/imagenet.py as one plain python process."""
-    proc = subprocess.run([sys.executable, "train/imagenet.py", *args], cwd=REPO, capture_output=True, text=True,
+    """Run train/imagenet.py (or another script given first in args) as one plain python process."""
+    script = args[0] if args and args[0].endswith(".py") else "train/imagenet.py"
+    rest = args[1:] if args and args[0].endswith(".py") else args
+    proc = subprocess.run([sys.executable, script, *rest], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=child_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
