@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import resource
@@ -34,12 +35,28 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def node_launch(script: str, args: list[str], ranks: int = 2, port: int | None = None) -> list[str]:
+    """The command ``deepspeed --num_gpus RANKS --master_port PORT SCRIPT ARGS`` runs on one machine
+    (deepspeed/launcher/runner.py, its single-node branch): DeepSpeed's per-node launcher,
+    ``deepspeed.launcher.launch``, which sets each rank's environment, starts the ranks, passes SIGTERM/SIGINT on
+    and ends the others when one fails. Tests whose subject is a run, not the ``deepspeed`` command, start it
+    directly: the runner in front of it only imports DeepSpeed (2.6 CPU-s) to build this line.
+    test_train_e2e checks the line against the one the runner logs; the command's own tests (the README's
+    command, hostfiles, many nodes) run the runner."""
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+            "--master_addr=127.0.0.1", f"--master_port={port or free_port()}", "--enable_each_rank_log=None",
+            "--log_level=info", script, *args]
+
+
 def launch(args: list[str], *, ranks: int = 2, timeout: float = 600, check: bool = True,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run train/imagenet.py (or another script given first in args) through the real deepspeed launcher."""
+           env: dict[str, str] | None = None, runner: bool = False) -> subprocess.CompletedProcess:
+    """Run train/imagenet.py (or another script given first in args) through DeepSpeed's launcher: its per-node
+    launcher (:func:`node_launch`), or with ``runner`` the ``deepspeed`` command in front of it."""
     script = args[0] if args and args[0].endswith(".py") else "train/imagenet.py"
     rest = args[1:] if args and args[0].endswith(".py") else args
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *rest]
+    cmd = ([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *rest] if runner
+           else node_launch(script, rest, ranks))
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env or child_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -47,8 +64,10 @@ def launch(args: list[str], *, ranks: int = 2, timeout: float = 600, check: bool
 
 
 def run_single(args: list[str], *, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run train/imagenet.py as one plain python process."""
-    proc = subprocess.run([sys.executable, "train/imagenet.py", *args], cwd=REPO, capture_output=True, text=True,
+    """Run train/imagenet.py (or another script given first in args) as one plain python process."""
+    script = args[0] if args and args[0].endswith(".py") else "train/imagenet.py"
+    rest = args[1:] if args and args[0].endswith(".py") else args
+    proc = subprocess.run([sys.executable, script, *rest], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=child_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, child_env, launch, read_metrics, write_config
+from tests.conftest import REPO, child_env, launch, read_metrics, run_single, write_config
 from train.data import DataError
 from train.text import (
     Masker,
@@ -193,7 +193,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, corpus_dir) -> dict[str, Path]:
-    """ZeRO 0 (one rank), 1, 2 (two ranks) for 4 steps (ZeRO-1 also saves at step 2); a copy of the ZeRO-1 run
+    """ZeRO 0 (one process), 1, 2 (two ranks) for 4 steps (ZeRO-1 also saves at step 2); a copy of the ZeRO-1 run
     resumed from step 2; phase 2 from the ZeRO-0 run's checkpoint (2 steps, sequence length 128, optimizer state
     carried)."""
     root = tmp_path_factory.mktemp("bert")
@@ -201,8 +201,9 @@ def launched(tmp_path_factory, corpus_dir) -> dict[str, Path]:
     for stage in (0, 1, 2):
         cfg = lamb_config(root / f"z{stage}.json", stage)
         out[f"z{stage}"] = root / f"z{stage}"
-        launch(["train/bert.py", "--deepspeed_config", str(cfg), *SMALL, "--output-dir", str(out[f"z{stage}"]),
-                "--max-steps", "4", "--save-interval", "2"], ranks=1 if stage == 0 else 2)
+        run = launch if stage else run_single  # ZeRO-0 on one rank: one plain process
+        run(["train/bert.py", "--deepspeed_config", str(cfg), *SMALL, "--output-dir", str(out[f"z{stage}"]),
+             "--max-steps", "4", "--save-interval", "2"])
     out["resumed"] = root / "resumed"
     shutil.copytree(out["z1"], out["resumed"])
     (out["resumed"] / "checkpoints" / "latest").write_text("step2")
@@ -210,8 +211,8 @@ def launched(tmp_path_factory, corpus_dir) -> dict[str, Path]:
             str(out["resumed"]), "--max-steps", "4", "--resume"])
     out["phase2"] = root / "phase2"
     cfg = lamb_config(root / "phase2.json", 0, {"seq_len": 128, "steps": 2, "carry": "optimizer"})
-    proc = launch(["train/bert.py", "--deepspeed_config", str(cfg), *SMALL, "--seq-len", "128", "--output-dir",
-                   str(out["phase2"]), "--init-from", str(out["z0"])], ranks=1)
+    proc = run_single(["train/bert.py", "--deepspeed_config", str(cfg), *SMALL, "--seq-len", "128", "--output-dir",
+                       str(out["phase2"]), "--init-from", str(out["z0"])])
     (out["phase2"] / "launcher.log").write_text(proc.stdout + proc.stderr)
     return out
 

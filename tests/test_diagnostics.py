@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import DEEPSPEED, REPO, child_env, free_port, read_metrics, write_config
+from conftest import REPO, child_env, node_launch, read_metrics, write_config
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -211,8 +211,7 @@ PAD_RUN = "fp32-z1:lamb_pad"
 @pytest.fixture(scope="module")
 def zero_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("diag") / "results.pt"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/workers/diag_worker.py", "--out",
-           str(out), "--runs", *RUNS, *UNUSED_RUNS, PAD_RUN]
+    cmd = node_launch("tests/workers/diag_worker.py", ["--out", str(out), "--runs", *RUNS, *UNUSED_RUNS, PAD_RUN])
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=child_env())
     assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     return torch.load(out, weights_only=False)

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import DEEPSPEED, REPO, child_env, free_port, launch, read_metrics, run_single, write_config
+from conftest import REPO, child_env, launch, node_launch, read_metrics, run_single, write_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 
@@ -49,8 +49,8 @@ FACTOR = {"fp32": ROUNDING_FACTOR, "bf16": 3}
 def _launch(tmp: Path, ranks: int, plan: list[dict[str, Any]], name: str) -> dict[str, Any]:
     (tmp / f"{name}.json").write_text(json.dumps(plan))
     out = tmp / f"{name}.pt"
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "tests/workers/elastic_worker.py",
-           "--plan", str(tmp / f"{name}.json"), "--out", str(out)]
+    cmd = node_launch("tests/workers/elastic_worker.py", ["--plan", str(tmp / f"{name}.json"), "--out", str(out)],
+                      ranks)
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:

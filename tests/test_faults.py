@@ -5,6 +5,7 @@ in a row stop the run with a message naming the step and the last good checkpoin
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,17 +68,25 @@ def equal_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("opt,stage,precision", [("SGD", 0, "fp32"), ("LARS", 1, "fp32"), ("LAMB", 2, "fp32"),
-                                                 ("LARS", 0, "bf16"), ("LAMB", 1, "bf16")])
-def test_nonfinite_steps_are_skipped_counted_and_leave_no_trace(tmp_path, fashion_mnist_dir, opt, stage, precision):
+@pytest.mark.parametrize("opt,stage,precision,resume", [
+    ("SGD", 0, "fp32", False), ("LARS", 1, "fp32", True), ("LAMB", 2, "fp32", True), ("LARS", 0, "bf16", True),
+    ("LAMB", 1, "bf16", False)])
+def test_nonfinite_steps_are_skipped_counted_and_leave_no_trace(tmp_path, fashion_mnist_dir, opt, stage, precision,
+                                                                resume):
     """Rank 0's inputs are NaN in steps 3 and 4 (both of its micro-batches; the small ResNet's BatchNorm layers see
     them): both steps are skipped on both ranks. The checkpoints after steps 2 and 4 then hold identical tensors,
     weights, optimizer state and BatchNorm statistics alike, bit for bit, while step 5 changes them; the lr schedule
     holds for the two steps; the logs count them. Step 10 ends the epoch and is also an interval save: it is
-    written once, never over the checkpoint 'latest' names."""
+    written once, never over the checkpoint 'latest' names.
+
+    With ``resume``, exact resume of the layer-wise optimizers (trust ratios over DeepSpeed's flat ZeRO partitions)
+    in each ZeRO stage, and inside a run of skipped steps: a copy of the run folder rewound to its step-3
+    checkpoint (after the first skipped step, mid-epoch) and resumed, the same step 4 skipped again, ends with the
+    uninterrupted run's weights bit for bit."""
     run = tmp_path / "run"
-    launch([*run_args(tmp_path, fashion_mnist_dir, config(opt, stage, precision), precision),
-            "--max-steps", "11", "--inject-nan", "3", "4"])
+    args = [*run_args(tmp_path, fashion_mnist_dir, config(opt, stage, precision), precision),
+            "--max-steps", "11", "--inject-nan", "3", "4"]
+    launch(args)
     saves = [r["step"] for r in read_metrics(run) if r["kind"] == "checkpoint"]
     assert saves == list(range(1, 12))  # step 10 once, though both the interval and the epoch's end ask for it
     ckpt = run / "checkpoints"
@@ -97,6 +106,19 @@ def test_nonfinite_steps_are_skipped_counted_and_leave_no_trace(tmp_path, fashio
     assert [steps[s]["lr"] for s in range(1, 7)] == pytest.approx(want)
     final = torch.load(run / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    if not resume:
+        return
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "model.pt").unlink()
+    (copy / "checkpoints" / "latest").write_text("step3")
+    out = launch([str(copy) if x == str(run) else x for x in args] + ["--resume"])
+    assert "resumed from" in out.stdout and "epoch 0, step 3" in out.stdout
+    resumed = {r["step"]: r for r in read_metrics(copy) if r["kind"] == "step"}
+    assert list(resumed) == list(range(1, 12)) and resumed[11]["skipped_steps"] == 2
+    assert equal_bitwise(final, torch.load(copy / "model.pt", weights_only=True))
+    step3 = torch.load(copy / "checkpoints" / "step3" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert not equal_bitwise({k: v.float() for k, v in final.items()}, {k: v.float() for k, v in step3.items()})
 
 
 def test_too_many_bad_steps_in_a_row_stop_the_run_at_the_last_good_checkpoint(tmp_path, fashion_mnist_dir):

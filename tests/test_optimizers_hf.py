@@ -32,12 +32,11 @@ from optimizers.hf import DROPPED_OPTIMIZER, LayerwiseTrainer  # noqa: E402
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from conftest import DEEPSPEED, child_env, free_port
+    from conftest import child_env, node_launch
 
     tmp = tmp_path_factory.mktemp("hf_trainer")
     out = tmp / "results.pt"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/workers/hf_trainer_worker.py",
-           "--out", str(out), "--work", str(tmp)]
+    cmd = node_launch("tests/workers/hf_trainer_worker.py", ["--out", str(out), "--work", str(tmp)])
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -102,26 +101,48 @@ def test_explicit_fp16_on_a_cpu_that_claims_it_is_obeyed_with_one_warning():
     assert choose_precision("fp16", "fp16", ALL, ALL, notes) == "fp16" and notes == []  # a GPU: no warning
 
 
-class DtypeTimedNet(torch.nn.Module):
-    """A model whose forward takes 60 ms in fp32 and 30 ms in bf16: the probe must measure a 2x speed-up."""
+class VirtualClock:
+    """time.perf_counter for train.precision: it moves only when a model's forward says so, so the probe's
+    arithmetic is checked exactly on any machine (real sleeps read 0.67 for a 2x speed-up on a loaded one)."""
 
     def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __deepcopy__(self, memo: dict) -> VirtualClock:
+        return self  # the probe copies the model; the copies keep this one clock
+
+
+class DtypeTimedNet(torch.nn.Module):
+    """A model whose forward takes 60 ms in fp32 and 30 ms in bf16 on the clock; ``delays`` adds time to the first
+    steps of a dtype (another program taking the CPU): the probe must still measure a 2x speed-up."""
+
+    def __init__(self, clock: VirtualClock, delays: dict[torch.dtype, list[float]]) -> None:
         super().__init__()
         self.linear = torch.nn.Linear(4, 3)
         self.bn = torch.nn.BatchNorm1d(4)
+        self.clock, self.delays = clock, delays
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.060 if x.dtype == torch.float32 else 0.030)
+        extra = self.delays.get(x.dtype, [])
+        self.clock.now += (0.060 if x.dtype == torch.float32 else 0.030) + (extra.pop(0) if extra else 0.0)
         return self.linear(self.bn(x))
 
 
-def test_the_probe_measures_the_ratio_of_step_times_and_leaves_the_model_untouched():
+@pytest.mark.parametrize("delays", [{}, {torch.bfloat16: [0.5, 0.2, 0.04]}, {torch.float32: [0.3, 0.3]}])
+def test_the_probe_measures_the_ratio_of_step_times_and_leaves_the_model_untouched(monkeypatch, delays):
+    import train.precision
+
+    clock = VirtualClock()
+    monkeypatch.setattr(train.precision, "time", clock)
     torch.manual_seed(0)
-    model = DtypeTimedNet()
+    model = DtypeTimedNet(clock, {k: list(v) for k, v in delays.items()})
     before = copy.deepcopy(model.state_dict())
     speedup = bf16_speedup(model, torch.randn(8, 4), torch.nn.functional.cross_entropy, torch.randint(0, 3, (8,)),
                            seconds=1.0)
-    assert speedup == pytest.approx(2.0, rel=0.25)  # (60 ms + backward) / (30 ms + backward), backward ~0.1 ms
+    assert speedup == pytest.approx(0.060 / 0.030, rel=1e-9)  # each dtype's fastest step; delays only add time
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
     assert all(p.grad is None for p in model.parameters())

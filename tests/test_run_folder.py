@@ -105,7 +105,7 @@ def test_resume_keeps_precision_and_first_config_and_records_each_resume(tmp_pat
 def test_two_jobs_started_at_once_on_one_folder_one_is_refused(tmp_path, fashion_mnist_dir):
     """Two jobs on the same folder at the same moment both find it empty; the flock on run/.lock lets one in. The
     other stops with a message naming the holder; the winner trains on."""
-    args = mlp_args(tmp_path, fashion_mnist_dir, "--epochs", "50", "--log-interval", "1")
+    args = mlp_args(tmp_path, fashion_mnist_dir, "--epochs", "1000", "--log-interval", "1")
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [start_single(args, log) for log in logs]
     try:

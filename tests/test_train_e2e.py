@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 
 import pytest
 import torch
 import torchvision
-from conftest import launch, read_metrics, run_single, write_config
+from conftest import launch, node_launch, read_metrics, run_single, write_config
 from test_data import make_imagefolder
 
 from train.models import SmallResNet
@@ -36,7 +37,11 @@ def test_fashion_mnist_two_ranks_learns_writes_outputs_and_resumes(tmp_path, fas
     common = ["--deepspeed_config", str(cfg), "--dataset", "fashion-mnist", "--data-dir", str(fashion_mnist_dir),
               "--arch", "resnet_small", "--train-subset", "3840", "--val-subset", "1000", "--output-dir", str(run),
               "--log-interval", "5", "--no-wandb"]
-    first = launch([*common, "--epochs", "1"])
+    first = launch([*common, "--epochs", "1"], runner=True)  # the README's command: the deepspeed runner
+    logged = next(line.split("cmd = ", 1)[1] for line in (first.stdout + first.stderr).splitlines()
+                  if "cmd = " in line and "deepspeed.launcher.launch" in line)
+    port = int(re.search(r"--master_port=(\d+)", logged).group(1))  # the other tests start this line directly
+    assert logged.split() == node_launch("train/imagenet.py", [*common, "--epochs", "1"], 2, port)
     assert "batch: 32 micro x 2 accumulation x 2 ranks = 128 global" in first.stdout
     assert "30 steps/epoch" in first.stdout
     recs = read_metrics(run)
