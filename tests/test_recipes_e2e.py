@@ -11,9 +11,11 @@ from conftest import launch, read_metrics, run_single
 pytestmark = pytest.mark.launcher
 
 
-@pytest.mark.parametrize("name", ["lars-8k", "lars-16k", "lars-32k", "lamb-8k", "lamb-16k", "lamb-32k"])
+@pytest.mark.parametrize("name", ["lars-8k", "lars-32k", "lamb-8k", "lamb-32k"])
 def test_layerwise_rung_runs_one_step(tmp_path, fashion_mnist_dir, name):
-    """One optimizer step of the config, unchanged, on Fashion-MNIST (one process, an MLP to keep it short)."""
+    """Two optimizer steps of the config, unchanged, on Fashion-MNIST (one process, an MLP to keep it short): the
+    ends of each ladder. The 16k rungs differ from them only in numbers, which tests/test_recipe_table.py holds
+    against the generator, and tests/test_recipes_start.py takes a step of every shipped config."""
     batch = {"8k": 8192, "16k": 16384, "32k": 32768}[name.split("-")[1]]
     run = tmp_path / "run"
     out = run_single(["--deepspeed_config", f"ds_configs/{name}.json", "--dataset", "fashion-mnist", "--data-dir",
@@ -32,11 +34,12 @@ def test_layerwise_rung_runs_one_step(tmp_path, fashion_mnist_dir, name):
 
 
 def test_lars_32k_on_two_ranks_binds_a_layer_split_across_ranks(tmp_path, fashion_mnist_dir):
-    """lars-32k as shipped (ZeRO-1, micro batch 32) on 2 CPU ranks with the small ResNet: the flat partitions are
-    bound to the real layers, including the layer that the partition boundary cuts in two."""
+    """lars-32k as shipped (ZeRO-1, micro batch 32) on 2 CPU ranks: the flat partitions are bound to the real layers,
+    including the layer that the partition boundary cuts in two (the MLP's first weight: 100,352 of its 101,770
+    parameters; the small ResNet, 20x the compute per image, gave the same result)."""
     run = tmp_path / "run"
     out = launch(["--deepspeed_config", "ds_configs/lars-32k.json", "--dataset", "fashion-mnist", "--data-dir",
-                  str(fashion_mnist_dir), "--arch", "resnet_small", "--train-subset", "32768", "--val-subset", "256",
+                  str(fashion_mnist_dir), "--arch", "mlp", "--train-subset", "32768", "--val-subset", "256",
                   "--max-steps", "1", "--output-dir", str(run), "--no-wandb", "--precision", "fp32"])
     assert "batch: 32 micro x 512 accumulation x 2 ranks = 32,768 global" in out.stdout
     assert "layer(s) split across ranks" in out.stdout
