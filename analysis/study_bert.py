@@ -3,20 +3,26 @@
 You et al. 2019 ("Large Batch Optimization for Deep Learning: Training BERT in 76 minutes", arXiv:1904.00962)
 claim that LAMB keeps BERT's pre-training quality as the batch grows to 32k-64k sequences where AdamW degrades.
 Here, at laptop scale: BERT-tiny (train/bert.py) pre-trained by masked-language modelling on a part of Debian's
-python3.11-doc corpus, AdamW against LAMB at batch 64 ... 8192 sequences, the same number of epochs for all, the
-peak lr scaled by the square root of the batch from a base at batch 64 (LAMB's rule, You et al. section 4 and
-Table 4) and tuned on a grid of factors around it at every batch; each batch's best grid point is reported (Nado
-et al. 2021, arXiv:2102.06356: compare optimizers only after tuning each) and the whole grid is in table.md.
+python3.11-doc corpus, AdamW against LAMB at batch 64, 128 and 256 sequences, the same number of epochs for all,
+the peak lr scaled by the square root of the batch from a base at batch 64 (LAMB's rule, You et al. section 4 and
+Table 4) and tuned on a grid of factors around it at every batch (Nado et al. 2021, arXiv:2102.06356: compare
+optimizers only after tuning each). Each optimizer has its source's rules: AdamW as Devlin et al.'s BERT (global
+gradient-norm clipping at 1.0, no weight decay on LayerNorm and biases), LAMB as NVIDIA's (FusedLAMB: the same
+clipping; neither decay nor trust ratio for LayerNorm and biases). The grid is tuned at seed 0; the best factor of
+each (optimizer, batch) then runs at seeds 1 and 2 too, and the result is the mean and std over the 3 seeds.
 
 Every run is one train/bert.py process (one rank, OMP_NUM_THREADS=1), ``--jobs`` at a time, with its config
 written to ``<runs>/configs/<run>.json``. One tokenizer is trained once and passed by path to every run; the
 corpus part (``<runs>/corpus/``, a copy of the chosen documents under their own names, so the held-out split by
-name is the full corpus's) is chosen once. Finished runs (a summary record in metrics.jsonl) are skipped, so the
-command resumes where it stopped. Then fig1/fig2, table.md and summary.json are written from the run folders alone.
+name is the full corpus's) is chosen once and tokenised once into one cache (``<runs>/corpus-cache/``, train/
+corpus.py) that every run opens. Each (optimizer, batch) goes on by itself as soon as its own runs are done (grid,
+then the extensions, then the other seeds), so no group waits for another. Finished runs (a summary record in
+metrics.jsonl) are skipped, so the command resumes where it stopped. Then fig1/fig2, table.md and summary.json are
+written from the run folders alone.
 
-    python -m analysis.study_bert --jobs 2            # everything: about 20 minutes on 2 idle CPU cores
+    python -m analysis.study_bert --jobs 2            # everything (docs/study-bert/README.md gives the time)
     python -m analysis.study_bert --no-run            # only the figures, table and summary from finished runs
-    python -m analysis.study_bert --optimizers lamb --batches 64 8192 --dry-run   # list a part
+    python -m analysis.study_bert --optimizers lamb --batches 64 --factors 1 --dry-run   # list a part
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import subprocess
 import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +44,24 @@ from analysis.grid import at_edge, best_of_grid, finished
 from train import REPO
 
 # --- The study's choices (docs/study-bert/README.md says why each) ------------------------------------------------
-MODEL, SEQ_LEN, VOCAB_SIZE, EPOCHS = "tiny", 32, 4096, 4
-TRAIN_SEQUENCES = 8192  # packed training sequences (just above): one step per epoch at the largest batch
-TRAIN_SLACK = 32  # ... at most this many above, so batch 8192 drops almost nothing of an epoch
+MODEL, SEQ_LEN, VOCAB_SIZE, EPOCHS = "tiny", 32, 4096, 3
+TRAIN_SEQUENCES = 19456  # packed training sequences (just above): 76 steps per epoch at the largest batch
+TRAIN_SLACK = 32  # ... at most this many above, so no batch drops more than a few sequences of an epoch
 VAL_SEQUENCES = 2048  # held-out sequences (at least), from the full corpus's held-out documents
 VAL_PERCENT = 5  # train/bert.py's default held-out share (by a hash of the document's name)
-BATCHES = (64, 256, 1024, 4096, 8192)
-RUN_ORDER = (64, 8192, 1024, 256, 4096)  # the ends of the range first: a study cut short still spans it
+BATCHES = (64, 128, 256)
+RUN_ORDER = (256, 64, 128)  # the ends of the range first: a study cut short still spans it
 BASE_BATCH = 64
-BASE_LR = {"adamw": 1.5e-3, "lamb": 1.5e-2}  # peak lr at BASE_BATCH (from pilot runs; the README gives them)
+BASE_LR = {"adamw": 1.5e-3, "lamb": 1.5e-2}  # peak lr at BASE_BATCH (from the first study's pilot runs)
 GRID = (0.5, 1.0, 2.0)  # factors around the square-root rule at every batch
 EXTEND = 2  # where the best is at an edge of the grid, up to 2 more factors beyond it (x4, x8 or x1/4, x1/8)
 OPTIMIZERS = {"adamw": "AdamW", "lamb": "LAMB"}
 WARMUP_FRACTION = 0.1  # linear warmup over this share of each run's steps (at least 2), then linear decay
-MAX_MICRO = 256  # sequences per forward pass (larger batches accumulate; the result does not depend on it)
+MAX_MICRO = 256  # sequences per forward pass (larger batches would accumulate; the result does not depend on it)
 WEIGHT_DECAY = 0.01  # Devlin et al. and You et al.
+CLIP_NORM = 1.0  # global gradient-norm clipping for both: Devlin et al.'s AdamW, NVIDIA's LAMB (FusedLAMB)
+SEEDS = (0, 1, 2)  # every (optimizer, batch) at its best factor; the grid is tuned at the first
+TUNE_SEED = SEEDS[0]
 
 
 class StudyError(ValueError):
@@ -64,13 +73,14 @@ def lr_for(optimizer: str, batch: int, factor: float) -> float:
     return BASE_LR[optimizer] * math.sqrt(batch / BASE_BATCH) * factor
 
 
-def run_name(optimizer: str, batch: int, factor: float) -> str:
-    return f"{optimizer}-{batch}-x{factor:g}"
+def run_name(optimizer: str, batch: int, factor: float, seed: int = TUNE_SEED) -> str:
+    return f"{optimizer}-{batch}-x{factor:g}-seed{seed}"
 
 
 def plan(optimizers: list[str] | None = None, batches: list[int] | None = None,
          factors: list[float] | None = None, epochs: int = EPOCHS) -> list[dict[str, Any]]:
-    """Every run of the study (optimizer, batch, grid factor, peak lr, name), whole grids in RUN_ORDER."""
+    """The tuning runs of the study (seed TUNE_SEED; optimizer, batch, grid factor, peak lr, name), whole grids in
+    RUN_ORDER. The grid extensions and the other seeds follow from their results (``next_runs``)."""
     for name, given, known in (("optimizer", optimizers, list(OPTIMIZERS)), ("batch", batches, list(BATCHES)),
                                ("grid factor", factors, list(GRID))):
         unknown = [v for v in given or [] if v not in known]
@@ -81,9 +91,10 @@ def plan(optimizers: list[str] | None = None, batches: list[int] | None = None,
             for f in GRID if not factors or f in factors]
 
 
-def make_run(optimizer: str, batch: int, factor: float, epochs: int = EPOCHS) -> dict[str, Any]:
+def make_run(optimizer: str, batch: int, factor: float, epochs: int = EPOCHS, seed: int = TUNE_SEED
+             ) -> dict[str, Any]:
     return {"optimizer": optimizer, "batch": batch, "factor": factor, "lr": lr_for(optimizer, batch, factor),
-            "epochs": epochs, "name": run_name(optimizer, batch, factor)}
+            "epochs": epochs, "seed": seed, "name": run_name(optimizer, batch, factor, seed)}
 
 
 def extra_factors() -> list[float]:
@@ -91,17 +102,24 @@ def extra_factors() -> list[float]:
     return [GRID[0] / 2 ** k for k in range(1, EXTEND + 1)] + [GRID[-1] * 2 ** k for k in range(1, EXTEND + 1)]
 
 
+def group_runs(optimizer: str, batch: int, epochs: int) -> list[dict[str, Any]]:
+    """Every run one (optimizer, batch) may make: each factor of the grid and its extensions, at every seed."""
+    return [make_run(optimizer, batch, f, epochs, s) for f in sorted(GRID + tuple(extra_factors())) for s in SEEDS]
+
+
 def with_extensions(runs: list[dict[str, Any]], runs_dir: Path) -> list[dict[str, Any]]:
-    """The plan's runs and the extension runs of the same optimizers and batches that have a folder."""
+    """The plan's runs and the other runs (extensions, other seeds) of the same optimizers and batches that have a
+    folder."""
+    names = {r["name"] for r in runs}
     keys = list(dict.fromkeys((r["optimizer"], r["batch"], r["epochs"]) for r in runs))
-    return runs + [make_run(o, b, f, e) for o, b, e in keys for f in extra_factors()
-                   if (runs_dir / run_name(o, b, f)).is_dir()]
+    return runs + [r for o, b, e in keys for r in group_runs(o, b, e)
+                   if r["name"] not in names and (runs_dir / r["name"]).is_dir()]
 
 
 def extend(rows_: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One factor beyond the edge wherever the best of what ran is at an edge (Nado et al.: a best at the edge of
-    the search space says the space was too small): twice the largest factor, or half the smallest, while that
-    stays within EXTEND doublings of GRID."""
+    """One factor beyond the edge wherever the best of the tuning runs is at an edge (Nado et al.: a best at the
+    edge of the search space says the space was too small): twice the largest factor, or half the smallest, while
+    that stays within EXTEND doublings of GRID."""
     out = []
     for (opt, b), v in best_points(rows_).items():
         if not v["at_edge"]:
@@ -110,6 +128,24 @@ def extend(rows_: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if f in extra_factors():
             out.append(make_run(opt, b, f, v["epochs"]))
     return out
+
+
+def next_runs(rows_: list[dict[str, Any]], optimizer: str, batch: int, epochs: int,
+              given_up: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """What one (optimizer, batch) runs next, from its finished runs (``rows_``; call it when none of its runs is
+    running): the grid's extension while the best tuning run is at an edge (``extend``), then the other SEEDS at
+    the best factor. A run named in ``given_up`` (it failed in this call) counts as done: an extension that
+    failed ends the tuning, a seed that failed is left out. Empty when the group is complete."""
+    mine = [r for r in rows_ if (r["optimizer"], r["batch"], r["epochs"]) == (optimizer, batch, epochs)]
+    done = {r["name"] for r in mine} | set(given_up)
+    wider = [r for r in extend(mine) if r["name"] not in done]
+    if wider:
+        return wider
+    best = best_points(mine).get((optimizer, batch))
+    if best is None:
+        return []
+    return [r for r in (make_run(optimizer, batch, best["factor"], epochs, s) for s in SEEDS if s != TUNE_SEED)
+            if r["name"] not in done]
 
 
 def warmup_steps(total_steps: int) -> int:
@@ -141,7 +177,7 @@ def ds_config(run: dict[str, Any], num_train: int) -> dict[str, Any]:
         "train_batch_size": batch,
         "train_micro_batch_size_per_gpu": min(batch, MAX_MICRO),
         "zero_optimization": {"stage": 0},
-        "gradient_clipping": 0.0,
+        "gradient_clipping": CLIP_NORM,
         "optimizer": {"type": OPTIMIZERS[run["optimizer"]], "params": params},
         "scheduler": {"type": "WarmupDecayLR", "params": schedule(run["lr"], total)},
         "training": {"epochs": run["epochs"], "exclude_norm_and_bias": True, "recipe": "study-bert"},
@@ -228,9 +264,11 @@ def prepare(runs_dir: Path, source: Path) -> dict[str, Any]:
 
 def command(run: dict[str, Any], runs_dir: Path, info: dict[str, Any]) -> list[str]:
     out_dir = runs_dir / run["name"]
+    # one corpus cache for all runs: the part is tokenised and packed once (train/corpus.py, under a lock)
     cmd = [sys.executable, "train/bert.py", "--deepspeed_config", str(runs_dir / "configs" / f"{run['name']}.json"),
-           "--data-dir", info["corpus_dir"], "--tokenizer", info["tokenizer"], "--val-percent", str(VAL_PERCENT),
-           "--output-dir", str(out_dir), "--run-name", run["name"], "--seed", "0", "--precision", "fp32",
+           "--data-dir", info["corpus_dir"], "--corpus-cache", str(runs_dir / "corpus-cache"),
+           "--tokenizer", info["tokenizer"], "--val-percent", str(VAL_PERCENT),
+           "--output-dir", str(out_dir), "--run-name", run["name"], "--seed", str(run["seed"]), "--precision", "fp32",
            "--no-wandb", "--wandb-group", "study-bert", "--log-interval", "4", "--keep-checkpoints", "1"]
     return cmd + (["--overwrite"] if out_dir.exists() else [])  # an unfinished run starts again from scratch
 
@@ -258,27 +296,55 @@ def run_one(run: dict[str, Any], runs_dir: Path, info: dict[str, Any]) -> dict[s
     return {"seconds": wall, **cost, **(finished(runs_dir / run["name"]) or {})}
 
 
-def run_all(runs: list[dict[str, Any]], runs_dir: Path, info: dict[str, Any], jobs: int) -> int:
-    """Run what is not finished; return the number of failures."""
+def run_all(runs: list[dict[str, Any]], runs_dir: Path, info: dict[str, Any], jobs: int,
+            follow: bool = False) -> int:
+    """Run what is not finished, ``jobs`` at a time; return the number of failures. With ``follow``, each
+    (optimizer, batch) then runs what ``next_runs`` asks for (grid extensions, then the other seeds) as soon as
+    its own runs are done, ahead of the rest of the queue: no group waits for another."""
     for r in runs:
         if finished(runs_dir / r["name"]):
             check_made_as_planned(r, runs_dir / r["name"])
-    todo = [r for r in runs if not finished(runs_dir / r["name"])]
-    print(f"study-bert: {len(runs)} runs, {len(runs) - len(todo)} finished before, {len(todo)} to run ({jobs} at a "
-          f"time)", flush=True)
-    t0, failures = time.perf_counter(), 0
+    queue = [r for r in runs if not finished(runs_dir / r["name"])]
+    print(f"study-bert: {len(runs)} runs, {len(runs) - len(queue)} finished before, {len(queue)} to run ({jobs} at a "
+          f"time){'; then the extensions and seeds their results ask for' if follow else ''}", flush=True)
+    t0, failures, count = time.perf_counter(), 0, 0
+    given_up: set[str] = set()
+    running: dict[Any, dict[str, Any]] = {}
+
+    def key(r: dict[str, Any]) -> tuple[str, int, int]:
+        return r["optimizer"], r["batch"], r["epochs"]
+
+    def follow_up(k: tuple[str, int, int]) -> None:
+        if not follow or any(key(r) == k for r in queue + list(running.values())):
+            return
+        more = next_runs(results(group_runs(*k), runs_dir), *k, given_up=given_up)
+        if more:
+            print(f"study-bert: next for {OPTIMIZERS[k[0]]} at batch {k[1]}: {', '.join(r['name'] for r in more)}",
+                  flush=True)
+            queue[0:0] = more
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_one, r, runs_dir, info): r for r in todo}
-        for i, fut in enumerate(as_completed(futures), 1):
-            try:
-                res = fut.result()
-                print(f"[{i}/{len(todo)}] {futures[fut]['name']}: {res['seconds']:.0f} s ({res['cpu_seconds']:.0f} s "
-                      f"CPU), held-out MLM loss "
-                      f"{res.get('final_val_loss', float('nan')):.4f} (elapsed {(time.perf_counter() - t0) / 60:.1f} "
-                      f"min)", flush=True)
-            except RuntimeError as e:
-                failures += 1
-                print(f"[{i}/{len(todo)}] {e}", flush=True)
+        for k in dict.fromkeys(key(r) for r in runs):
+            follow_up(k)
+        while queue or running:
+            while queue and len(running) < jobs:
+                r = queue.pop(0)
+                running[pool.submit(run_one, r, runs_dir, info)] = r
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                r = running.pop(fut)
+                count += 1
+                at = f"[{count}/{count + len(queue) + len(running)}]"
+                try:
+                    res = fut.result()
+                    print(f"{at} {r['name']}: {res['seconds']:.0f} s ({res['cpu_seconds']:.0f} s CPU), held-out MLM "
+                          f"loss {res.get('final_val_loss', float('nan')):.4f} (elapsed "
+                          f"{(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+                except RuntimeError as e:
+                    failures += 1
+                    given_up.add(r["name"])
+                    print(f"{at} {e}", flush=True)
+                follow_up(key(r))
     return failures
 
 
@@ -323,20 +389,26 @@ def check_made_as_planned(run: dict[str, Any], run_dir: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     lr, batch = cfg.get("optimizer", {}).get("params", {}).get("lr"), cfg.get("derived", {}).get("global_batch")
     epochs = cfg.get("training", {}).get("epochs", run["epochs"])
-    if lr is None or not math.isclose(lr, run["lr"], rel_tol=1e-9) or batch != run["batch"] or epochs != run["epochs"]:
-        raise StudyError(f"{run_dir} was made with peak lr {lr} at batch {batch} for {epochs} epochs, the plan says "
-                         f"lr {run['lr']:.6g} at batch {run['batch']} for {run['epochs']}: remove that folder (or use "
+    seed = cfg.get("args", {}).get("seed", run["seed"])
+    clip = cfg.get("deepspeed", {}).get("gradient_clipping", CLIP_NORM)
+    if lr is None or not math.isclose(lr, run["lr"], rel_tol=1e-9) or batch != run["batch"] or epochs != run["epochs"] \
+            or seed != run["seed"] or clip != CLIP_NORM:
+        raise StudyError(f"{run_dir} was made with peak lr {lr} at batch {batch} for {epochs} epochs (seed {seed}, "
+                         f"clipping {clip}), the plan says lr {run['lr']:.6g} at batch {run['batch']} for "
+                         f"{run['epochs']} (seed {run['seed']}, clipping {CLIP_NORM}): remove that folder (or use "
                          f"another --runs-dir) and run again")
 
 
 def best_points(rows_: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    """For each (optimizer, batch): the grid point of lowest final held-out loss (analysis.grid.best_of_grid: a
-    diverged run, nan or inf, never wins; ties go to the smaller factor), with ``at_edge`` true when it is the
-    smallest or largest factor of the grid (the optimum may lie outside it) and ``grid`` the factors that ran."""
+    """For each (optimizer, batch): the tuning run (seed TUNE_SEED) of lowest final held-out loss
+    (analysis.grid.best_of_grid: a diverged run, nan or inf, never wins; ties go to the smaller factor), with
+    ``at_edge`` true when it is the smallest or largest factor that ran (the optimum may lie outside it) and
+    ``grid`` the factors that ran."""
     best: dict[tuple[str, int], dict[str, Any]] = {}
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows_:
-        groups.setdefault((r["optimizer"], r["batch"]), []).append(r)
+        if r["seed"] == TUNE_SEED:
+            groups.setdefault((r["optimizer"], r["batch"]), []).append(r)
     for key, group in groups.items():
         factors = sorted(r["factor"] for r in group)
         win = best_of_grid({r["factor"]: r["final_val_loss"] for r in group}, factors)
@@ -347,22 +419,63 @@ def best_points(rows_: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, 
     return best
 
 
-def table(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, Any]]) -> str:
-    lines = ["| optimizer | batch | steps | grid factor | peak lr | held-out MLM loss after each epoch | final | "
-             "masked-token acc. (%) | best of grid |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows_, key=lambda r: (r["optimizer"], r["batch"], r["factor"])):
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; nan for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+
+
+def seed_stats(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, Any]]
+               ) -> dict[tuple[str, int], dict[str, Any]]:
+    """For each (optimizer, batch) with a best factor: its runs at that factor over the seeds that finished, the
+    final held-out loss of each (``seeds``), their mean and sample std, the mean masked-token accuracy and the mean
+    held-out loss after each epoch (for the figures)."""
+    out = {}
+    for key, b in best.items():
+        runs = sorted((r for r in rows_ if (r["optimizer"], r["batch"]) == key and r["factor"] == b["factor"]),
+                      key=lambda r: r["seed"])
+        losses = [r["final_val_loss"] for r in runs]
+        mean, std = mean_std(losses)
+        out[key] = {"factor": b["factor"], "lr": b["lr"], "steps": b["steps"], "at_edge": b["at_edge"],
+                    "seeds": {r["seed"]: r["final_val_loss"] for r in runs}, "n": len(runs), "mean": mean, "std": std,
+                    "accuracy": mean_std([r["val_mlm_accuracy"][-1] for r in runs])[0],
+                    "tokens": b["tokens"],
+                    "curve": [sum(c) / len(c) for c in zip(*(r["val_loss"] for r in runs), strict=True)],
+                    "curves": [r["val_loss"] for r in runs]}
+    return out
+
+
+def table(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, Any]],
+          stats: dict[tuple[str, int], dict[str, Any]] | None = None, entropy: float | None = None) -> str:
+    stats = stats if stats is not None else seed_stats(rows_, best)
+    lines = [f"Best factor of each grid (tuned at seed {TUNE_SEED}), final held-out MLM loss at every seed:", "",
+             "| optimizer | batch | steps | best factor | peak lr | loss by seed | mean ± std | below the unigram "
+             "entropy by | masked-token acc. (%) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (opt, b), v in sorted(stats.items()):
+        seeds = ", ".join(f"{s}: {loss:.3f}" for s, loss in v["seeds"].items())
+        margin = f"{entropy - v['mean']:.3f}" if entropy is not None else ""
+        lines.append(f"| {OPTIMIZERS[opt]} | {b} | {v['steps']} | x{v['factor']:g}"
+                     f"{' (edge)' if v['at_edge'] else ''} | {v['lr']:.3g} | {seeds} | {v['mean']:.3f} ± "
+                     f"{v['std']:.3f} | {margin} | {v['accuracy']:.1f} |")
+    lines += ["", "Every run:", "",
+              "| optimizer | batch | steps | grid factor | seed | peak lr | held-out MLM loss after each epoch | "
+              "final | masked-token acc. (%) | best of grid |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows_, key=lambda r: (r["optimizer"], r["batch"], r["factor"], r["seed"])):
         b = best.get((r["optimizer"], r["batch"]))
         mark = ""
         if b and b["name"] == r["name"]:
             mark = "**best**" + (" (at the grid's edge)" if b["at_edge"] else "")
+        elif b and b["factor"] == r["factor"]:
+            mark = "best factor, another seed"
         curve = " / ".join(f"{v:.3f}" for v in r["val_loss"])
-        lines.append(f"| {OPTIMIZERS[r['optimizer']]} | {r['batch']} | {r['steps']} | x{r['factor']:g} | "
+        lines.append(f"| {OPTIMIZERS[r['optimizer']]} | {r['batch']} | {r['steps']} | x{r['factor']:g} | {r['seed']} | "
                      f"{r['lr']:.3g} | {curve} | {r['final_val_loss']:.3f} | {r['val_mlm_accuracy'][-1]:.1f} | "
                      f"{mark} |")
     return "\n".join(lines) + "\n"
 
 
-def figures(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, Any]], out: Path,
+def figures(rows_: list[dict[str, Any]], stats: dict[tuple[str, int], dict[str, Any]], out: Path,
             entropy: float | None) -> None:
     import matplotlib  # local: only the figures need it
 
@@ -370,27 +483,31 @@ def figures(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, A
     import matplotlib.pyplot as plt
 
     colors = {"adamw": "C0", "lamb": "C3"}
+    shift = {"adamw": 0.96, "lamb": 1.04}  # the two optimizers side by side at each batch
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for opt in OPTIMIZERS:
-        grid = [r for r in rows_ if r["optimizer"] == opt and math.isfinite(r["final_val_loss"])]
-        ax.scatter([r["batch"] for r in grid], [r["final_val_loss"] for r in grid], s=14, color=colors[opt],
-                   alpha=0.25, label=f"{OPTIMIZERS[opt]}, every grid point")
-        pts = sorted((k[1], v) for k, v in best.items() if k[0] == opt)
+        grid = [r for r in rows_ if r["optimizer"] == opt and r["seed"] == TUNE_SEED
+                and math.isfinite(r["final_val_loss"])]
+        ax.scatter([r["batch"] * shift[opt] for r in grid], [r["final_val_loss"] for r in grid], s=14,
+                   color=colors[opt], alpha=0.25, label=f"{OPTIMIZERS[opt]}, every grid point (seed {TUNE_SEED})")
+        pts = sorted((k[1], v) for k, v in stats.items() if k[0] == opt)
         if pts:
-            ax.plot([b for b, _ in pts], [v["final_val_loss"] for _, v in pts], "o-", color=colors[opt],
-                    label=f"{OPTIMIZERS[opt]}, best of the lr grid")
+            ax.errorbar([b * shift[opt] for b, _ in pts], [v["mean"] for _, v in pts],
+                        yerr=[0.0 if math.isnan(v["std"]) else v["std"] for _, v in pts], fmt="o-", capsize=3,
+                        color=colors[opt], label=f"{OPTIMIZERS[opt]}, best lr: mean ± std over seeds")
             for b, v in pts:
                 if v["at_edge"]:
-                    ax.scatter([b], [v["final_val_loss"]], s=90, facecolors="none", edgecolors=colors[opt])
+                    ax.scatter([b * shift[opt]], [v["mean"]], s=90, facecolors="none", edgecolors=colors[opt])
     if entropy is not None:
         ax.axhline(entropy, color="0.4", ls="--", lw=1, label=f"unigram entropy ({entropy:.2f} nats)")
     ax.set_xscale("log", base=2)
     steps = {r["batch"]: r["steps"] for r in rows_}
     ax.set_xticks(list(BATCHES), [f"{b}\n{steps[b]} steps" if b in steps else str(b) for b in BATCHES])
+    ax.minorticks_off()
     epochs = rows_[0]["epochs"] if rows_ else EPOCHS
     ax.set_xlabel(f"global batch (sequences of {SEQ_LEN} tokens) and optimizer steps in {epochs} epochs")
     ax.set_ylabel("held-out MLM loss (nats per masked token)")
-    edge = any(v["at_edge"] for v in best.values())
+    edge = any(v["at_edge"] for v in stats.values())
     ax.set_title(f"BERT-{MODEL}, {epochs} epochs at every batch" + (" (circled: best at the grid's edge)" if edge
                                                                       else ""), fontsize=10)
     ax.grid(alpha=0.3)
@@ -399,22 +516,28 @@ def figures(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, A
     fig.savefig(out / "fig1_loss_vs_batch.png", dpi=110)
     plt.close(fig)
 
-    # fig2: one panel per batch, AdamW against LAMB (best of each one's grid), batch 64's best as the reference
+    # fig2: one panel per batch, AdamW against LAMB (each at its best factor: the mean over seeds, every seed faint),
+    # the smallest batch's better mean as the reference
     fig, axes = plt.subplots(1, len(BATCHES), figsize=(3.1 * len(BATCHES), 3.6), sharey=True)
-    ref = min((v for k, v in best.items() if k[1] == BATCHES[0]), key=lambda v: v["final_val_loss"], default=None)
+    ref = min((v for k, v in stats.items() if k[1] == BATCHES[0]), key=lambda v: v["mean"], default=None)
+    ref_opt = next((k[0] for k, v in stats.items() if v is ref), None)
     for ax, b in zip(axes, BATCHES, strict=True):
         if ref is not None and b != BATCHES[0]:
-            ax.plot([t / 1e6 for t in ref["tokens"]], ref["val_loss"], "-", color="0.6", lw=3, alpha=0.5,
-                    label=f"best at batch {BATCHES[0]} ({OPTIMIZERS[ref['optimizer']]})")
+            ax.plot([t / 1e6 for t in ref["tokens"]], ref["curve"], "-", color="0.6", lw=3, alpha=0.5,
+                    label=f"batch {BATCHES[0]}'s better mean ({OPTIMIZERS[ref_opt]})")
         for opt in OPTIMIZERS:
-            v = best.get((opt, b))
-            if v is not None:
-                ax.plot([t / 1e6 for t in v["tokens"]], v["val_loss"], "o-", ms=4, color=colors[opt],
-                        label=f"{OPTIMIZERS[opt]}, best of its lr grid")
+            v = stats.get((opt, b))
+            if v is None:
+                continue
+            x = [t / 1e6 for t in v["tokens"]]
+            for c in v["curves"]:
+                ax.plot(x[:len(c)], c, "-", lw=0.8, alpha=0.35, color=colors[opt])
+            ax.plot(x[:len(v["curve"])], v["curve"], "o-", ms=4, color=colors[opt],
+                    label=f"{OPTIMIZERS[opt]}, best lr, mean over seeds (thin: each seed)")
         if entropy is not None:
             ax.axhline(entropy, color="0.4", ls="--", lw=1, label="unigram entropy of the held-out text")
-        steps = next((v["steps"] for k, v in best.items() if k[1] == b), None)
-        lrs = ", ".join(f"{OPTIMIZERS[o]} {best[(o, b)]['lr']:.2g}" for o in OPTIMIZERS if (o, b) in best)
+        steps = next((v["steps"] for k, v in stats.items() if k[1] == b), None)
+        lrs = ", ".join(f"{OPTIMIZERS[o]} {stats[(o, b)]['lr']:.2g}" for o in OPTIMIZERS if (o, b) in stats)
         ax.set_title(f"batch {b}" + (f": {steps} steps" if steps else "") + (f"\npeak lr {lrs}" if lrs else ""),
                      fontsize=9)
         ax.set_xlabel("training tokens seen (millions)")
@@ -424,9 +547,8 @@ def figures(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, A
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8,
-               bbox_to_anchor=(0.5, 0.0))
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(out / "fig2_loss_vs_tokens.png", dpi=110)
     plt.close(fig)
 
@@ -435,19 +557,23 @@ def write_outputs(runs: list[dict[str, Any]], runs_dir: Path, out: Path, info: d
     out.mkdir(parents=True, exist_ok=True)
     rows_ = results(runs, runs_dir)
     best = best_points(rows_)
+    stats = seed_stats(rows_, best)
     entropy = info.get("val_unigram_entropy") if info else None
-    figures(rows_, best, out, entropy)
-    (out / "table.md").write_text(table(rows_, best))
+    figures(rows_, stats, out, entropy)
+    (out / "table.md").write_text(table(rows_, best, stats, entropy))
     summary = {
         "model": MODEL, "seq_len": SEQ_LEN, "vocab_size": VOCAB_SIZE, "epochs": runs[0]["epochs"] if runs else EPOCHS,
-        "base_batch": BASE_BATCH,
-        "base_lr": BASE_LR, "grid": list(GRID), "extended": [r["name"] for r in rows_ if r["factor"] not in GRID],
+        "batches": list(BATCHES), "base_batch": BASE_BATCH, "base_lr": BASE_LR, "grid": list(GRID),
+        "gradient_clipping": CLIP_NORM, "weight_decay": WEIGHT_DECAY, "seeds": list(SEEDS), "tune_seed": TUNE_SEED,
+        "extended": [r["name"] for r in rows_ if r["factor"] not in GRID and r["seed"] == TUNE_SEED],
         "warmup_fraction": WARMUP_FRACTION, "corpus": {
             k: v for k, v in (info or {}).items() if k not in ("source", "corpus_dir", "tokenizer")},
         "runs_planned": len(runs), "runs_finished": len(rows_),
-        "best": {f"{opt}-{b}": {k: v[k] for k in ("factor", "lr", "final_val_loss", "steps", "at_edge")}
-                 | {"final_val_mlm_accuracy": v["val_mlm_accuracy"][-1]}
-                 for (opt, b), v in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1]))},
+        "best": {f"{opt}-{b}": {k: v[k] for k in ("factor", "lr", "steps", "at_edge", "n", "mean", "std")}
+                 | {"final_val_loss_by_seed": {str(s): loss for s, loss in v["seeds"].items()},
+                    "below_unigram_entropy": None if entropy is None else entropy - v["mean"],
+                    "final_val_mlm_accuracy_mean": v["accuracy"]}
+                 for (opt, b), v in sorted(stats.items())},
         "train_seconds": sum(r["train_seconds"] for r in rows_),
         "run_wall_seconds": sum(r.get("wall_seconds", 0.0) for r in rows_),
         "run_cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in rows_)}
@@ -464,10 +590,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU core each)")
     p.add_argument("--optimizers", nargs="*", default=None, help=f"only these of {list(OPTIMIZERS)}")
     p.add_argument("--batches", nargs="*", type=int, default=None, help=f"only these of {list(BATCHES)}")
-    p.add_argument("--factors", nargs="*", type=float, default=None, help=f"only these grid factors of {list(GRID)}")
+    p.add_argument("--factors", nargs="*", type=float, default=None,
+                   help=f"only these grid factors of {list(GRID)}, at seed {TUNE_SEED} (no extension, no other seed)")
     p.add_argument("--epochs", type=int, default=EPOCHS,
-                   help="epochs of every run (the study's comparison is at 4; more, in another --runs-dir, is a "
-                        "side check of the step count)")
+                   help=f"epochs of every run (the study's comparison is at {EPOCHS}; another count belongs in another "
+                        f"--runs-dir)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their peak lr, run nothing")
     p.add_argument("--no-run", action="store_true", help="only write the outputs from the finished runs")
     return p
@@ -483,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = plan(args.optimizers, args.batches, args.factors, args.epochs)
     except StudyError as e:
         raise SystemExit(str(e)) from None
-    if args.dry_run:
+    if args.dry_run:  # the extensions and the other seeds are listed once they have a folder
         for r in with_extensions(runs, runs_dir):
             print(f"{r['name']}: {OPTIMIZERS[r['optimizer']]} batch {r['batch']} peak lr {r['lr']:.4g}"
                   f"{'  (finished)' if finished(runs_dir / r['name']) else ''}")
@@ -499,14 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study-bert: corpus part {info['train_docs']} + {info['val_docs']} held-out documents, "
               f"{info['num_train']} + {info['num_val']} sequences of {SEQ_LEN} tokens; held-out unigram entropy "
               f"{info['val_unigram_entropy']:.4f} nats", flush=True)
-        failures = run_all(runs, runs_dir, info, args.jobs)
-        for _ in range(EXTEND if args.factors is None else 0):  # a whole grid was asked for: widen it at edges
-            more = [r for r in extend(results(with_extensions(runs, runs_dir), runs_dir))
-                    if not finished(runs_dir / r["name"])]
-            if not more:
-                break
-            print(f"study-bert: best at the grid's edge, extending: {', '.join(r['name'] for r in more)}", flush=True)
-            failures += run_all(more, runs_dir, info, args.jobs)
+        # a whole grid asked for: widen it at its edges, then the other seeds at its best (--factors: only those)
+        failures = run_all(runs, runs_dir, info, args.jobs, follow=args.factors is None)
     info = json.loads(info_path.read_text()) if info_path.is_file() else None
     summary = write_outputs(with_extensions(runs, runs_dir), runs_dir, out, info)
     print(f"study-bert: {summary['runs_finished']}/{summary['runs_planned']} runs in {out} (this call "
