@@ -1,4 +1,5 @@
-"""What every laptop study shares: which run finished, the lr grid's tags, the best point of a grid, run names.
+"""What every laptop study shares: which run finished, the lr grid's tags, the best point of a grid, run names, the
+mean and std over seeds.
 
 The ResNet study (analysis/study.py, analysis/study_resnet_figures.py), the BERT study (analysis/study_bert.py) and
 the Downpour study (analysis/study_downpour.py) read their run folders through these, so "finished", "the best of
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -78,3 +80,11 @@ def parse_run_name(name: str) -> tuple[str, int, str, int]:
         raise ValueError(f"run {name!r}: expected METHOD-BATCH-TAG-seedS as analysis/study.py names its runs, "
                          f"with TAG one of {', '.join(ALL_TAGS)}")
     return parts[0], int(parts[1]), parts[2], int(parts[3][len("seed"):])
+
+
+def mean_std(values: list[float], single_std: float = math.nan) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1) of ``values``; the std of one value is ``single_std``; (nan, nan)
+    for none."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else single_std

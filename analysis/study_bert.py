@@ -40,7 +40,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from analysis.grid import at_edge, best_of_grid, finished
+from analysis.grid import at_edge, best_of_grid, finished, mean_std
 from train import REPO
 
 # --- The study's choices (docs/study-bert/README.md says why each) ------------------------------------------------
@@ -417,13 +417,6 @@ def best_points(rows_: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, 
         best[key] = {**next(r for r in group if r["factor"] == win), "at_edge": at_edge(win, factors, factors),
                      "grid": factors}
     return best
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; nan for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
 
 
 def seed_stats(rows_: list[dict[str, Any]], best: dict[tuple[str, int], dict[str, Any]]

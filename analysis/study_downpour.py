@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.grid import at_edge, best_of_grid, finished
+from analysis.grid import mean_std as grid_mean_std
 from analysis.runs import load_run
 from train import REPO
 
@@ -240,8 +241,8 @@ def at_fraction(c: dict[str, list[float]], fraction: float) -> float | None:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (
-        math.nan, math.nan)
+    """analysis.grid.mean_std with a std of 0 for one value (one seed: no spread to show)."""
+    return grid_mean_std(values, single_std=0.0)
 
 
 def pm(values: list[float], digits: int = 2) -> str:

@@ -49,12 +49,16 @@ def node_launch(script: str, args: list[str], ranks: int = 2, port: int | None =
             "--log_level=info", script, *args]
 
 
+def split_script(args: list[str]) -> tuple[str, list[str]]:
+    """(script, its arguments): a script given first in ``args``, else train/imagenet.py."""
+    return (args[0], args[1:]) if args and args[0].endswith(".py") else ("train/imagenet.py", args)
+
+
 def launch(args: list[str], *, ranks: int = 2, timeout: float = 600, check: bool = True,
            env: dict[str, str] | None = None, runner: bool = False) -> subprocess.CompletedProcess:
     """Run train/imagenet.py (or another script given first in args) through DeepSpeed's launcher: its per-node
     launcher (:func:`node_launch`), or with ``runner`` the ``deepspeed`` command in front of it."""
-    script = args[0] if args and args[0].endswith(".py") else "train/imagenet.py"
-    rest = args[1:] if args and args[0].endswith(".py") else args
+    script, rest = split_script(args)
     cmd = ([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *rest] if runner
            else node_launch(script, rest, ranks))
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env or child_env())
@@ -65,8 +69,7 @@ def launch(args: list[str], *, ranks: int = 2, timeout: float = 600, check: bool
 
 def run_single(args: list[str], *, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run train/imagenet.py (or another script given first in args) as one plain python process."""
-    script = args[0] if args and args[0].endswith(".py") else "train/imagenet.py"
-    rest = args[1:] if args and args[0].endswith(".py") else args
+    script, rest = split_script(args)
     proc = subprocess.run([sys.executable, script, *rest], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=child_env())
     if check and proc.returncode != 0:

@@ -57,11 +57,15 @@ def wait_for_step(run, step: int, proc: subprocess.Popen, timeout: float = 240) 
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
+def step_seconds(rec: dict) -> float:
+    """The seconds of one optimizer step, from a step record's throughput."""
+    return rec["global_batch"] / rec["images_per_sec"]
+
+
 def kill_delay(rec: dict, fraction: float) -> float:
     """A moment ``fraction`` (0-1) of the way into the next 1.5 steps (at most 0.3 s): inside the step, its
     all-reduce or a save, and in time on any machine (a fixed 0.3 s let a fast one finish the run first)."""
-    step_seconds = rec["global_batch"] / rec["images_per_sec"]
-    return fraction * min(0.3, 1.5 * step_seconds)
+    return fraction * min(0.3, 1.5 * step_seconds(rec))
 
 
 def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
@@ -362,7 +366,7 @@ def test_sigterm_in_a_long_accumulation_is_acted_on_within_the_grace_period(tmp_
     run = tmp_path / "run"
     proc = start([*common, "--output-dir", str(run)])
     rec = wait_for_step(run, 1, proc)
-    time.sleep(min(1.0, 0.2 * rec["global_batch"] / rec["images_per_sec"]))  # inside step 2 (several seconds here)
+    time.sleep(min(1.0, 0.2 * step_seconds(rec)))  # inside step 2 (several seconds here)
     proc.send_signal(signal.SIGTERM)  # the launcher (start)
     t_term = time.time()
     out, _ = proc.communicate(timeout=60)
