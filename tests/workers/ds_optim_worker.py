@@ -37,6 +37,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import optimizers  # noqa: E402
+import train.engine  # noqa: E402,F401  (DeepSpeed's Muon module without torch._inductor, as in our ranks)
 
 MICRO_BATCH = 4
 NUM_CLASSES = 10
