@@ -30,30 +30,34 @@ from train.schedules import SCHEDULES
 MUON_MODULE = "deepspeed.runtime.zero.muon.original_muon"
 
 
-def lazy_compile(*args: Any, **kwargs: Any) -> Any:
-    """A decorator like ``torch.compile(*args, **kwargs)`` that compiles on the function's first call instead of
-    where it decorates (``torch.compile`` with its default backend imports ``torch._inductor`` at decoration)."""
-    def decorate(fn: Any) -> Any:
-        compiled: Any = None
+class LazyCompiled:
+    """``fn`` compiled with ``torch.compile(fn, **options)`` on its first call, not where it is decorated
+    (``torch.compile`` with its default backend imports ``torch._inductor`` at decoration); ``compiled`` is None
+    until then."""
 
-        @functools.wraps(fn)
-        def call(*a: Any, **k: Any) -> Any:
-            nonlocal compiled
-            if compiled is None:
-                compiled = torch.compile(fn, *args, **kwargs)
-            return compiled(*a, **k)
-        return call
-    return decorate
+    def __init__(self, fn: Any, options: dict[str, Any]) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn, self.options, self.compiled = fn, options, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, **self.options)
+        return self.compiled(*args, **kwargs)
+
+
+def lazy_compile(**options: Any) -> Any:
+    """A decorator like ``torch.compile(**options)`` compiling on the first call (:class:`LazyCompiled`)."""
+    return lambda fn: LazyCompiled(fn, options)
 
 
 def import_muon_without_compiling() -> None:
     """Import DeepSpeed's Muon module with its ``@compiler.compile()`` functions compiled on first call.
 
-    DeepSpeed 0.19's ZeRO-1/2 and bf16 optimizers import this module in every run, whatever the optimizer (for
-    isinstance checks, and ``from ... import muon_update`` in each gradient reduction), and the module's
+    DeepSpeed 0.19's ZeRO (stages 1-3) and bf16 optimizers import this module in every run, whatever the optimizer
+    (for isinstance checks, and ``from ... import muon_update`` in each gradient reduction), and the module's
     Newton-Schulz functions are decorated with ``torch.compile`` at import, which imports ``torch._inductor``:
-    about 1 CPU-second and 48 MB per rank (measured on torch 2.14, DeepSpeed 0.19.8), for code a run without Muon
-    never calls. Here the module is the real one, all its names intact; only the compilation moves to the first
+    about 1.2 CPU-seconds and 48 MB per rank (measured on torch 2.14, DeepSpeed 0.19.8), for code a run without
+    Muon never calls. Here the module is the real one, all its names intact; only the compilation moves to the first
     call, so a Muon run compiles the same functions when it first uses them."""
     if MUON_MODULE in sys.modules:
         return

@@ -47,7 +47,7 @@ from ds_optim_worker import (  # noqa: E402
 import optimizers  # noqa: E402
 
 MICRO_BATCH = 2
-GLOBAL_MICROS = 12  # micro-batches per step: 2 ranks x 6, 1 x 12, 3 x 4
+GLOBAL_MICROS = 12  # micro-batches per step: 1 rank x 12, 2 x 6, 3 x 4
 TOTAL_STEPS = 6
 ADAMW_LR = 0.01  # "adamw": DeepSpeed's own optimizer from the config ({"type": "AdamW", "torch_adam": true})
 
