@@ -37,7 +37,8 @@ class LazyCompiled:
 
     def __init__(self, fn: Any, options: dict[str, Any]) -> None:
         functools.update_wrapper(self, fn)
-        self.fn, self.options, self.compiled = fn, options, None
+        self.fn, self.options = fn, options
+        self.compiled: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is None:
