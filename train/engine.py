@@ -5,7 +5,8 @@ config's blocks and completes the DeepSpeed config: the one place, after :func:`
 DeepSpeed is given is decided. :func:`build_engine` calls ``deepspeed.initialize`` and then applies what every run
 needs from us: layer-wise optimizers bound to the real layers behind DeepSpeed's flat partitions, the run's
 collective timeout on every process group, checkpoint loads that cannot run code, and DeepSpeed's skip rule for
-non-finite steps in the one mode that lacks it.
+non-finite steps in the one mode that lacks it. Importing this module imports DeepSpeed's Muon module with its
+compilation put off to the first call (:func:`import_muon_without_compiling`), before any engine is built.
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ def import_muon_without_compiling() -> None:
     if MUON_MODULE in sys.modules:
         return
     from deepspeed.runtime import compiler
-    eager = compiler.compile
+    original = compiler.compile
     compiler.compile = lambda: lazy_compile()  # DeepSpeed's compile() returns torch.compile, used as a decorator
     try:
         __import__(MUON_MODULE)
     finally:
-        compiler.compile = eager
+        compiler.compile = original
 
 
 import_muon_without_compiling()
