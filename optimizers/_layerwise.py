@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._eager import EagerBookkeeping
+
 #: Devices on which a bound flat partition (ZeRO-1/2, bf16) is stepped as ONE tensor with a per-element ratio
 #: (:meth:`FlatLayout.per_element`) instead of one 0-dim ratio per segment. torch 2.14's foreach kernels take their
 #: fused multi-tensor path only when corresponding tensors have equal sizes, so ``_foreach_addcmul_`` with a list of
@@ -313,7 +315,7 @@ def recorded_norms(xs: Sequence[Tensor], ys: Sequence[Tensor], plan: NormPlan) -
     return probe.recorded["w"], probe.recorded["x"]
 
 
-class LayerwiseOptimizer(RecordsLayers, torch.optim.Optimizer):
+class LayerwiseOptimizer(RecordsLayers, EagerBookkeeping):
     """Base class: tracks the constructed parameters and the flat layouts bound by ``bind_deepspeed``.
 
     Subclasses call ``_gather(group, *state_keys)`` in ``step()`` to get segment views and the norm plan.

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._eager import EagerBookkeeping
 from ._layerwise import RecordsLayers, recorded_norms, trust_ratio
 from ._validation import check_number
 
@@ -191,7 +192,7 @@ def momentum_state(optimizer: torch.optim.Optimizer, p: Tensor, group: dict[str,
 LARS_ETA, LARS_EPS = 0.001, 1e-8
 
 
-class SGD(RecordsLayers, torch.optim.Optimizer):
+class SGD(RecordsLayers, EagerBookkeeping):
     """Momentum SGD, torch form by default, Caffe2 form with Goyal's momentum correction on request.
 
     With ``record`` set (diagnostics), a step also records per-layer ``||w||``, ``||g||`` and the trust ratio LARS
