@@ -30,6 +30,33 @@ def sgd_config(batch: int, micro: int, lr: float = 0.1, stage: int = 0, schedule
     return cfg
 
 
+def test_small_resnet_blocks_equal_torchvisions_basic_block_bit_for_bit(monkeypatch):
+    """train.models.BasicBlock stands in for torchvision's (whose import costs a small-ResNet rank 1.8 CPU-s): the
+    same seed gives the same state dict (names and values), outputs in train and eval mode, and gradients, as a
+    SmallResNet built from torchvision.models.resnet.BasicBlock itself."""
+    import train.models
+
+    def build(block_cls: type) -> torch.nn.Module:
+        monkeypatch.setattr(train.models, "BasicBlock", block_cls)
+        torch.manual_seed(7)
+        return SmallResNet(1, 10)
+
+    ours, theirs = build(train.models.BasicBlock), build(torchvision.models.resnet.BasicBlock)
+    assert type(ours.blocks[0]) is not type(theirs.blocks[0])
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(16, 1, 28, 28)
+    ya, yb = ours(x), theirs(x)
+    assert torch.equal(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours.parameters(), theirs.parameters()))
+    a, b = ours.state_dict(), theirs.state_dict()  # the running statistics the training forward moved
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ours.eval(), theirs.eval()
+    assert torch.equal(ours(x), theirs(x))
+
+
 def test_fashion_mnist_two_ranks_learns_writes_outputs_and_resumes(tmp_path, fashion_mnist_dir):
     """ZeRO-1, 2 ranks x micro 32 x accumulation 2 = 128; 3,840 images = 30 steps per epoch; then resume."""
     cfg = write_config(tmp_path / "fm.json", sgd_config(128, 32, lr=0.1, stage=1, epochs=2))

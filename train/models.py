@@ -12,7 +12,7 @@ from torch import nn
 
 # torchvision's ResNet family (torchvision.models.list_models, pinned torchvision 0.29; tests/test_data.py checks the
 # list against it). Named here rather than asked for at import: importing torchvision imports torch._dynamo, about
-# 1.3 CPU-seconds, which a process that builds only the small models (Downpour's shards and replicas) never needs.
+# 1.8 CPU-seconds, which a process that builds only the small models never needs.
 TORCHVISION_ARCHS = ("resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "resnext101_32x8d",
                      "resnext101_64x4d", "resnext50_32x4d", "wide_resnet101_2", "wide_resnet50_2")
 # resnet_small_narrow: the same network at half the width (16, 32, 64 channels, about 0.08M parameters), 2x the
@@ -20,6 +20,31 @@ TORCHVISION_ARCHS = ("resnet101", "resnet152", "resnet18", "resnet34", "resnet50
 SMALL_RESNETS = {"resnet_small": (32, 64, 128), "resnet_small_narrow": (16, 32, 64)}
 SMALL_ARCHS = (*SMALL_RESNETS, "mlp")
 ARCHS = TORCHVISION_ARCHS + SMALL_ARCHS
+
+
+class BasicBlock(nn.Module):
+    """The basic residual block of He et al., "Deep Residual Learning" (2016), fig. 2, in torchvision's form
+    (``torchvision.models.resnet.BasicBlock``, groups 1, no dilation): conv3x3(stride)-BN-ReLU-conv3x3-BN, plus the
+    input (through ``downsample`` where given), then ReLU. The same modules, names, creation order and arithmetic as
+    torchvision's, so the same seed gives the same weights and outputs bit for bit (tests/test_train_e2e.py). Our
+    own so that a small-ResNet process does not import torchvision (and with it torch._dynamo)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
 
 
 class SmallResNet(nn.Module):
@@ -30,8 +55,6 @@ class SmallResNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128),
                  zero_init_residual: bool = True):
-        from torchvision.models.resnet import BasicBlock  # here, not at import (see TORCHVISION_ARCHS)
-
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, stride=2, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
