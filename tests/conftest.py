@@ -82,11 +82,25 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def fashion_mnist_dir() -> Path:
+def fashion_mnist_gz_dir() -> Path:
+    """Debian's folder of gzip'd IDX files, as a user's run reads it."""
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.fail(f"Fashion-MNIST not found in {FASHION_MNIST}: install Debian's dataset-fashion-mnist "
                     f"(tests/run.sh does) or set FASHION_MNIST_DIR")
     return FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(fashion_mnist_gz_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same files as plain IDX (train.data.read_idx reads both), decompressed once per session: every rank of
+    every run would otherwise gunzip 31 MB again, about 0.25 CPU-s a rank. The gzip path keeps its own tests
+    (test_data's IDX tests, and test_train_e2e's first run reads Debian's folder)."""
+    import gzip
+
+    out = tmp_path_factory.mktemp("fashion-mnist")
+    for gz in sorted(fashion_mnist_gz_dir.glob("*-ubyte.gz")):
+        (out / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    return out
 
 
 def write_config(path: Path, cfg: dict) -> Path:

@@ -90,8 +90,9 @@ def test_our_optimizers_build_step_and_checkpoint_without_importing_torch_dynamo
     ours = subprocess.run([sys.executable, "-c", OPTIMIZER_PROBE.format(build=OURS)], cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(ours.stdout.strip().splitlines()[-1]) == {"dynamo": False, "steps": [4, 4, 4]}
+    torch_sgd = "makers = [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)]"
     control = subprocess.run(
-        [sys.executable, "-c", OPTIMIZER_PROBE.format(build="makers = [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)]")],
+        [sys.executable, "-c", OPTIMIZER_PROBE.format(build=torch_sgd)],
         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(control.stdout.strip().splitlines()[-1]) == {"dynamo": True, "steps": [4]}
 

@@ -50,18 +50,19 @@ def test_small_resnet_blocks_equal_torchvisions_basic_block_bit_for_bit(monkeypa
     assert torch.equal(ya, yb)
     ya.square().sum().backward()
     yb.square().sum().backward()
-    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours.parameters(), theirs.parameters()))
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours.parameters(), theirs.parameters(), strict=True))
     a, b = ours.state_dict(), theirs.state_dict()  # the running statistics the training forward moved
     assert all(torch.equal(a[k], b[k]) for k in a)
     ours.eval(), theirs.eval()
     assert torch.equal(ours(x), theirs(x))
 
 
-def test_fashion_mnist_two_ranks_learns_writes_outputs_and_resumes(tmp_path, fashion_mnist_dir):
-    """ZeRO-1, 2 ranks x micro 32 x accumulation 2 = 128; 3,840 images = 30 steps per epoch; then resume."""
+def test_fashion_mnist_two_ranks_learns_writes_outputs_and_resumes(tmp_path, fashion_mnist_gz_dir):
+    """ZeRO-1, 2 ranks x micro 32 x accumulation 2 = 128; 3,840 images = 30 steps per epoch; then resume. Reads
+    Debian's gzip'd files, as the README's demo does."""
     cfg = write_config(tmp_path / "fm.json", sgd_config(128, 32, lr=0.1, stage=1, epochs=2))
     run = tmp_path / "run"
-    common = ["--deepspeed_config", str(cfg), "--dataset", "fashion-mnist", "--data-dir", str(fashion_mnist_dir),
+    common = ["--deepspeed_config", str(cfg), "--dataset", "fashion-mnist", "--data-dir", str(fashion_mnist_gz_dir),
               "--arch", "resnet_small", "--train-subset", "3840", "--val-subset", "1000", "--output-dir", str(run),
               "--log-interval", "5", "--no-wandb"]
     first = launch([*common, "--epochs", "1"], runner=True)  # the README's command: the deepspeed runner
