@@ -172,9 +172,10 @@ def test_chaos_five_random_kills_end_bit_identical_to_the_uninterrupted_run(tmp_
 
 def test_chaos_resumed_on_random_world_sizes_ends_within_rounding_of_the_uninterrupted_run(tmp_path,
                                                                                             fashion_mnist_dir):
-    """Elastic chaos (issue 23): a 12-step LAMB run (MLP, ZeRO-1, fp32, global batch 64 = micro 16 x accumulation,
+    """Elastic chaos (issue 23): a 12-step LAMB run (MLP, ZeRO-1, fp32, global batch 48 = micro 8 x accumulation,
     a checkpoint every 2 steps) SIGKILLed three times, a random rank at a random step; every restart runs on a
-    world size drawn from those that reach the batch (1, 2 or 4 ranks; re-sharded when it changes). Every step is
+    world size drawn from those that reach the batch (1, 2 or 3 ranks, so a re-shard may grow or shrink to a
+    world that is not a multiple; re-sharded when it changes). Every step is
     logged once and the final weights are within 10 x the rounding control (the same 12 steps uninterrupted on 1
     rank against the uninterrupted 2-rank reference) of the reference. CHAOS_SEED replays the choices."""
     from test_elastic import weight_error
@@ -183,7 +184,7 @@ def test_chaos_resumed_on_random_world_sizes_ends_within_rounding_of_the_uninter
     rng = random.Random(seed)
     total = 12
     cfg = write_config(tmp_path / "c.json", {
-        "train_batch_size": 64, "train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 1},
+        "train_batch_size": 48, "train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1},
         "gradient_clipping": 0.0, "optimizer": {"type": "LAMB", "params": {"lr": 0.01, "weight_decay": 0.01}},
         "training": {"epochs": 1}})
     args = ["--deepspeed_config", str(cfg), "--dataset", "fashion-mnist", "--data-dir", str(fashion_mnist_dir),
@@ -194,7 +195,7 @@ def test_chaos_resumed_on_random_world_sizes_ends_within_rounding_of_the_uninter
     run_single([*args, "--output-dir", str(control)])
     reached, worlds = 0, []
     for i in range(3):
-        world = rng.choice([1, 2, 4])
+        world = rng.choice([1, 2, 3])
         proc = start([*args, "--output-dir", str(run), *again(run, i)], ranks=world)
         worlds.append(world)
         rec = wait_for_step(run, min(reached + rng.randint(1, 3), total - 4), proc)
@@ -203,7 +204,7 @@ def test_chaos_resumed_on_random_world_sizes_ends_within_rounding_of_the_uninter
         proc.communicate(timeout=120)
         assert proc.returncode != 0, "the run ended before the kill"
         reached = max(r["step"] for r in read_metrics(run) if r["kind"] == "step")
-    world = rng.choice([1, 2, 4])
+    world = rng.choice([1, 2, 3])
     worlds.append(world)
     launch([*args, "--output-dir", str(run), *again(run, 3)], ranks=world)
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "step"] == list(range(1, total + 1))
