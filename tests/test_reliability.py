@@ -362,7 +362,7 @@ def test_sigterm_in_a_long_accumulation_is_acted_on_within_the_grace_period(tmp_
     micro, accum = 4, 500
     cfg = write_config(tmp_path / "c.json", sgd_config(micro * accum * 2, micro, scheduler=False, epochs=1))
     common = ["--deepspeed_config", str(cfg), "--dataset", "fashion-mnist", "--data-dir", str(fashion_mnist_dir),
-              "--arch", "resnet_small", "--train-subset", str(3 * micro * accum * 2), "--val-subset", "64",
+              "--arch", "resnet_small_narrow", "--train-subset", str(3 * micro * accum * 2), "--val-subset", "64",
               "--precision", "fp32", "--no-wandb", "--log-interval", "1", "--max-steps", "2"]
     run = tmp_path / "run"
     proc = start([*common, "--output-dir", str(run)])
