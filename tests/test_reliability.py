@@ -24,7 +24,7 @@ from test_train_e2e import sgd_config
 
 pytestmark = pytest.mark.launcher
 
-COMMON = ["--deepspeed_config", "ds_configs/demo.json", "--dataset", "fashion-mnist", "--arch", "resnet_small",
+COMMON = ["--deepspeed_config", "ds_configs/demo.json", "--dataset", "fashion-mnist", "--arch", "resnet_small_narrow",
           "--val-subset", "200", "--no-wandb", "--log-interval", "1", "--precision", "fp32"]
 
 
