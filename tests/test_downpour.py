@@ -470,17 +470,23 @@ def test_sigterm_saves_a_consistent_cut_and_the_resumed_w4_run_loses_and_doubles
     assert last["replica_steps"] == [30] * 4 and last["shard_versions"] == [120, 120]
 
 
-def _spawned_children(pid: int) -> list[int]:
-    """The processes ``pid`` started with multiprocessing's spawn (the shards and replicas), from /proc."""
+def _children(pid: int, marker: bytes = b"") -> list[int]:
+    """The processes whose parent is ``pid`` and whose command line holds ``marker``, from /proc."""
     found = []
     for d in Path("/proc").iterdir():
         try:
             if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid and \
-                    b"spawn_main" in (d / "cmdline").read_bytes():
+                    marker in (d / "cmdline").read_bytes():
                 found.append(int(d.name))
         except (OSError, IndexError, ValueError):
             continue
     return found
+
+
+def _started_children(pid: int) -> tuple[int, list[int]]:
+    """The forkserver that coordinator ``pid`` started, and the shards and replicas forked from it."""
+    (server,) = _children(pid, b"forkserver")
+    return server, _children(server)
 
 
 def _running(pid: int) -> bool:
@@ -493,26 +499,35 @@ def _running(pid: int) -> bool:
 @pytest.mark.launcher
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_no_shard_or_replica_outlives_a_sigkilled_coordinator(tmp_path):
-    """SIGKILL to the coordinator (no handler runs, nothing is stopped): the shards see their parent gone (they
-    check every 0.5 s) and leave; the replicas' heartbeats and calls fail within --rpc-timeout and they leave. All
-    2 + 2 processes are gone well within 60 s (before, a shard waited on an event with no time-out for ever)."""
+    """SIGKILL to the coordinator (no handler runs, nothing is stopped): the shards see its process gone (they
+    check every 0.5 s) and leave; the replicas' heartbeats and calls fail within --rpc-timeout and they leave; the
+    forkserver, held open by every process it forked, then ends. All 2 + 2 processes and the forkserver are gone
+    well within the shards' ping time-out (20.5 s here) and 60 s (before, a shard waited on an event with no
+    time-out for ever)."""
     proc, out = _popen_downpour(tmp_path, "orphans", downpour_cfg(2, 2), "--train-subset", str(2 * 32 * 200),
                                 "--replica-delay", "0=0.05", "1=0.05", "--rpc-timeout", "10", "--heartbeat", "0.5")
     _wait_for_record(proc, out, "step")
-    children = _spawned_children(proc.pid)
+    server, children = _started_children(proc.pid)
     assert len(children) == 4, children
+    children = sorted(children) + [server]  # forked in rank order: the 2 shards first
     t0 = time.monotonic()
     proc.kill()
     proc.wait(timeout=30)  # not its output: the children hold the pipe until they end
-    while any(map(_running, children)) and time.monotonic() - t0 < 60:
+    gone: dict[int, float] = {}
+    while len(gone) < len(children) and time.monotonic() - t0 < 60:
+        gone.update({pid: time.monotonic() - t0 for pid in children if pid not in gone and not _running(pid)})
         time.sleep(0.1)
-    left = [pid for pid in children if _running(pid)]
+    left = [pid for pid in children if pid not in gone]
     for pid in left:  # never leave them behind, whatever the verdict
         os.kill(pid, signal.SIGKILL)
-    seconds = time.monotonic() - t0
     proc.communicate(timeout=30)
-    assert not left, f"{len(left)} of 4 processes still running 60 s after the coordinator was SIGKILLed"
-    print(f"all 4 gone {seconds:.1f} s after the coordinator's SIGKILL")
+    assert not left, f"{left} of 4 processes and the forkserver {server} still running 60 s after the coordinator " \
+                     "was SIGKILLed"
+    shards = max(gone[pid] for pid in children[:2])
+    assert shards < 10, f"the shards left {shards:.1f} s after the coordinator's SIGKILL: by their ping time-out " \
+                        "(20.5 s), not by seeing its process end"
+    print(f"all 4 and the forkserver gone {max(gone.values()):.1f} s after the coordinator's SIGKILL (the shards "
+          f"{shards:.1f} s)")
 
 
 @pytest.mark.launcher
@@ -553,7 +568,7 @@ def test_a_hung_shard_fails_the_run_within_the_rpc_timeout(tmp_path):
     proc, out = _popen_downpour(tmp_path, "hung", downpour_cfg(2, 1), "--train-subset", str(2 * 32 * 200),
                                 "--replica-delay", "0=0.05", "1=0.05", "--rpc-timeout", "3", "--heartbeat", "0.5")
     _wait_for_record(proc, out, "step")
-    children = sorted(_spawned_children(proc.pid))
+    children = sorted(_started_children(proc.pid)[1])
     assert len(children) == 3, children
     shard = children[0]  # the processes start in rank order, rank 1 (the shard) first
     t0 = time.monotonic()
