@@ -9,7 +9,10 @@ CPU-seconds, close to what importing torch and DeepSpeed takes together.
 ``EagerBookkeeping`` (placed before ``torch.optim.Optimizer`` in the bases) runs the undecorated methods in eager
 code, and torch's decorated ones while dynamo traces the caller (``torch.compiler.is_compiling()``), so a compiled
 caller graph-breaks exactly as it does with torch's own optimizers. Where a torch release no longer exposes the
-undecorated function (``__wrapped__``), the decorated one runs: slower to start, never different in result.
+undecorated function (``__wrapped__``), the decorated one runs: slower to start, never different in result. One
+difference remains: torch's decorator also keeps dynamo out of the calls the method makes, so where dynamo runs one
+of these methods as plain Python while still watching nested calls (after its recompile limit, say), it could
+trace into the undecorated body; that changes speed, not what the method does.
 """
 
 from __future__ import annotations

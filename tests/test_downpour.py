@@ -7,6 +7,7 @@ slice j of each global batch of W x b samples).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -408,12 +409,14 @@ def test_a_run_whose_replicas_all_fail_fails_naming_each(tmp_path):
     assert "summary" not in [r["kind"] for r in read_metrics(out)]
 
 
-def _popen_downpour(tmp_path, name: str, cfg: dict, *flags: str) -> tuple[subprocess.Popen, object]:
+def _popen_downpour(tmp_path, name: str, cfg: dict, *flags: str,
+                    new_session: bool = False) -> tuple[subprocess.Popen, object]:
     path = write_config(tmp_path / f"{name}.json", cfg)
     out = tmp_path / name
     proc = subprocess.Popen([sys.executable, "train/downpour.py", "--deepspeed_config", str(path), "--output-dir",
                              str(out), "--no-wandb", "--val-subset", "500", "--log-interval", "5", *flags],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
+                            start_new_session=new_session)
     return proc, out
 
 
@@ -432,7 +435,10 @@ def _wait_for_record(proc: subprocess.Popen, out, kind: str, timeout: float = 24
 @pytest.mark.launcher
 def test_sigterm_saves_a_consistent_cut_and_the_resumed_w4_run_loses_and_doubles_no_step(tmp_path):
     """W = 4, S = 2, n_push = 1, 30 steps per replica, a checkpoint every 20 replica steps (--keep-checkpoints 2);
-    SIGTERM to the coordinator after its first checkpoint: it saves and exits 143 (128 + 15). In every checkpoint
+    SIGTERM to every process of the run (its process group, as a scheduler or `kill -TERM -PGID` sends it) after
+    the first checkpoint: the coordinator saves and exits 143 (128 + 15); the shards, the replicas and the
+    forkserver they were forked from ignore it (a forkserver killed by it read as every child dead: exit 6, no
+    checkpoint). In every checkpoint
     the replicas' steps summed equal each shard's version (updates applied; one per pushed step) and each shard
     holds the same steps of each replica: every counted step's gradient is in the shards, none beyond. (Before, the
     steps were read first and the shards one at a time while pushes went on.) Resumed, the run ends with 30 steps
@@ -440,11 +446,15 @@ def test_sigterm_saves_a_consistent_cut_and_the_resumed_w4_run_loses_and_doubles
     doubled across the stop."""
     cfg, delays = downpour_cfg(4, 2), ["--replica-delay", *(f"{j}=0.05" for j in range(4))]
     flags = ["--train-subset", str(4 * 32 * 30), "--save-interval", "20", "--keep-checkpoints", "2", *delays]
-    proc, out = _popen_downpour(tmp_path, "term", cfg, *flags)
+    proc, out = _popen_downpour(tmp_path, "term", cfg, *flags, new_session=True)
     _wait_for_record(proc, out, "checkpoint")
     t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=120)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group, whatever the verdict
     seconds = time.monotonic() - t0
     assert proc.returncode == 128 + signal.SIGTERM, stdout
     assert seconds < 30, f"{seconds:.1f} s from SIGTERM to exit: beyond a scheduler's usual grace of 30 s"

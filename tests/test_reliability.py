@@ -119,7 +119,8 @@ def again(run, i: int) -> list[str]:
 
 
 def test_chaos_five_random_kills_end_bit_identical_to_the_uninterrupted_run(tmp_path, fashion_mnist_dir):
-    """One 24-step run (small ResNet, ZeRO-1, 2 ranks, fp32, a checkpoint every 2 steps) SIGKILLed five times: each
+    """One 24-step run (half-width small ResNet, ZeRO-1, 2 ranks, fp32, a checkpoint every 2 steps) SIGKILLed five
+    times: each
     time a random rank at a random moment (a random step past the last one reached, then up to 1.5 steps more:
     inside a step, a save or the all-reduce; or during start-up), then resumed (started afresh if it died before
     its first checkpoint). Each kill ends the job within 15 s; the final

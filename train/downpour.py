@@ -54,6 +54,8 @@ it receives, and counts it).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import sys
@@ -132,16 +134,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def child(rank: int, world_size: int, setup: Setup, coordinator_pid: int | None = None) -> None:
+def child(rank: int, world_size: int, setup: Setup) -> None:
     """A shard or a replica process (the coordinator is rank 0, the caller). It ignores SIGTERM and SIGINT, which a
     scheduler or Ctrl-C sends to every process: the coordinator saves a checkpoint and stops the others. Started
-    by this module's :func:`main`, on the coordinator's machine, a shard also stops when ``coordinator_pid`` ends."""
+    by this module's :func:`main`, a shard also stops when the coordinator's process ends (multiprocessing's
+    sentinel of the parent: a pipe only the coordinator holds open)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     role, index = role_of(rank, setup)
     if role == "shard":
+        parent = multiprocessing.parent_process()  # None under a launcher
         ps.serve(rank, world_size, index, calls.rpc_options(setup), coordinator_timeout=2 * setup.args.rpc_timeout +
-                 setup.args.heartbeat, coordinator_pid=coordinator_pid)
+                 setup.args.heartbeat, coordinator_alive=parent.is_alive if parent is not None else None)
     else:
         run_replica(rank, world_size, index, setup)
 
@@ -162,6 +166,27 @@ def launched_role(args: argparse.Namespace, setup: Setup) -> tuple[str, int]:
     return parse_role(args.roles[local], setup)
 
 
+def start_forkserver() -> multiprocessing.context.BaseContext:
+    """The context whose processes are forked from a forkserver preloaded with this module: each shard and replica
+    starts from a server that imported torch once (spawn, a fresh interpreter each, cost about 2.3 CPU-s of imports
+    per process). A child gets the server's state, not this process's: this module imported, ``os.environ`` as it
+    was when the server started (after :func:`main` set MASTER_ADDR and MASTER_PORT), and what its arguments
+    pickle.
+
+    The server ignores SIGTERM: a scheduler's SIGTERM to every process must leave it running, since a forkserver
+    gone reads to the coordinator as every child dead (exit code 255) while the coordinator is saving and stopping
+    them. Python's forkserver ignores SIGINT itself; SIGTERM it inherits ignored (through fork and exec) from here.
+    A SIGTERM to this process in those milliseconds is lost."""
+    ctx = torch.multiprocessing.get_context("forkserver")  # torch's: tensors in the arguments go by shared memory
+    ctx.set_forkserver_preload(["train.downpour"])
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return ctx
+
+
 def main(args: argparse.Namespace) -> dict[str, Any] | None:
     setup = load_setup(args, data=False)
     role, index = launched_role(args, setup) if "RANK" in os.environ else ("coordinator", 0)
@@ -179,14 +204,10 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     if refusal:
         refuse(refusal)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-    # A forkserver preloaded with this module: each shard and replica is forked from a server that imported torch
-    # once. Spawn (a fresh interpreter each) cost about 2.3 CPU-s of imports per process. Like spawn, a child
-    # inherits none of this process's state: what it gets is what the arguments pickle.
-    ctx = torch.multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["train.downpour"])
+    ctx = start_forkserver()
     procs = {}
     for rank in range(1, world_size):
-        procs[rank] = ctx.Process(target=child, args=(rank, world_size, setup, os.getpid()), daemon=False)
+        procs[rank] = ctx.Process(target=child, args=(rank, world_size, setup), daemon=False)
         procs[rank].start()
     try:
         return coordinate(setup, world_size, procs, run_name, out_dir)

@@ -34,7 +34,6 @@ This module imports only torch: a shard process never loads the data or torchvis
 from __future__ import annotations
 
 import os
-import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -274,43 +273,20 @@ def rpc_stop() -> bool:
     return True
 
 
-def process_alive(pid: int) -> Callable[[], bool]:
-    """A check that process ``pid`` (of this machine) has not ended. Linux 5.3+: a pidfd, readable once the process
-    has ended, reaped or not. Elsewhere: signal 0, which a process that ended but was not reaped yet still takes."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return lambda: False
-    except (AttributeError, OSError):  # no pidfd_open here
-        def signal_0() -> bool:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
-
-        return signal_0
-    return lambda: not select.select([fd], [], [], 0)[0]
-
-
 def serve(rank: int, world_size: int, index: int, rpc_options: Any, *, coordinator_timeout: float,
-          coordinator_pid: int | None = None) -> None:
+          coordinator_alive: Callable[[], bool] | None = None) -> None:
     """A shard's whole life: join the RPC world, answer calls until the coordinator says stop, or until it is
-    gone: no ping for ``coordinator_timeout`` seconds (any machine), or (started on the coordinator's machine) the
-    coordinator's process ``coordinator_pid`` ended. A shard never outlives its run."""
+    gone: no ping for ``coordinator_timeout`` seconds (any machine), or (started by the coordinator's process)
+    ``coordinator_alive()`` says that process ended. A shard never outlives its run."""
     from torch.distributed import rpc
 
-    coordinator_alive = process_alive(coordinator_pid) if coordinator_pid is not None else lambda: True
     torch.set_num_threads(1)
     rpc.init_rpc(shard_name(index), rank=rank, world_size=world_size, rpc_backend_options=rpc_options)
     _LAST_PING[0] = time.monotonic()
     while not _STOP.wait(timeout=0.5):
         silent = time.monotonic() - _LAST_PING[0]
-        if silent > coordinator_timeout or not coordinator_alive():
-            why = (f"no ping for {silent:.0f} s" if silent > coordinator_timeout else
-                   f"its process {coordinator_pid} ended")
+        if silent > coordinator_timeout or (coordinator_alive is not None and not coordinator_alive()):
+            why = f"no ping for {silent:.0f} s" if silent > coordinator_timeout else "its process ended"
             print(f"parameter-server shard {index}: the coordinator is gone ({why}); stopping", flush=True)
             os._exit(1)  # a graceful RPC shutdown would wait for the coordinator
     time.sleep(0.2)  # let the answer to rpc_stop leave before the agent goes
