@@ -120,13 +120,12 @@ def again(run, i: int) -> list[str]:
 
 def test_chaos_five_random_kills_end_bit_identical_to_the_uninterrupted_run(tmp_path, fashion_mnist_dir):
     """One 24-step run (half-width small ResNet, ZeRO-1, 2 ranks, fp32, a checkpoint every 2 steps) SIGKILLed five
-    times: each
-    time a random rank at a random moment (a random step past the last one reached, then up to 1.5 steps more:
-    inside a step, a save or the all-reduce; or during start-up), then resumed (started afresh if it died before
-    its first checkpoint). Each kill ends the job within 15 s; the final
-    weights and every step's loss equal the uninterrupted run's bit for bit, every step is logged once, and the
-    ZeRO-1 checkpoint then continues on 1 rank (re-sharded: tests/test_elastic.py checks the numbers). CHAOS_SEED
-    replays the choices (the moments also depend on timing)."""
+    times: each time a random rank at a random moment (a random step past the last one reached, then up to 1.5 steps
+    more: inside a step, a save or the all-reduce; or during start-up), then resumed (started afresh if it died
+    before its first checkpoint). Each kill ends the job within 15 s; the final weights and every step's loss equal
+    the uninterrupted run's bit for bit, every step is logged once, and the ZeRO-1 checkpoint then continues on 1
+    rank (re-sharded: tests/test_elastic.py checks the numbers). CHAOS_SEED replays the choices (the moments also
+    depend on timing)."""
     seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 1_000_000))
     rng = random.Random(seed)
     total = 24
