@@ -166,7 +166,7 @@ def launched_role(args: argparse.Namespace, setup: Setup) -> tuple[str, int]:
     return parse_role(args.roles[local], setup)
 
 
-def start_forkserver() -> multiprocessing.context.BaseContext:
+def start_forkserver() -> multiprocessing.context.ForkServerContext:
     """The context whose processes are forked from a forkserver preloaded with this module: each shard and replica
     starts from a server that imported torch once (spawn, a fresh interpreter each, cost about 2.3 CPU-s of imports
     per process). A child gets the server's state, not this process's: this module imported, ``os.environ`` as it
